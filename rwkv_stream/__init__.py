@@ -1,0 +1,19 @@
+"""rwkv-stream: RWKV checkpoints as live, per-stream RNNs with a constant cost per token."""
+
+from .checkpoint import CheckpointError
+from .config import ModelConfig
+from .model import Model, StepOutput, load
+from .pool import StatePool
+from .state import State, StateError
+
+__all__ = [
+    "CheckpointError",
+    "Model",
+    "ModelConfig",
+    "State",
+    "StateError",
+    "StatePool",
+    "StepOutput",
+    "load",
+]
+__version__ = "0.1.0"

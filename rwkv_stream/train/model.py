@@ -80,9 +80,7 @@ def wkv_chunk(
     return num / den, _chunk_state(w, k, v, aa, bb, pp)
 
 
-def _chunk_state(
-    w: Tensor, k: Tensor, v: Tensor, aa: Tensor, bb: Tensor, pp: Tensor
-) -> tuple[Tensor, Tensor, Tensor]:
+def _chunk_state(w: Tensor, k: Tensor, v: Tensor, aa: Tensor, bb: Tensor, pp: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """(aa, bb, pp) after all tokens of the chunk have been folded in."""
     length = k.shape[1]
     back = torch.arange(length - 1, -1, -1, device=k.device).to(w.dtype)[:, None] * w  # [L, C]
@@ -252,9 +250,7 @@ class RWKV4(nn.Module):
             else:
                 nn.init.orthogonal_(p, gain=math.sqrt(p.shape[0] / p.shape[1]) if p.shape[0] > p.shape[1] else 1.0)
 
-    def forward_hidden(
-        self, tokens: Tensor, state: list[LayerState] | None = None
-    ) -> tuple[Tensor, list[LayerState]]:
+    def forward_hidden(self, tokens: Tensor, state: list[LayerState] | None = None) -> tuple[Tensor, list[LayerState]]:
         """ln_out of the residual stream, [B, T, C], and the state after the last token."""
         x = self.emb(tokens)
         new_state: list[LayerState] = []

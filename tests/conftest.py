@@ -1,0 +1,38 @@
+"""Shared fixtures: tiny random RWKV-4 checkpoints written in the real file formats."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("RWKV_JIT_ON", "0")  # the `rwkv` peer package reads these at import
+os.environ.setdefault("RWKV_CUDA_ON", "0")
+
+from rwkv_stream import ModelConfig  # noqa: E402
+from rwkv_stream.random_checkpoint import random_tensors, save_hf, save_pth  # noqa: E402
+
+try:  # the real-broker fixture; pytest finds it through this import
+    from kafka_broker import kafka_broker  # noqa: F401
+except ImportError:  # pragma: no cover - the helper module is optional for engine-only runs
+    pass
+
+TINY = ModelConfig(n_layer=3, n_embd=32, vocab_size=97, ffn_dim=128)
+
+
+@pytest.fixture(scope="session")
+def tiny_tensors():
+    return random_tensors(TINY, seed=1)
+
+
+@pytest.fixture(scope="session")
+def tiny_pth(tmp_path_factory, tiny_tensors) -> Path:
+    path = tmp_path_factory.mktemp("pth") / "tiny.pth"
+    save_pth(tiny_tensors, path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_hf(tmp_path_factory, tiny_tensors) -> Path:
+    return save_hf(tiny_tensors, TINY, tmp_path_factory.mktemp("hf") / "tiny")

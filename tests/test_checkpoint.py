@@ -1,0 +1,70 @@
+"""Checkpoint loading errors: missing files, wrong shapes, later RWKV versions, unsafe pickles."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import TINY
+
+from rwkv_stream import CheckpointError, load
+from rwkv_stream.random_checkpoint import save_hf, save_pth
+
+
+def test_missing_path(tmp_path):
+    with pytest.raises(CheckpointError, match="not found"):
+        load(tmp_path / "nope.pth")
+
+
+def test_missing_tensor_names_key_and_shape(tmp_path, tiny_tensors):
+    broken = dict(tiny_tensors)
+    del broken["blocks.1.att.output.weight"]
+    save_pth(broken, tmp_path / "m.pth")
+    with pytest.raises(CheckpointError, match=r"missing tensor 'blocks.1.att.output.weight' \(expected shape \[32, 32\]\)"):
+        load(tmp_path / "m.pth")
+
+
+def test_wrong_shape_names_both_shapes(tmp_path, tiny_tensors):
+    broken = dict(tiny_tensors)
+    broken["blocks.2.ffn.value.weight"] = torch.zeros(32, 64)
+    save_pth(broken, tmp_path / "m.pth")
+    with pytest.raises(CheckpointError, match=r"'blocks.2.ffn.value.weight' has shape \[32, 64\], expected \[32, 128\]"):
+        load(tmp_path / "m.pth")
+
+
+@pytest.mark.parametrize("marker,version", [("blocks.0.att.ln_x.weight", 5), ("blocks.0.att.time_maa_x", 6),
+                                            ("blocks.0.att.w0", 7)])
+def test_later_versions_are_named(tmp_path, tiny_tensors, marker, version):
+    save_pth({**tiny_tensors, marker: torch.zeros(32)}, tmp_path / "m.pth")
+    with pytest.raises(CheckpointError, match=f"version {version} not supported yet"):
+        load(tmp_path / "m.pth")
+
+
+def test_hf_config_of_a_later_version(tmp_path, tiny_tensors):
+    directory = save_hf(tiny_tensors, TINY, tmp_path / "hf")
+    config = json.loads((directory / "config.json").read_text())
+    (directory / "config.json").write_text(json.dumps({**config, "model_type": "rwkv7"}))
+    with pytest.raises(CheckpointError, match="version 7 not supported yet"):
+        load(directory)
+
+
+def test_pickled_code_is_refused(tmp_path):
+    class Evil:
+        def __reduce__(self):
+            return (print, ("pwned",))
+
+    torch.save({"emb.weight": Evil()}, tmp_path / "evil.pth")
+    with pytest.raises(CheckpointError, match="weights_only"):
+        load(tmp_path / "evil.pth")
+
+
+def test_empty_hf_dir(tmp_path):
+    (tmp_path / "config.json").write_text("{}")
+    with pytest.raises(CheckpointError, match="no model.safetensors"):
+        load(tmp_path)
+
+
+def test_bad_dtype_is_named(tiny_pth):
+    with pytest.raises(ValueError, match="unsupported weight dtype 'int4'"):
+        load(tiny_pth, dtype="int4")

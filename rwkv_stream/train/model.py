@@ -35,7 +35,7 @@ class TrainConfig:
     n_embd: int
     n_layer: int
     ffn_dim: int = 0
-    chunk_len: int = 32
+    chunk_len: int = 16
 
     def __post_init__(self) -> None:
         if self.ffn_dim <= 0:
@@ -75,7 +75,7 @@ def wkv_chunk(
     logw = base.unsqueeze(0) + k.unsqueeze(1)  # [B, t, i, C]
     slog = pp.unsqueeze(1) + pos.to(w.dtype)[None, :, None] * w  # [B, t, C]
     e, es, _ = _logsumexp_weights(logw, slog)
-    num = torch.einsum("btic,bic->btc", e, v) + es * aa.unsqueeze(1)
+    num = (e * v.unsqueeze(1)).sum(dim=2) + es * aa.unsqueeze(1)
     den = e.sum(dim=2) + es * bb.unsqueeze(1)
     return num / den, _chunk_state(w, k, v, aa, bb, pp)
 
@@ -87,7 +87,7 @@ def _chunk_state(w: Tensor, k: Tensor, v: Tensor, aa: Tensor, bb: Tensor, pp: Te
     logw = (back + k).unsqueeze(1)  # [B, 1, L, C]: one output row
     slog = (pp + length * w).unsqueeze(1)  # [B, 1, C]
     e, es, m = _logsumexp_weights(logw, slog)
-    new_aa = torch.einsum("btic,bic->btc", e, v) + es * aa.unsqueeze(1)
+    new_aa = (e * v.unsqueeze(1)).sum(dim=2) + es * aa.unsqueeze(1)
     new_bb = e.sum(dim=2) + es * bb.unsqueeze(1)
     return new_aa.squeeze(1), new_bb.squeeze(1), m.squeeze(1)
 
@@ -98,7 +98,7 @@ def wkv_parallel(
     k: Tensor,
     v: Tensor,
     state: tuple[Tensor, Tensor, Tensor] | None = None,
-    chunk_len: int = 32,
+    chunk_len: int = 16,
 ) -> tuple[Tensor, tuple[Tensor, Tensor, Tensor]]:
     """WKV over a whole sequence [B, T, C] in fp32, looping over chunks of ``chunk_len`` tokens only."""
     w = decay_from_param(time_decay)
@@ -276,7 +276,7 @@ class RWKV4(nn.Module):
         torch.save(self.checkpoint_state_dict(), Path(path))
 
     @classmethod
-    def from_state_dict(cls, sd: dict[str, Tensor], chunk_len: int = 32) -> RWKV4:
+    def from_state_dict(cls, sd: dict[str, Tensor], chunk_len: int = 16) -> RWKV4:
         """Rebuild from a BlinkDL RWKV-4 state dict (shapes read from the tensors)."""
         cfg = config_from_state_dict(sd, chunk_len)
         model = cls(cfg)
@@ -284,7 +284,7 @@ class RWKV4(nn.Module):
         return model
 
 
-def config_from_state_dict(sd: dict[str, Tensor], chunk_len: int = 32) -> TrainConfig:
+def config_from_state_dict(sd: dict[str, Tensor], chunk_len: int = 16) -> TrainConfig:
     vocab, n_embd = sd["emb.weight"].shape
     n_layer = 1 + max(int(k.split(".")[1]) for k in sd if k.startswith("blocks."))
     ffn_dim = sd["blocks.0.ffn.key.weight"].shape[0]

@@ -1,0 +1,111 @@
+"""The ``rwkv-stream`` command. Engine commands live here; integrations add theirs through the
+``rwkv_stream.commands`` entry point group (each entry is a ``register(subparsers)`` function), so the engine
+never imports spaCy or Kafka."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable
+from importlib.metadata import entry_points
+
+Handler = Callable[[argparse.Namespace], int | None]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not hasattr(args, "handler"):
+        parser.print_help()
+        return 2
+    return int(args.handler(args) or 0)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="rwkv-stream", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(title="commands", metavar="COMMAND")
+    _add_info(sub)
+    _add_generate(sub)
+    _add_bench(sub)
+    _add_train(sub)
+    for ep in sorted(entry_points(group="rwkv_stream.commands"), key=lambda e: e.name):
+        _register_plugin(sub, ep)
+    return parser
+
+
+def _register_plugin(sub: argparse._SubParsersAction, ep) -> None:
+    try:
+        ep.load()(sub)
+    except ImportError as exc:  # an integration whose extra isn't installed
+        p = sub.add_parser(ep.name, help=f"(unavailable: {exc})")
+        p.set_defaults(handler=lambda _args, exc=exc, name=ep.name: _unavailable(name, exc))
+
+
+def _unavailable(name: str, exc: Exception) -> int:
+    print(f"rwkv-stream {name} is unavailable: {exc}. Install the matching extra, e.g. "
+          f"pip install 'rwkv-stream[spacy,kafka]'", file=sys.stderr)
+    return 2
+
+
+def _add_info(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("info", help="load a checkpoint or bundle and print its shapes and fingerprint")
+    p.add_argument("path")
+    p.set_defaults(handler=_info)
+
+
+def _info(args: argparse.Namespace) -> int:
+    from .generate import load_any
+
+    model, tokenizer, heads = load_any(args.path)
+    info = {**model.config.to_dict(), "fingerprint": model.fingerprint,
+            "state_bytes": model.config.state_floats * 4, "heads": sorted(heads.heads) if heads else [],
+            "tokenizer": type(tokenizer).__name__ if tokenizer else None}
+    print(json.dumps(info, indent=2))
+    return 0
+
+
+def _add_generate(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("generate", help="continue a prompt with a model (streams the text as it is decoded)")
+    p.add_argument("prompt")
+    p.add_argument("--model", default="shipped", help="bundle dir, checkpoint, or 'shipped' (default)")
+    p.add_argument("--tokenizer", default=None, help="'world' or a tokenizer.json (checkpoints only)")
+    p.add_argument("--max-tokens", type=int, default=40)
+    p.add_argument("--temperature", type=float, default=0.8)
+    p.add_argument("--top-p", type=float, default=0.9)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.set_defaults(handler=_generate)
+
+
+def _generate(args: argparse.Namespace) -> int:
+    from .generate import SamplingConfig, generate_text, load_any
+
+    model, tokenizer, _ = load_any(args.model, tokenizer=args.tokenizer, dtype=args.dtype)
+    sampling = SamplingConfig(args.max_tokens, args.temperature, args.top_p, seed=args.seed)
+    print(args.prompt, end="", flush=True)
+    for piece in generate_text(model, tokenizer, args.prompt, sampling):
+        print(piece, end="", flush=True)
+    print()
+    return 0
+
+
+def _add_bench(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("bench", help="CPU benchmark against HF transformers and the rwkv package (JSON)")
+    from .bench import add_arguments
+
+    add_arguments(p)
+    p.set_defaults(handler=lambda a: __import__("rwkv_stream.bench", fromlist=["run"]).run(a))
+
+
+def _add_train(sub: argparse._SubParsersAction) -> None:
+    try:
+        from .train.cli import add_arguments
+    except ImportError:
+        return
+    p = sub.add_parser("train", help="train an RWKV-4 model and task heads (parallel mode)")
+    add_arguments(p)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,247 @@
+"""The parallel training model against a token-by-token stable RWKV-4 recurrence written here."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import Tensor
+
+from rwkv_stream.train import RWKV4, TrainConfig, wkv_parallel
+
+VOCAB, C, LAYERS, FFN = 23, 16, 3, 40
+
+
+def _randomize(model: RWKV4, seed: int, decay_scale: float = 2.0) -> None:
+    """Every parameter random, decays and bonuses spread wide (the default ramps hide bugs)."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("time_decay"):
+                p.copy_(torch.randn(p.shape, generator=gen) * decay_scale)
+            elif name.endswith("time_first"):
+                p.copy_(torch.randn(p.shape, generator=gen) * 2)
+            elif "time_mix" in name:
+                p.copy_(torch.rand(p.shape, generator=gen))
+            elif name.endswith("ln0.weight") or ".ln" in name or name.startswith("ln_out"):
+                p.copy_(
+                    1 + 0.3 * torch.randn(p.shape, generator=gen)
+                    if name.endswith("weight")
+                    else 0.3 * torch.randn(p.shape, generator=gen)
+                )
+            else:
+                p.copy_(torch.randn(p.shape, generator=gen) / math.sqrt(p.shape[-1]))
+
+
+def _tiny(seed: int = 0, chunk_len: int = 5, decay_scale: float = 2.0) -> RWKV4:
+    torch.manual_seed(seed)
+    model = RWKV4(TrainConfig(VOCAB, C, LAYERS, FFN, chunk_len=chunk_len))
+    _randomize(model, seed, decay_scale)
+    return model
+
+
+def _ln(x: Tensor, sd: dict[str, Tensor], name: str) -> Tensor:
+    return torch.nn.functional.layer_norm(x, (x.shape[-1],), sd[f"{name}.weight"], sd[f"{name}.bias"])
+
+
+def _att_step(x: Tensor, st: list[Tensor], sd: dict[str, Tensor], p: str) -> Tensor:
+    """One token of time mixing with the stable recurrence; st = [att_x, aa, bb, pp, ffn_x]."""
+
+    def mix(name: str) -> Tensor:
+        m = sd[f"{p}.time_mix_{name}"].flatten()
+        return x * m + st[0] * (1 - m)
+
+    k = sd[f"{p}.key.weight"] @ mix("k")
+    v = sd[f"{p}.value.weight"] @ mix("v")
+    r = torch.sigmoid(sd[f"{p}.receptance.weight"] @ mix("r"))
+    w, u = -torch.exp(sd[f"{p}.time_decay"]), sd[f"{p}.time_first"]
+    aa, bb, pp = st[1], st[2], st[3]
+    q = torch.maximum(pp, u + k)
+    e1, e2 = torch.exp(pp - q), torch.exp(u + k - q)
+    wkv = (e1 * aa + e2 * v) / (e1 * bb + e2)
+    q = torch.maximum(pp + w, k)
+    e1, e2 = torch.exp(pp + w - q), torch.exp(k - q)
+    st[0], st[1], st[2], st[3] = x, e1 * aa + e2 * v, e1 * bb + e2, q
+    return sd[f"{p}.output.weight"] @ (r * wkv)
+
+
+def _ffn_step(x: Tensor, st: list[Tensor], sd: dict[str, Tensor], p: str) -> Tensor:
+    xk = x * sd[f"{p}.time_mix_k"].flatten() + st[4] * (1 - sd[f"{p}.time_mix_k"].flatten())
+    xr = x * sd[f"{p}.time_mix_r"].flatten() + st[4] * (1 - sd[f"{p}.time_mix_r"].flatten())
+    st[4] = x
+    k = torch.square(torch.relu(sd[f"{p}.key.weight"] @ xk))
+    return torch.sigmoid(sd[f"{p}.receptance.weight"] @ xr) * (sd[f"{p}.value.weight"] @ k)
+
+
+def reference_logits(sd: dict[str, Tensor], tokens: list[int]) -> tuple[Tensor, list[list[Tensor]]]:
+    """Token-by-token RWKV-4 in fp32 straight from the state dict."""
+    n_layer = 1 + max(int(k.split(".")[1]) for k in sd if k.startswith("blocks."))
+    c = sd["emb.weight"].shape[1]
+    state = [
+        [torch.zeros(c), torch.zeros(c), torch.zeros(c), torch.full((c,), -1e30), torch.zeros(c)]
+        for _ in range(n_layer)
+    ]
+    out = []
+    for tok in tokens:
+        x = _ln(sd["emb.weight"][tok], sd, "blocks.0.ln0")
+        for i in range(n_layer):
+            x = x + _att_step(_ln(x, sd, f"blocks.{i}.ln1"), state[i], sd, f"blocks.{i}.att")
+            x = x + _ffn_step(_ln(x, sd, f"blocks.{i}.ln2"), state[i], sd, f"blocks.{i}.ffn")
+        out.append(sd["head.weight"] @ _ln(x, sd, "ln_out"))
+    return torch.stack(out), state
+
+
+def _close(actual: Tensor, expected: Tensor, rtol: float = 1e-5) -> None:
+    scale = expected.abs().max().item()
+    torch.testing.assert_close(actual, expected, rtol=rtol, atol=rtol * scale)
+
+
+@pytest.mark.parametrize("chunk_len", [1, 4, 7, 64])
+def test_parallel_logits_match_sequential_reference(chunk_len: int) -> None:
+    model = _tiny(seed=chunk_len, chunk_len=chunk_len)
+    tokens = torch.randint(0, VOCAB, (2, 29), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        logits = model(tokens)
+    sd = model.checkpoint_state_dict()
+    for b in range(tokens.shape[0]):
+        expected, _ = reference_logits(sd, tokens[b].tolist())
+        _close(logits[b], expected)
+
+
+def test_final_state_matches_reference() -> None:
+    model = _tiny(seed=3, chunk_len=6)
+    tokens = torch.randint(0, VOCAB, (1, 20), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        _, state = model.forward_hidden(tokens)
+    _, ref_state = reference_logits(model.checkpoint_state_dict(), tokens[0].tolist())
+    for layer, ref in zip(state, ref_state, strict=True):
+        for got, exp in zip(layer, ref, strict=True):
+            _close(got[0], exp)
+
+
+def test_carried_state_continues_the_sequence() -> None:
+    model = _tiny(seed=4, chunk_len=8)
+    tokens = torch.randint(0, VOCAB, (3, 30), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        whole, _ = model.forward_hidden(tokens)
+        first, state = model.forward_hidden(tokens[:, :13])
+        second, _ = model.forward_hidden(tokens[:, 13:], state)
+    _close(torch.cat([first, second], dim=1), whole)
+
+
+@pytest.mark.parametrize("decay_scale", [30.0, 200.0])
+def test_extreme_parameters_stay_finite_and_exact(decay_scale: float) -> None:
+    """Decays from ~0 to -inf, large bonuses and keys: the log-space form must neither overflow nor NaN."""
+    model = _tiny(seed=5, chunk_len=9, decay_scale=decay_scale)
+    with torch.no_grad():
+        for blk in model.blocks:
+            blk.att.time_first.mul_(10)
+            blk.att.key.weight.mul_(20)
+    tokens = torch.randint(0, VOCAB, (1, 25), generator=torch.Generator().manual_seed(4))
+    logits = model(tokens)
+    assert torch.isfinite(logits).all()
+    expected, _ = reference_logits(model.checkpoint_state_dict(), tokens[0].tolist())
+    _close(logits[0].detach(), expected, rtol=1e-4)
+    logits.square().mean().backward()
+    for name, p in model.named_parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all(), name
+
+
+def test_wkv_gradients_match_sequential_autograd() -> None:
+    gen = torch.Generator().manual_seed(7)
+    b, t, c = 2, 11, 6
+    td = (torch.randn(c, generator=gen) * 2).requires_grad_()
+    tf = (torch.randn(c, generator=gen) * 2).requires_grad_()
+    k = (torch.randn(b, t, c, generator=gen) * 3).requires_grad_()
+    v = torch.randn(b, t, c, generator=gen).requires_grad_()
+    out, _ = wkv_parallel(td, tf, k, v, chunk_len=4)
+    grads = torch.autograd.grad(out.sin().sum(), (td, tf, k, v))
+    ref = _wkv_sequential(td, tf, k, v)
+    ref_grads = torch.autograd.grad(ref.sin().sum(), (td, tf, k, v))
+    _close(out.detach(), ref.detach())
+    for g, rg in zip(grads, ref_grads, strict=True):
+        _close(g, rg, rtol=1e-4)
+
+
+def _wkv_sequential(td: Tensor, tf: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    w = -torch.exp(td)
+    aa = torch.zeros(k.shape[0], k.shape[2])
+    bb, pp = aa.clone(), torch.full_like(aa, -1e30)
+    outs = []
+    for i in range(k.shape[1]):
+        kt, vt = k[:, i], v[:, i]
+        q = torch.maximum(pp, tf + kt)
+        e1, e2 = torch.exp(pp - q), torch.exp(tf + kt - q)
+        outs.append((e1 * aa + e2 * vt) / (e1 * bb + e2))
+        q = torch.maximum(pp + w, kt)
+        e1, e2 = torch.exp(pp + w - q), torch.exp(kt - q)
+        aa, bb, pp = e1 * aa + e2 * vt, e1 * bb + e2, q
+    return torch.stack(outs, dim=1)
+
+
+def test_training_step_has_finite_gradients_from_default_init() -> None:
+    torch.manual_seed(0)
+    model = RWKV4(TrainConfig(VOCAB, C, LAYERS, chunk_len=8))
+    tokens = torch.randint(0, VOCAB, (4, 33))
+    loss = model.loss(tokens[:, :-1], tokens[:, 1:])
+    assert math.isclose(loss.item(), math.log(VOCAB), rel_tol=0.05)
+    loss.backward()
+    grads = {n: p.grad for n, p in model.named_parameters()}
+    assert all(g is not None and torch.isfinite(g).all() for g in grads.values())
+    assert grads["head.weight"].abs().sum() > 0
+
+
+def test_state_dict_has_blinkdl_keys_and_shapes(tmp_path) -> None:
+    model = RWKV4(TrainConfig(VOCAB, C, 2, FFN))
+    path = tmp_path / "tiny.pth"
+    model.save_checkpoint(path)
+    sd = torch.load(path, map_location="cpu", weights_only=True)
+    expected = {
+        "emb.weight": (VOCAB, C),
+        "head.weight": (VOCAB, C),
+        "ln_out.weight": (C,),
+        "ln_out.bias": (C,),
+        "blocks.0.ln0.weight": (C,),
+        "blocks.0.ln0.bias": (C,),
+    }
+    for i in range(2):
+        p = f"blocks.{i}"
+        expected |= {f"{p}.{ln}.{wb}": (C,) for ln in ("ln1", "ln2") for wb in ("weight", "bias")}
+        expected |= {f"{p}.att.time_decay": (C,), f"{p}.att.time_first": (C,)}
+        expected |= {f"{p}.att.time_mix_{m}": (1, 1, C) for m in "kvr"}
+        expected |= {f"{p}.att.{n}.weight": (C, C) for n in ("key", "value", "receptance", "output")}
+        expected |= {f"{p}.ffn.time_mix_{m}": (1, 1, C) for m in "kr"}
+        expected |= {
+            f"{p}.ffn.key.weight": (FFN, C),
+            f"{p}.ffn.value.weight": (C, FFN),
+            f"{p}.ffn.receptance.weight": (C, C),
+        }
+    assert {k: tuple(v.shape) for k, v in sd.items()} == expected
+    assert all(v.dtype == torch.float32 for v in sd.values())
+    again = RWKV4.from_state_dict(sd)
+    tokens = torch.randint(0, VOCAB, (1, 9))
+    with torch.no_grad():
+        torch.testing.assert_close(again(tokens), model(tokens))
+
+
+def test_engine_loads_checkpoint_and_matches_one_token_mode(tmp_path) -> None:
+    engine = pytest.importorskip("rwkv_stream.model")
+    model = _tiny(seed=11, chunk_len=4)
+    path = tmp_path / "trained.pth"
+    model.save_checkpoint(path)
+    loaded = engine.load(path)
+    tokens = torch.randint(0, VOCAB, (1, 17), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        expected = model(tokens)[0]
+        expected_hidden, _ = model.forward_hidden(tokens)
+    state, rows, hidden_rows = None, [], []
+    for tok in tokens[0].tolist():
+        hidden, _ = loaded.forward_hidden([tok], state)
+        logits, state = loaded.forward([tok], state)
+        rows.append(logits[0])
+        hidden_rows.append(hidden[0])
+    _close(torch.stack(rows), expected)
+    _close(torch.stack(hidden_rows), expected_hidden[0])
+    whole, _ = loaded.forward(tokens[0].tolist())
+    _close(whole, expected)

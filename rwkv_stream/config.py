@@ -39,8 +39,8 @@ def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
     if isinstance(dtype, torch.dtype):
         if dtype in WEIGHT_DTYPES.values():
             return dtype
-        raise ValueError(f"unsupported weight dtype {dtype}; use one of {sorted(WEIGHT_DTYPES)}")
+        raise ValueError(f"unsupported weight dtype {dtype}; use one of {sorted(WEIGHT_DTYPES)} or int8")
     try:
         return WEIGHT_DTYPES[dtype]
     except KeyError:
-        raise ValueError(f"unsupported weight dtype {dtype!r}; use one of {sorted(WEIGHT_DTYPES)}") from None
+        raise ValueError(f"unsupported weight dtype {dtype!r}; use one of {sorted(WEIGHT_DTYPES)} or int8") from None

@@ -21,6 +21,7 @@ from torch import Tensor
 
 from .checkpoint import CheckpointError, load_canonical
 from .config import FP16_RESCALE_EVERY, ModelConfig, parse_dtype
+from .linear import Linear, make_linear
 from .pool import StatePool
 from .state import State, StateError, empty_state_tensor
 from .wkv import wkv_ragged, wkv_step
@@ -36,14 +37,14 @@ class _Layer:
     att_mix: tuple[Tensor, Tensor, Tensor]  # k, v, r
     w: Tensor  # -exp(time_decay), fp32
     u: Tensor  # time_first, fp32
-    att_key: Tensor
-    att_value: Tensor
-    att_receptance: Tensor
-    att_output: Tensor
+    att_key: Linear
+    att_value: Linear
+    att_receptance: Linear
+    att_output: Linear
     ffn_mix: tuple[Tensor, Tensor]  # k, r
-    ffn_key: Tensor
-    ffn_receptance: Tensor
-    ffn_value: Tensor
+    ffn_key: Linear
+    ffn_receptance: Linear
+    ffn_value: Linear
 
 
 @dataclass
@@ -84,7 +85,11 @@ class StepOutput:
 
 
 class Model:
-    """An RWKV-4 language model that runs as an RNN. Create it with :func:`load`."""
+    """An RWKV-4 language model that runs as an RNN. Create it with :func:`load`.
+
+    ``dtype`` is the weight format: ``float32``, ``bfloat16``, ``float16``, or ``int8`` (weight-only, CPU,
+    bf16 activations). State, decay, bonus, layer norms and accumulation are always fp32.
+    """
 
     def __init__(
         self,
@@ -95,7 +100,9 @@ class Model:
     ) -> None:
         self.config = config
         self.device = torch.device(device)
-        self.dtype = parse_dtype(dtype)
+        self.int8 = dtype == "int8"
+        self.weight_format = "int8" if self.int8 else str(parse_dtype(dtype)).removeprefix("torch.")
+        self.dtype = torch.bfloat16 if self.int8 else parse_dtype(dtype)
         self.fingerprint = weights_fingerprint(tensors, config)
         self._rescale = self.dtype == torch.float16
         self._prepare(tensors)
@@ -107,9 +114,9 @@ class Model:
         def vec(key: str) -> Tensor:
             return t[key].to(dev, torch.float32).contiguous()
 
-        def mat(key: str, scale: float = 1.0) -> Tensor:
+        def mat(key: str, scale: float = 1.0) -> Linear:
             m = t[key].to(dev, torch.float32)
-            return (m / scale if scale != 1.0 else m).to(dt).contiguous()
+            return make_linear(m / scale if scale != 1.0 else m, dt, self.int8)
 
         emb = t["emb.weight"].to(dev, torch.float32)
         emb = F.layer_norm(emb, (self.config.n_embd,), vec("blocks.0.ln0.weight"), vec("blocks.0.ln0.bias"), LN_EPS)
@@ -136,7 +143,7 @@ class Model:
                 )
             )
         self.ln_out = (vec("ln_out.weight"), vec("ln_out.bias"))
-        self.head_weight = mat("head.weight")
+        self.head_linear = mat("head.weight")
 
     # ----------------------------------------------------------------- public API
     def new_state(self) -> State:
@@ -165,7 +172,7 @@ class Model:
 
     def head(self, hidden: Tensor) -> Tensor:
         """LM logits (fp32) for hidden vectors from :meth:`forward_hidden` or :meth:`step`."""
-        return F.linear(hidden.to(self.device, self.dtype), self.head_weight).float()
+        return self.head_linear(hidden.to(self.device, torch.float32))
 
     def step(
         self,
@@ -244,9 +251,6 @@ class Model:
                 x = x / 2
         return F.layer_norm(x, x.shape[-1:], *self.ln_out, LN_EPS)
 
-    def _linear(self, x: Tensor, weight: Tensor) -> Tensor:
-        return F.linear(x.to(self.dtype), weight).float()
-
     def _shift(self, xa: Tensor, st: Tensor, row: int, rag: Ragged) -> Tensor:
         """Previous-token vectors for every row; the last row of each stream becomes its new state row."""
         prev = torch.cat((st[:, row], xa)).index_select(0, rag.shift_index)
@@ -256,21 +260,21 @@ class Model:
     def _time_mix(self, layer: _Layer, xa: Tensor, st: Tensor, rag: Ragged) -> Tensor:
         sx = self._shift(xa, st, 0, rag)
         mk, mv, mr = layer.att_mix
-        k = self._linear(torch.lerp(sx, xa, mk), layer.att_key)
-        v = self._linear(torch.lerp(sx, xa, mv), layer.att_value)
-        r = torch.sigmoid(self._linear(torch.lerp(sx, xa, mr), layer.att_receptance))
+        k = layer.att_key(torch.lerp(sx, xa, mk))
+        v = layer.att_value(torch.lerp(sx, xa, mv))
+        r = torch.sigmoid(layer.att_receptance(torch.lerp(sx, xa, mr)))
         if rag.single_token:
             wkv, st[:, 1], st[:, 2], st[:, 3] = wkv_step(k, v, layer.w, layer.u, st[:, 1], st[:, 2], st[:, 3])
         else:
             wkv = wkv_ragged(k, v, layer.w, layer.u, st[:, 1:4], rag.starts, rag.lengths)
-        return self._linear(r * wkv, layer.att_output)
+        return layer.att_output(r * wkv)
 
     def _channel_mix(self, layer: _Layer, xf: Tensor, st: Tensor, rag: Ragged) -> Tensor:
         sx = self._shift(xf, st, 4, rag)
         mk, mr = layer.ffn_mix
-        r = torch.sigmoid(self._linear(torch.lerp(sx, xf, mr), layer.ffn_receptance))
-        k = torch.relu(self._linear(torch.lerp(sx, xf, mk), layer.ffn_key)).square()
-        return r * self._linear(k, layer.ffn_value)
+        r = torch.sigmoid(layer.ffn_receptance(torch.lerp(sx, xf, mr)))
+        k = torch.relu(layer.ffn_key(torch.lerp(sx, xf, mk))).square()
+        return r * layer.ffn_value(k)
 
 
 def weights_fingerprint(tensors: dict[str, Tensor], config: ModelConfig) -> str:

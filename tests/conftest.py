@@ -13,10 +13,7 @@ os.environ.setdefault("RWKV_CUDA_ON", "0")
 from rwkv_stream import ModelConfig  # noqa: E402
 from rwkv_stream.random_checkpoint import random_tensors, save_hf, save_pth  # noqa: E402
 
-try:  # the real-broker fixture; pytest finds it through this import
-    from kafka_broker import kafka_broker  # noqa: F401
-except ImportError:  # pragma: no cover - the helper module is optional for engine-only runs
-    pass
+pytest_plugins = ["kafka_broker"]  # the real-broker fixtures (tests/kafka_broker.py)
 
 TINY = ModelConfig(n_layer=3, n_embd=32, vocab_size=97, ffn_dim=128)
 

@@ -6,7 +6,7 @@
 #   scripts/kafka/broker.sh start [--dir D] [--new] [--port P] [--controller-port C]
 #   scripts/kafka/broker.sh stop  [--dir D | --all]
 #   scripts/kafka/broker.sh status [--dir D]
-#   scripts/kafka/broker.sh clean                 # delete run dirs of brokers that are not running
+#   scripts/kafka/broker.sh clean [--keep N]      # delete stopped run dirs (not the newest N, not <10 min old)
 #
 # start prints `BOOTSTRAP=127.0.0.1:<port>` on stdout (everything else goes to stderr) and writes
 # <dir>/broker.env (BOOTSTRAP, CONTROLLER, PID, DIR, LOG; sourceable by sh). Without --dir it reuses
@@ -42,7 +42,7 @@ need_java() {
     [[ -n "$v" && "$v" -ge 17 ]] || die "Kafka 4.x needs Java 17+, found: $(java -version 2>&1 | head -1)"
 }
 
-pom_stamp() { cat "$POM" "$LOG4J_CONF" | sha256sum | cut -d' ' -f1; }
+pom_stamp() { sha256sum < "$POM" | cut -d' ' -f1; }
 
 cmd_fetch() {
     mkdir -p "$KAFKA_HOME"
@@ -60,9 +60,10 @@ cmd_fetch() {
         rm -rf "$tmp"
         log "fetching Kafka jars from Maven Central into $JARS_DIR ..."
         if ! mvn -q -B -Dstyle.color=never -f "$POM" dependency:copy-dependencies -DincludeScope=runtime \
-                -DoutputDirectory="$tmp" >&2; then
+                -DoutputDirectory="$tmp" >"$KAFKA_HOME/fetch.log" 2>&1; then
             rm -rf "$tmp"
-            die "mvn dependency:copy-dependencies failed (see output above)"
+            tail -n 40 "$KAFKA_HOME/fetch.log" >&2
+            die "mvn dependency:copy-dependencies failed (full output: $KAFKA_HOME/fetch.log)"
         fi
         compgen -G "$tmp/kafka_2.13-*.jar" >/dev/null || { rm -rf "$tmp"; die "no kafka_2.13 jar after fetch"; }
         echo "$stamp" > "$tmp/.pom.sha256"
@@ -110,11 +111,18 @@ controller_of() { prop listeners "$1/server.properties" | tr ',' '\n' | sed -n '
 
 log_tail() {
     local d=$1 f
-    for f in "$d/logs/format.log" "$d/logs/stdout.log" "$d/logs/server.log"; do
+    for f in "$d/logs/format.log" "$d/logs/stdout.log"; do
         [[ -s "$f" ]] || continue
         echo "----- tail of $f -----" >&2
-        tail -n 40 "$f" >&2
+        tail -n 20 "$f" >&2
     done
+    f="$d/logs/server.log"
+    if [[ -s "$f" ]]; then
+        echo "----- last errors in $f -----" >&2
+        grep -E "^\[[^]]*\] (ERROR|FATAL) " "$f" | tail -n 10 >&2 || true
+        echo "----- tail of $f -----" >&2
+        tail -n 30 "$f" >&2
+    fi
 }
 
 resolve_default_dir() {
@@ -156,6 +164,9 @@ group.initial.rebalance.delay.ms=0
 group.min.session.timeout.ms=1000
 group.consumer.min.session.timeout.ms=1000
 group.consumer.min.heartbeat.interval.ms=500
+# After a crash (SIGKILL) the restarted node waits out the old incarnation's broker session (default 9 s).
+broker.heartbeat.interval.ms=500
+broker.session.timeout.ms=4000
 # Aborted/expired transactions are cleaned up sooner than the 10 s default.
 transaction.abort.timed.out.transaction.cleanup.interval.ms=2000
 transaction.remove.expired.transaction.cleanup.interval.ms=60000
@@ -231,7 +242,8 @@ cmd_start() {
         local cluster_id
         cluster_id=$(java -cp "$cp" kafka.tools.StorageTool random-uuid 2>>"$dir/logs/format.log" | tail -1) \
             || { log_tail "$dir"; die "StorageTool random-uuid failed"; }
-        if ! java -Xmx256m -Dlog4j2.configurationFile="$LOG4J_CONF" -Dkafka.logs.dir="$dir/logs" -cp "$cp" \
+        # (no log4j config here: its few log lines go to format.log, not into the broker's server.log)
+        if ! java -Xmx256m -Dlog4j2.level=WARN -cp "$cp" \
                 kafka.tools.StorageTool format --standalone --ignore-formatted -t "$cluster_id" \
                 -c "$dir/server.properties" >>"$dir/logs/format.log" 2>&1; then
             log_tail "$dir"
@@ -358,13 +370,25 @@ cmd_status() {
 }
 
 cmd_clean() {
-    local d
-    for d in "$KAFKA_HOME"/run-*; do
+    # Delete run dirs whose broker is not running, newest --keep N kept; dirs touched in the last
+    # 10 minutes are kept too (a broker may be formatting there right now).
+    local keep=0 d n=0
+    while [[ $# -gt 0 ]]; do
+        case $1 in
+            --keep) keep=${2:?--keep needs a value}; shift 2 ;;
+            *) die "clean: unknown argument '$1'" ;;
+        esac
+    done
+    # newest first
+    while IFS= read -r d; do
         [[ -d "$d" ]] || continue
-        broker_pid "$d" >/dev/null && { log "keeping running $d"; continue; }
+        broker_pid "$d" >/dev/null && continue
+        n=$((n + 1))
+        (( n <= keep )) && continue
+        [[ -n "$(find "$d" -maxdepth 0 -mmin -10)" ]] && continue
         rm -rf "$d"
         log "removed $d"
-    done
+    done < <(ls -1dt "$KAFKA_HOME"/run-* 2>/dev/null)
     [[ -e "$KAFKA_HOME/current" ]] || rm -f "$KAFKA_HOME/current"
 }
 

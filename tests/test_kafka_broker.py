@@ -18,7 +18,6 @@ from kafka_broker import (
 
 # Registers the kafka_broker / kafka_bootstrap / private_kafka_broker fixtures (one plugin, so one
 # session broker, even when tests/conftest.py also lists it).
-pytest_plugins = ["kafka_broker"]
 
 kafka = pytest.importorskip("kafka", reason="kafka-python not installed (pip install -e .[kafka])")
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition  # noqa: E402

@@ -1,0 +1,68 @@
+// Shared helpers for the rwkv-stream kernels: dtype conversion (fp32 math everywhere), the state-arena
+// addressing and block reductions. Compiled with NVRTC (no host code, no standard library headers).
+#pragma once
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+namespace rwkv {
+
+typedef long long i64;
+
+// Rows of one layer's state, in the order shared with the CPU engine.
+enum StateRow { ATT_X = 0, AA = 1, BB = 2, PP = 3, FFN_X = 4 };
+
+constexpr float kInitPP = -1e30f;   // initial running exponent (aa = bb = 0)
+constexpr float kHalfMax = 65504.f; // largest finite fp16
+
+__device__ __forceinline__ float to_float(float x) { return x; }
+__device__ __forceinline__ float to_float(__half x) { return __half2float(x); }
+__device__ __forceinline__ float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
+
+template <typename T> __device__ __forceinline__ T from_float(float x);
+template <> __device__ __forceinline__ float from_float<float>(float x) { return x; }
+template <> __device__ __forceinline__ __half from_float<__half>(float x) {
+  // Saturate instead of overflowing to inf; comparisons are false for NaN, so NaN still propagates.
+  x = x > kHalfMax ? kHalfMax : (x < -kHalfMax ? -kHalfMax : x);
+  return __float2half_rn(x);
+}
+template <> __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float x) {
+  return __float2bfloat16_rn(x);
+}
+
+__device__ __forceinline__ float sigmoidf(float x) { return 1.f / (1.f + expf(-x)); }
+
+// Address of channel 0 of one state row: state[slot, layer, row, :] given element strides.
+struct StateArena {
+  float* base;
+  i64 s_slot;
+  i64 s_layer;
+  i64 s_row;
+  __device__ __forceinline__ float* row(int slot, int layer, int r) const {
+    return base + (i64)slot * s_slot + (i64)layer * s_layer + (i64)r * s_row;
+  }
+};
+
+// Stream index b owning flat token t: the largest b with offsets[b] <= t (empty streams are skipped
+// because their offset equals the next one). offsets has B + 1 entries and offsets[B] > t.
+__device__ __forceinline__ int stream_of_token(const int* offsets, int B, int t) {
+  int lo = 0, hi = B - 1;
+  while (lo < hi) {
+    int mid = (lo + hi + 1) >> 1;
+    if (offsets[mid] <= t) lo = mid; else hi = mid - 1;
+  }
+  return lo;
+}
+
+// Sum over a thread block (blockDim.x a multiple of 32, at most 1024); every thread gets the result.
+__device__ __forceinline__ float block_sum(float v, float* shared32) {
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarp = blockDim.x >> 5;
+  __syncthreads();  // shared32 may still be read by a previous reduction
+  if (lane == 0) shared32[warp] = v;
+  __syncthreads();
+  v = lane < nwarp ? shared32[lane] : 0.f;
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  return v;
+}
+
+}  // namespace rwkv

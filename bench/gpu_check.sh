@@ -50,7 +50,7 @@ tests_rc=0
 if "$PY" -c "import pytest" 2>/dev/null; then
   echo "== tests (NVRTC compile, kernels vs reference, stepper vs reference)"
   timeout 150 "$PY" -m pytest -q -rs -p no:cacheprovider --rootdir "$REPO" -c "$REPO/setup.cfg" \
-      "$REPO/tests/test_cuda_compile.py" "$REPO/tests/test_gpu_kernels.py" "$REPO/tests/test_gpu_engine.py" \
+      "$REPO/tests/test_cuda_compile.py" "$REPO/tests/test_gpu_kernels.py" "$REPO/tests/test_gpu_engine.py" "$REPO/tests/test_gpu_model.py" \
       -k "not emulated" --junitxml="$RESULTS/gpu_tests.xml" >"$RESULTS/gpu_tests.log" 2>&1
   tests_rc=$?
   tail -n 25 "$RESULTS/gpu_tests.log"

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -75,6 +77,15 @@ class Ragged:
     def single_token(self) -> bool:
         return all(n == 1 for n in self.lengths)
 
+    @property
+    def offsets_i32(self) -> Tensor:
+        ends = torch.tensor(self.lengths, dtype=torch.int32, device=self.starts.device).cumsum(0, dtype=torch.int32)
+        return torch.cat((torch.zeros(1, dtype=torch.int32, device=ends.device), ends))
+
+    @property
+    def slots_i32(self) -> Tensor:
+        return torch.arange(len(self.lengths), dtype=torch.int32, device=self.starts.device)
+
 
 @dataclass
 class StepOutput:
@@ -106,6 +117,7 @@ class Model:
         self.fingerprint = weights_fingerprint(tensors, config)
         self._rescale = self.dtype == torch.float16
         self._prepare(tensors)
+        self._kernels = _load_cuda_kernels(self.device)
 
     # ----------------------------------------------------------------- weights
     def _prepare(self, t: dict[str, Tensor]) -> None:
@@ -245,7 +257,8 @@ class Model:
         x = self.emb[ids].float()
         for i, layer in enumerate(self.layers):
             st = states[:, i]
-            x = x + self._time_mix(layer, F.layer_norm(x, x.shape[-1:], *layer.ln1, LN_EPS), st, rag)
+            xa = F.layer_norm(x, x.shape[-1:], *layer.ln1, LN_EPS)
+            x = x + self._time_mix(layer, xa, st, rag, (states, i))
             x = x + self._channel_mix(layer, F.layer_norm(x, x.shape[-1:], *layer.ln2, LN_EPS), st, rag)
             if self._rescale and (i + 1) % FP16_RESCALE_EVERY == 0:
                 x = x / 2
@@ -257,13 +270,16 @@ class Model:
         st[:, row] = xa.index_select(0, rag.last)
         return prev
 
-    def _time_mix(self, layer: _Layer, xa: Tensor, st: Tensor, rag: Ragged) -> Tensor:
+    def _time_mix(self, layer: _Layer, xa: Tensor, st: Tensor, rag: Ragged, where: tuple[Tensor, int]) -> Tensor:
         sx = self._shift(xa, st, 0, rag)
         mk, mv, mr = layer.att_mix
         k = layer.att_key(torch.lerp(sx, xa, mk))
         v = layer.att_value(torch.lerp(sx, xa, mv))
         r = torch.sigmoid(layer.att_receptance(torch.lerp(sx, xa, mr)))
-        if rag.single_token:
+        if self._kernels is not None:  # CUDA: one kernel over all streams and tokens, state updated in place
+            states, index = where
+            wkv = self._kernels.wkv_ragged(k, v, layer.w, layer.u, states, rag.slots_i32, rag.offsets_i32, index)
+        elif rag.single_token:
             wkv, st[:, 1], st[:, 2], st[:, 3] = wkv_step(k, v, layer.w, layer.u, st[:, 1], st[:, 2], st[:, 3])
         else:
             wkv = wkv_ragged(k, v, layer.w, layer.u, st[:, 1:4], rag.starts, rag.lengths)
@@ -275,6 +291,23 @@ class Model:
         r = torch.sigmoid(layer.ffn_receptance(torch.lerp(sx, xf, mr)))
         k = torch.relu(layer.ffn_key(torch.lerp(sx, xf, mk))).square()
         return r * layer.ffn_value(k)
+
+
+def _load_cuda_kernels(device: torch.device):
+    """The CuPy kernels (:mod:`rwkv_stream.gpu`) on CUDA devices, compiled and warmed once; None elsewhere.
+
+    Set ``RWKV_STREAM_KERNELS=0`` to run the plain torch reference on the GPU instead.
+    """
+    if device.type != "cuda" or os.environ.get("RWKV_STREAM_KERNELS", "1") == "0":
+        return None
+    try:
+        from . import gpu
+
+        gpu.load_kernels(device)
+        return gpu
+    except Exception as exc:  # no cupy, or NVRTC missing: the torch path is correct, only slower
+        warnings.warn(f"CUDA kernels unavailable ({exc}); using the torch reference path", stacklevel=3)
+        return None
 
 
 def weights_fingerprint(tensors: dict[str, Tensor], config: ModelConfig) -> str:

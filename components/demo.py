@@ -1,0 +1,209 @@
+"""``rwkv-stream demo``: live transcript tagging through the spaCy pipeline, fragment by fragment.
+
+A transcript (the bundled sample, a file, or stdin) is turned into what speech recognition emits (lowercase
+words, no punctuation) and fed to ``nlp.add_pipe("rwkv")`` a few words at a time, as one stream. After each
+fragment the demo shows the text restored so far (punctuation and capitals from the tagging head), the
+fragment's tags, the running classification, and the fragment's latency; at the end the restored text is
+scored against the original and, on request, the live state writes a short continuation.
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import statistics
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from rwkv_stream.train.transcript import END, normalize, parse, restore
+
+STREAM = "demo-call"
+WORDS_PER_SECOND = 2.5  # conversational speech, about 150 words a minute
+
+
+def sample_path() -> Path:
+    return Path(__file__).resolve().parent.parent / "rwkv_stream" / "data" / "demo" / "sample_transcript.txt"
+
+
+def _installed_sample() -> Path:
+    from importlib.resources import files
+
+    return Path(str(files("rwkv_stream.data").joinpath("demo/sample_transcript.txt")))
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("demo", help="live transcript tagging with the shipped model (spaCy pipeline)")
+    p.add_argument("--input", default=None, help="a text file, or - for stdin (default: the bundled sample)")
+    p.add_argument("--model", default="shipped:transcript-tagger", help="bundle dir or shipped:NAME")
+    p.add_argument("--min-words", type=int, default=2, help="fewest words per fragment")
+    p.add_argument("--max-words", type=int, default=6, help="most words per fragment")
+    p.add_argument("--realtime", action="store_true", help="replay at speaking pace (2.5 words/s)")
+    p.add_argument("--speed", type=float, default=1.0, help="with --realtime: replay speed multiplier")
+    p.add_argument("--generate", type=int, default=0, metavar="N", help="continue the stream for N tokens")
+    p.add_argument("--seed", type=int, default=0, help="fragmentation and sampling seed")
+    p.add_argument("--quiet", action="store_true", help="only the summary")
+    p.set_defaults(handler=run)
+
+
+@dataclass
+class Transcript:
+    """What the demo knows of the stream: words with their tags, and per-fragment latencies."""
+
+    words: list[str] = field(default_factory=list)
+    tags: list[str] = field(default_factory=list)
+    latencies_ms: list[float] = field(default_factory=list)
+    end_tag: str | None = None
+
+    def restored(self) -> str:
+        return restore(self.words, [_label(t) for t in self.tags], _label(self.end_tag) if self.end_tag else None)
+
+
+def _label(tag: str) -> str:
+    return tag if "-" in tag else "O-lower"
+
+
+def read_input(spec: str | None) -> str:
+    if spec is None:
+        path = sample_path() if sample_path().exists() else _installed_sample()
+        return path.read_text(encoding="utf-8")
+    if spec == "-":
+        return sys.stdin.read()
+    path = Path(spec)
+    if not path.exists():
+        raise SystemExit(f"demo: input file not found: {path}")
+    return path.read_text(encoding="utf-8")
+
+
+def fragments(asr_text: str, rng: random.Random, lo: int, hi: int) -> Iterator[str]:
+    """Split ASR text into runs of ``lo..hi`` words; each ends with the space before the next word."""
+    if not 1 <= lo <= hi:
+        raise SystemExit(f"demo: need 1 <= --min-words <= --max-words, got {lo} and {hi}")
+    words = asr_text.split()
+    i = 0
+    while i < len(words):
+        n = rng.randint(lo, hi)
+        yield " ".join(words[i : i + n]) + " "
+        i += n
+
+
+def build_pipeline(model: str, seed: int) -> Any:
+    import spacy
+
+    nlp = spacy.blank("en")
+    nlp.add_pipe("rwkv", config={"model": model, "tag_alignment": "first", "generation": {"seed": seed}})
+    nlp.initialize()
+    return nlp
+
+
+def process(nlp: Any, text: str) -> tuple[Any, float]:
+    doc = nlp.make_doc(text)
+    doc._.stream_id = STREAM
+    t0 = time.perf_counter()
+    doc = nlp(doc)
+    return doc, (time.perf_counter() - t0) * 1e3
+
+
+def word_tags(doc: Any) -> list[tuple[str, str]]:
+    """(word, tag) per whitespace-separated word; a word's tag is that of its first spaCy token."""
+    out: list[tuple[str, str]] = []
+    start_new = True
+    for token in doc:
+        if token.is_space:
+            start_new = True
+            continue
+        if start_new:
+            out.append((token.text, token.tag_))
+        else:
+            word, tag = out[-1]
+            out[-1] = (word + token.text, tag)
+        start_new = bool(token.whitespace_)
+    return out
+
+
+def top_cat(cats: dict[str, float]) -> str:
+    if not cats:
+        return "-"
+    label, score = max(cats.items(), key=lambda kv: kv[1])
+    return f"{label} {score:.2f}"
+
+
+def run(args: argparse.Namespace) -> int:
+    reference = read_input(args.input)
+    asr = normalize(reference)
+    if not asr:
+        raise SystemExit("demo: the input has no words")
+    rng = random.Random(args.seed)
+    nlp = build_pipeline(args.model, args.seed)
+    transcript = Transcript()
+    print(f"streaming {len(asr.split())} words as '{STREAM}' (lowercase, no punctuation, like ASR output)\n")
+    started = time.perf_counter()
+    for n, fragment in enumerate(fragments(asr, rng, args.min_words, args.max_words), 1):
+        _pace(args, started, len(transcript.words))
+        doc, ms = process(nlp, fragment)
+        transcript.latencies_ms.append(ms)
+        for word, tag in word_tags(doc):
+            transcript.words.append(word)
+            transcript.tags.append(tag)
+        if not args.quiet:
+            _show_fragment(n, fragment, doc, ms, transcript)
+    end_doc, ms = process(nlp, END)
+    transcript.end_tag = next((t.tag_ for t in end_doc if t.tag_), None)
+    _summary(args, nlp, end_doc, reference, transcript)
+    return 0
+
+
+def _pace(args: argparse.Namespace, started: float, words_so_far: int) -> None:
+    if args.realtime:
+        due = started + words_so_far / (WORDS_PER_SECOND * args.speed)
+        time.sleep(max(0.0, due - time.perf_counter()))
+
+
+def _show_fragment(n: int, fragment: str, doc: Any, ms: float, transcript: Transcript) -> None:
+    tags = " ".join(f"{w}/{t}" for w, t in word_tags(doc))
+    tail = transcript.restored()[-90:]
+    print(f"#{n:<3} {ms:6.1f} ms  heard: {fragment.strip()!r}")
+    print(f"      tags: {tags}")
+    print(f"      cats: {top_cat(doc.cats)}   restored: ...{tail}")
+
+
+def _summary(args: argparse.Namespace, nlp: Any, end_doc: Any, reference: str, transcript: Transcript) -> None:
+    restored = transcript.restored()
+    print("\n=== restored transcript ===")
+    print(restored)
+    score = compare(reference, restored)
+    if score:
+        print("\n=== against the original ===")
+        for key, value in score.items():
+            print(f"  {key:<28} {value}")
+    print(f"\nrunning classification: {top_cat(end_doc.cats)}")
+    lat = sorted(transcript.latencies_ms)
+    p99 = lat[min(len(lat) - 1, round(0.99 * (len(lat) - 1)))]
+    print(f"per-fragment latency over {len(lat)} fragments: p50 {statistics.median(lat):.1f} ms, p99 {p99:.1f} ms")
+    if args.generate:
+        continuation = end_doc._.rwkv_generate(max_new_tokens=args.generate, temperature=0.8, top_p=0.9)
+        print(f"\ncontinuation from the live state ({args.generate} tokens): {continuation!r}")
+
+
+def compare(reference: str, restored: str) -> dict[str, str]:
+    """Word-level scores of the restored text against the original (when the input was punctuated)."""
+    ref_words, ref_end = parse(reference)
+    got_words, got_end = parse(restored)
+    if len(ref_words) != len(got_words) or not any(w.punct != "O" or w.case != "lower" for w in ref_words):
+        return {}
+    gold = [w.punct for w in ref_words[1:]] + [ref_end]
+    pred = [w.punct for w in got_words[1:]] + [got_end]
+    out = {}
+    for cls in ("PERIOD", "COMMA", "QUESTION"):
+        tp = sum(g == p == cls for g, p in zip(gold, pred, strict=True))
+        n_gold, n_pred = gold.count(cls), pred.count(cls)
+        prec = tp / n_pred if n_pred else 0.0
+        rec = tp / n_gold if n_gold else 0.0
+        f1 = 2 * prec * rec / (prec + rec) if prec + rec else 0.0
+        out[f"{cls.lower()} P/R/F1"] = f"{prec:.2f} / {rec:.2f} / {f1:.2f}  ({n_gold} in the original)"
+    case_ok = sum(a.case == b.case for a, b in zip(ref_words, got_words, strict=True))
+    out["capitalization accuracy"] = f"{case_ok / len(ref_words):.3f} over {len(ref_words)} words"
+    return out

@@ -1,0 +1,109 @@
+"""Alignment between model tokens (byte spans) and spaCy tokens (character spans), and BIO tags to spans.
+
+Pure Python, no spaCy or torch: the spaCy component feeds it plain offsets.
+
+Model tokens of a byte-level tokenizer (RWKV World, GPT-NeoX BPE) concatenate to the UTF-8 bytes of the text,
+so a run of model tokens is described by the byte offset where each one ends. A run covers a *region* of
+the stream: the text its tokenizer still held back from earlier Docs, then the current Doc's text, which
+starts ``doc_start`` bytes into the region.
+
+Alignment rule: a spaCy token's tag is read off the model token that contains the token's **first** byte
+(``"first"``, the default) or its **last** byte (``"last"``). Byte-level BPE attaches the space before a word
+to the word, so "first" is the word's first model token: the convention of the shipped transcript tagger and
+of ``rwkv-stream train``, whose labels describe what precedes a word (punctuation, case) and so are known as
+soon as the word starts. "last" suits heads trained on a word's final piece, the first hidden vector (heads
+are causal) that has read the whole word. A model token that spans several spaCy tokens gives its tag to each
+of them; a spaCy token that spans several model tokens takes the tag of just one.
+"""
+
+from __future__ import annotations
+
+from bisect import bisect_right
+from collections.abc import Sequence
+from itertools import accumulate
+from typing import Literal
+
+Alignment = Literal["first", "last"]
+ALIGNMENTS: tuple[str, ...] = ("first", "last")
+
+
+def byte_offsets(text: str) -> list[int]:
+    """``offsets[i]`` is the UTF-8 byte offset of character ``i``; ``offsets[len(text)]`` the total size."""
+    if text.isascii():
+        return list(range(len(text) + 1))
+    return [0, *accumulate(len(ch.encode("utf-8", "surrogatepass")) for ch in text)]
+
+
+def token_ends(lengths: Sequence[int]) -> list[int]:
+    """Byte end of each model token from the byte lengths of consecutive tokens."""
+    return list(accumulate(lengths))
+
+
+def align(
+    spans: Sequence[tuple[int, int]],
+    text: str,
+    ends: Sequence[int],
+    doc_start: int,
+    rule: Alignment = "first",
+) -> list[int | None]:
+    """For each character span of ``text`` (a spaCy token), the index of the model token it reads.
+
+    ``ends`` are the byte ends of the region's model tokens and ``doc_start`` the byte offset of ``text`` in
+    the region. ``None`` for an empty span or when no token covers the byte (no model tokens at all).
+    """
+    offsets = byte_offsets(text)
+    out: list[int | None] = []
+    for start, end in spans:
+        if end <= start or not ends:
+            out.append(None)
+            continue
+        byte = doc_start + (offsets[start] if rule == "first" else offsets[end] - 1)
+        out.append(min(bisect_right(ends, byte), len(ends) - 1))
+    return out
+
+
+def overlapping(ends: Sequence[int], lo: int, hi: int) -> list[int]:
+    """Indices of model tokens whose bytes overlap ``[lo, hi)``."""
+    first = bisect_right(ends, lo)
+    out = []
+    for i in range(first, len(ends)):
+        start = ends[i - 1] if i else 0
+        if start >= hi:
+            break
+        out.append(i)
+    return out
+
+
+def bio_spans(tags: Sequence[str | None]) -> list[tuple[int, int, str]]:
+    """Entity spans ``(start, end, label)`` in token indices from BIO, BILUO or plain IO tags.
+
+    ``B-X``/``U-X`` open an entity; ``I-X``/``L-X`` continue one of the same label and open one otherwise
+    (a lenient reading of ill-formed model output). Any other tag but ``O`` (or ``None``) is an IO label, as
+    ``rwkv-stream train`` labels every token of a span: a run of equal labels is one entity.
+    """
+    spans: list[tuple[int, int, str]] = []
+    start, label = -1, ""
+    for i, tag in enumerate(tags):
+        prefix, name = _split_tag(tag)
+        inside = prefix in ("I", "L") and name == label and start >= 0
+        if start >= 0 and not inside:
+            spans.append((start, i, label))
+            start = -1
+        if prefix != "O" and not inside:
+            start, label = i, name
+        if prefix in ("U", "L") and start >= 0:
+            spans.append((start, i + 1, label))
+            start = -1
+    if start >= 0:
+        spans.append((start, len(tags), label))
+    return spans
+
+
+def _split_tag(tag: str | None) -> tuple[str, str]:
+    """``("B"|"I"|"L"|"U", label)``, ``("O", "")`` outside; an IO label reads as ``("I", label)``."""
+    if tag is None or tag == "O" or tag == "":
+        return "O", ""
+    prefix, dash, name = tag.partition("-")
+    if dash and name and prefix in ("B", "I", "L", "U"):
+        return prefix, name
+    return "I", tag

@@ -1,0 +1,577 @@
+"""spaCy component ``rwkv``: an RWKV-4 model as a live, per-stream tagger, classifier and generator.
+
+One line puts it into a pipeline (the model is loaded at ``nlp.initialize()`` or on first use)::
+
+    nlp.add_pipe("rwkv", config={"model": "path/to/bundle"})
+    doc = nlp.make_doc("so the meeting is"); doc._.stream_id = "call-42"; nlp(doc)
+
+Docs with the same ``doc._.stream_id`` continue one recurrent state, in the order they are processed; a Doc
+without one is processed alone. Each fragment costs only its own tokens: history is never re-read. See
+:mod:`rwkv_stream.components.spacy_engine` for how held-back tokenizer tails keep fragments equivalent to the
+whole text, and :mod:`rwkv_stream.components.spacy_align` for the model-token to spaCy-token rule.
+
+Config (``[components.rwkv]``):
+
+* ``model``: ``"shipped:NAME"`` (a bundle installed under ``rwkv_stream/data``), a path (bundle directory,
+  ``.pth``/``.safetensors`` checkpoint, Hugging Face directory), or a registered loader such as
+  ``{"@misc": "rwkv_stream.bundle_loader.v1", "path": ...}``; ``nlp.initialize`` also takes ``model`` from
+  ``[initialize.components.rwkv]``. ``tokenizer`` (``"world"`` or a ``tokenizer.json``) is for bare
+  checkpoints; ``heads_path`` adds heads (``heads.json`` + ``heads.safetensors``) to those of the source.
+* ``device``, ``dtype`` (``float32``/``bfloat16``/``float16``), ``max_streams`` (live states; the least
+  recently used stream is evicted past it), ``stream_id_attr`` (the Doc extension holding the stream id).
+* ``tag_head`` / ``cats_head``: a head name, ``"auto"`` (the model's only head of that kind, if any) or
+  ``null``. ``tag_labels`` / ``cats_labels`` optionally pin the labels the heads must have.
+  ``tag_attr``: where tags go (``"tag_"``, another token attribute, ``"_.name"`` or ``null``);
+  ``tag_alignment``: ``"first"`` (a spaCy token reads the model token holding its first character) or
+  ``"last"`` (its last character); ``ents_from_tags``: read BIO/BILUO/IO tags into ``doc.ents``.
+* ``zero_shot``: ``{label: prompt}``: each prompt is scored on a fork of the stream (mean log-probability
+  of its tokens) and the softmax over labels goes into ``doc.cats``.
+* ``vector``: store the mean hidden vector of the Doc's tokens in ``doc._.rwkv_vector``.
+* ``[generation]``: ``max_new_tokens``, ``temperature``, ``top_p``, ``stop``, ``seed`` for
+  ``doc._.rwkv_generate(...)`` / :meth:`RWKVComponent.generate`.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import tempfile
+import uuid
+import weakref
+from collections.abc import Callable, Hashable, Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from numbers import Integral
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import srsly
+from spacy.language import Language
+from spacy.pipeline import Pipe
+from spacy.scorer import Scorer, get_ner_prf
+from spacy.tokens import Doc, Span, Token
+from spacy.training import Example
+from spacy.util import minibatch, registry
+from thinc.api import Config
+
+from .spacy_align import ALIGNMENTS, align, bio_spans
+
+if TYPE_CHECKING:
+    from rwkv_stream.heads import Head
+
+    from .spacy_engine import JobResult, LoadedModel, StreamRunner
+
+COMPONENT_FILE = "rwkv_component.json"
+BYTES_FORMAT = "rwkv-stream/spacy-component"
+DTYPES = ("float32", "bfloat16", "float16")
+GENERATION_KEYS = ("max_new_tokens", "temperature", "top_p", "stop", "seed")
+N_PROCESS_ERROR = (
+    "the rwkv component keeps each stream's recurrent state in this process: nlp.pipe(n_process > 1) would "
+    "split a stream's fragments between processes. Use n_process=1; streams of a batch are already stepped "
+    "together (batch_size)."
+)
+
+DEFAULT_CONFIG_STR = """
+[rwkv]
+model = "shipped:transcript-tagger"
+tokenizer = null
+heads_path = null
+device = "cpu"
+dtype = "float32"
+stream_id_attr = "stream_id"
+max_streams = 1024
+tag_head = "auto"
+tag_attr = "tag_"
+tag_labels = null
+tag_alignment = "first"
+ents_from_tags = false
+cats_head = "auto"
+cats_labels = null
+zero_shot = {}
+vector = true
+
+[rwkv.generation]
+max_new_tokens = 32
+temperature = 1.0
+top_p = 1.0
+stop = []
+seed = null
+"""
+DEFAULT_CONFIG = Config().from_str(DEFAULT_CONFIG_STR)["rwkv"]
+
+_LIVE: weakref.WeakValueDictionary[str, RWKVComponent] = weakref.WeakValueDictionary()
+
+
+# ------------------------------------------------------------------------------------------ loaders
+@dataclass(frozen=True)
+class ModelSource:
+    """Where a model comes from; what registered loaders return when they are called at initialize."""
+
+    path: str
+    tokenizer: str | None = None
+    heads_path: str | None = None
+
+
+@registry.misc("rwkv_stream.bundle_loader.v1")
+def bundle_loader(path: str) -> Callable[[], ModelSource]:
+    """A bundle directory (weights, tokenizer, heads)."""
+    return lambda: ModelSource(str(path))
+
+
+@registry.misc("rwkv_stream.checkpoint_loader.v1")
+def checkpoint_loader(path: str, tokenizer: str, heads_path: str | None = None) -> Callable[[], ModelSource]:
+    """A ``.pth``/``.safetensors`` checkpoint or HF directory, a tokenizer spec, and optionally heads."""
+    return lambda: ModelSource(str(path), tokenizer, heads_path)
+
+
+@registry.misc("rwkv_stream.shipped_loader.v1")
+def shipped_loader(name: str = "transcript-tagger") -> Callable[[], ModelSource]:
+    """A bundle shipped inside the package (``rwkv_stream/data/NAME``)."""
+    return lambda: ModelSource(f"shipped:{name}")
+
+
+# ------------------------------------------------------------------------------------------ settings
+@dataclass
+class Settings:
+    model: str | Callable[[], Any]
+    tokenizer: str | None = None
+    heads_path: str | None = None
+    device: str = "cpu"
+    dtype: str = "float32"
+    stream_id_attr: str = "stream_id"
+    max_streams: int = 1024
+    tag_head: str | None = "auto"
+    tag_attr: str | None = "tag_"
+    tag_labels: list[str] | None = None
+    tag_alignment: str = "first"
+    ents_from_tags: bool = False
+    cats_head: str | None = "auto"
+    cats_labels: list[str] | None = None
+    zero_shot: dict[str, str] = field(default_factory=dict)
+    vector: bool = True
+    generation: dict[str, Any] = field(default_factory=dict)
+
+    def validate(self) -> None:
+        if self.dtype not in DTYPES:
+            raise ValueError(f"rwkv: dtype must be one of {DTYPES}, got {self.dtype!r}")
+        if self.max_streams < 1:
+            raise ValueError(f"rwkv: max_streams must be at least 1, got {self.max_streams}")
+        if self.tag_alignment not in ALIGNMENTS:
+            raise ValueError(f"rwkv: tag_alignment must be one of {ALIGNMENTS}, got {self.tag_alignment!r}")
+        if not self.stream_id_attr.isidentifier():
+            raise ValueError(f"rwkv: stream_id_attr must be an extension name, got {self.stream_id_attr!r}")
+        attr = self.tag_attr
+        if attr is not None and not attr.startswith("_.") and not hasattr(Token, attr):
+            raise ValueError(f"rwkv: tag_attr {attr!r} is not a Token attribute (use e.g. 'tag_' or '_.name')")
+        unknown = set(self.generation) - set(GENERATION_KEYS)
+        if unknown:
+            raise ValueError(f"rwkv: unknown generation settings {sorted(unknown)}; known: {list(GENERATION_KEYS)}")
+
+
+@Language.factory(
+    "rwkv",
+    default_config=DEFAULT_CONFIG,
+    assigns=["token.tag", "doc.cats", "doc.ents"],
+)
+def make_rwkv_component(
+    nlp: Language,
+    name: str,
+    model: str | Callable[[], Any],
+    tokenizer: str | None,
+    heads_path: str | None,
+    device: str,
+    dtype: str,
+    stream_id_attr: str,
+    max_streams: int,
+    tag_head: str | None,
+    tag_attr: str | None,
+    tag_labels: list[str] | None,
+    tag_alignment: str,
+    ents_from_tags: bool,
+    cats_head: str | None,
+    cats_labels: list[str] | None,
+    zero_shot: dict[str, str],
+    vector: bool,
+    generation: dict[str, Any],
+) -> RWKVComponent:
+    settings = Settings(
+        model, tokenizer, heads_path, device, dtype, stream_id_attr, max_streams, tag_head, tag_attr,
+        tag_labels, tag_alignment, ents_from_tags, cats_head, cats_labels, dict(zero_shot), vector,
+        {**DEFAULT_CONFIG["generation"], **generation},
+    )
+    return RWKVComponent(nlp, name, settings)
+
+
+# ------------------------------------------------------------------------------------------ extensions
+def _register_extensions(settings: Settings) -> None:
+    for attr in (settings.stream_id_attr, "rwkv_vector", "rwkv_offset", "rwkv_pipe"):
+        if not Doc.has_extension(attr):
+            Doc.set_extension(attr, default=None)
+    if not Doc.has_extension("rwkv_generate"):
+        Doc.set_extension("rwkv_generate", method=_doc_generate)
+    if settings.tag_attr and settings.tag_attr.startswith("_.") and not Token.has_extension(settings.tag_attr[2:]):
+        Token.set_extension(settings.tag_attr[2:], default=None)
+
+
+def _doc_generate(doc: Doc, max_new_tokens: int | None = None, **overrides: Any) -> str:
+    """``doc._.rwkv_generate(max_new_tokens, temperature=, top_p=, stop=, seed=)``: see ``generate``."""
+    return component_for(doc).generate(doc, max_new_tokens=max_new_tokens, **overrides)
+
+
+def component_for(doc: Doc) -> RWKVComponent:
+    """The live rwkv component that processed ``doc`` (or the only live one)."""
+    found = _LIVE.get(doc._.get("rwkv_pipe") or "")
+    if found is not None:
+        return found
+    live = list(_LIVE.values())
+    if len(live) == 1:
+        return live[0]
+    raise ValueError(
+        "cannot tell which rwkv component this Doc belongs to; call nlp.get_pipe(name).generate(doc) instead"
+    )
+
+
+# ------------------------------------------------------------------------------------------ component
+class RWKVComponent(Pipe):
+    """Per-stream incremental tagging, classification, zero-shot scoring and generation with an RWKV model."""
+
+    def __init__(self, nlp: Language, name: str, settings: Settings) -> None:
+        settings.validate()
+        self.name = name
+        self.vocab = nlp.vocab
+        self.settings = settings
+        self.on_evict: Callable[[Hashable, bytes], None] | None = None  # gets (stream id, state bytes)
+        self._runner: StreamRunner | None = None
+        self._tagger: Head | None = None
+        self._heads: dict[str, str | None] = {"tagger": None, "classifier": None}
+        self._pid = os.getpid()
+        self.uid = uuid.uuid4().hex
+        _LIVE[self.uid] = self
+        _register_extensions(settings)
+
+    # -------------------------------------------------------------- loading
+    @property
+    def is_loaded(self) -> bool:
+        return self._runner is not None
+
+    def initialize(
+        self, get_examples: Callable[[], Iterable[Example]] | None = None, *, nlp: Language | None = None,
+        model: str | Callable[[], Any] | None = None,
+    ) -> None:
+        """Load the model now (else it loads on first use); ``model`` overrides the configured source."""
+        if model is not None:
+            self.settings.model = model
+            self._runner = None
+        self._ensure_loaded()
+
+    def _ensure_loaded(self) -> StreamRunner:
+        if self._runner is None:
+            self._install(self._load_configured())
+        assert self._runner is not None
+        return self._runner
+
+    def _load_configured(self) -> LoadedModel:
+        from .spacy_engine import load_source
+
+        s = self.settings
+        source = s.model() if callable(s.model) else s.model
+        if not isinstance(source, ModelSource):
+            source = ModelSource(str(source), s.tokenizer, s.heads_path)
+        return load_source(source.path, source.tokenizer, source.heads_path, s.device, s.dtype)
+
+    def _install(self, loaded: LoadedModel) -> None:
+        from .spacy_engine import RunnerSettings, StreamRunner
+
+        s = self.settings
+        tagger = self._pick_head(loaded, s.tag_head, "tagger", s.tag_labels, "tag")
+        classifier = self._pick_head(loaded, s.cats_head, "classifier", s.cats_labels, "cats")
+        clash = set(s.zero_shot) & set(classifier.labels if classifier else [])
+        if clash:
+            raise ValueError(f"rwkv: zero-shot labels {sorted(clash)} clash with the classifier head's labels")
+        self._tagger = tagger
+        settings = RunnerSettings(tagger, classifier, dict(s.zero_shot), s.vector)
+        self._runner = StreamRunner(loaded, settings, s.max_streams, on_evict=self._evicted)
+
+    def _pick_head(
+        self, loaded: LoadedModel, want: str | None, kind: str, labels: list[str] | None, what: str
+    ) -> Head | None:
+        heads = loaded.heads.heads
+        if want == "auto":
+            found = [n for n, h in heads.items() if h.kind == kind]
+            if len(found) > 1:
+                raise ValueError(f"rwkv: the model has several {kind} heads {found}; set {what}_head to one")
+            want = found[0] if found else None
+        self._heads[kind] = want
+        if want is None:
+            if labels is not None:
+                raise ValueError(f"rwkv: {what}_labels are set but the component has no {kind} head")
+            return None
+        if want not in heads:
+            raise ValueError(f"rwkv: unknown head {want!r} for {what}_head; the model has heads {sorted(heads)}")
+        head = heads[want]
+        if head.kind != kind:
+            raise ValueError(f"rwkv: head {want!r} is a {head.kind}, but {what}_head needs a {kind}")
+        if labels is not None and list(labels) != head.labels:
+            raise ValueError(f"rwkv: {what}_labels {list(labels)} do not match head {want!r} labels {head.labels}")
+        return head
+
+    @property
+    def labels(self) -> tuple[str, ...]:
+        if self._runner is None:
+            return ()
+        s = self._runner.settings
+        heads = [h for h in (s.tagger, s.classifier) if h is not None]
+        return tuple(dict.fromkeys([lab for h in heads for lab in h.labels] + list(s.zero_shot)))
+
+    @property
+    def cats_labels(self) -> list[str]:
+        if self._runner is None:
+            return []
+        s = self._runner.settings
+        return (s.classifier.labels if s.classifier else []) + list(s.zero_shot)
+
+    # -------------------------------------------------------------- processing
+    def __call__(self, doc: Doc) -> Doc:
+        return self._process([doc])[0]
+
+    def pipe(self, stream: Iterable[Doc], *, batch_size: int = 128) -> Iterator[Doc]:
+        """Steps all streams of each batch together; fragments of one stream keep their order."""
+        handler = self.get_error_handler()
+        for batch in minibatch(stream, size=batch_size):
+            docs = list(batch)
+            try:
+                done = self._process(docs)
+            except Exception as exc:
+                handler(self.name, self, docs, exc)
+                continue
+            yield from done
+
+    def _process(self, docs: list[Doc]) -> list[Doc]:
+        from .spacy_engine import Job
+
+        self._refuse_other_process()
+        runner = self._ensure_loaded()
+        keys = [self.stream_key(doc) for doc in docs]
+        for chunk in schedule(keys, self.settings.max_streams):
+            results = runner.run([Job(keys[i], docs[i].text) for i in chunk])
+            for i, result in zip(chunk, results, strict=True):
+                self._annotate(docs[i], result)
+        return docs
+
+    def _refuse_other_process(self) -> None:
+        if os.getpid() != self._pid and multiprocessing.parent_process() is not None:
+            raise RuntimeError(N_PROCESS_ERROR)
+
+    def stream_key(self, doc: Doc) -> Hashable | None:
+        """The Doc's stream id (``None``: process it alone); raises ``TypeError`` for a wrong type."""
+        return check_stream_id(doc._.get(self.settings.stream_id_attr), self.settings.stream_id_attr)
+
+    def _annotate(self, doc: Doc, result: JobResult) -> None:
+        if self._tagger is not None and result.tag_ids is not None:
+            spans = [(t.idx, t.idx + len(t.text)) for t in doc]
+            index = align(spans, doc.text, result.ends, result.doc_start, self.settings.tag_alignment)  # type: ignore[arg-type]
+            labels = self._tagger.labels
+            tags = [None if i is None else labels[result.tag_ids[i]] for i in index]
+            self._write_tags(doc, tags)
+        doc.cats.update(result.cats)
+        doc._.set("rwkv_vector", result.vector)
+        doc._.set("rwkv_offset", result.offset)
+        doc._.set("rwkv_pipe", self.uid)
+
+    def _write_tags(self, doc: Doc, tags: list[str | None]) -> None:
+        attr = self.settings.tag_attr
+        if attr is not None:
+            for token, tag in zip(doc, tags, strict=True):
+                if tag is None:
+                    continue
+                if attr.startswith("_."):
+                    token._.set(attr[2:], tag)
+                else:
+                    setattr(token, attr, tag)
+        if self.settings.ents_from_tags:
+            doc.ents = [Span(doc, start, end, label=label) for start, end, label in bio_spans(tags)]
+
+    # -------------------------------------------------------------- generation
+    def generate(self, doc: Doc, max_new_tokens: int | None = None, **overrides: Any) -> str:
+        """Continue the Doc's stream (its latest state) on a fork: the stream is not advanced or re-read.
+
+        A Doc without a stream id is continued from its own text. Keyword overrides: ``temperature``,
+        ``top_p``, ``stop`` (strings that end the text, not included), ``seed``.
+        """
+        from rwkv_stream.generate import SamplingConfig
+
+        unknown = set(overrides) - set(GENERATION_KEYS)
+        if unknown:
+            raise TypeError(f"unknown generation settings {sorted(unknown)}; known: {list(GENERATION_KEYS)}")
+        cfg = {**self.settings.generation, **{k: v for k, v in overrides.items() if v is not None}}
+        if max_new_tokens is not None:
+            cfg["max_new_tokens"] = max_new_tokens
+        sampling = SamplingConfig(
+            int(cfg["max_new_tokens"]), float(cfg["temperature"]), float(cfg["top_p"]), cfg["seed"],
+            tuple(cfg["stop"] or ()),
+        )
+        return self._ensure_loaded().generate(self.stream_key(doc), doc.text, sampling)
+
+    # -------------------------------------------------------------- stream lifecycle
+    @property
+    def streams(self) -> list[Hashable]:
+        """Ids of the live streams, least recently used first."""
+        return [] if self._runner is None else self._runner.keys()
+
+    def reset_stream(self, stream_id: Hashable) -> bool:
+        """Back to an empty state (the id stays live). Returns whether the stream was live."""
+        return self._runner is not None and self._runner.reset(self._key(stream_id))
+
+    def end_stream(self, stream_id: Hashable) -> bool:
+        """Forget the stream and free its slot. Returns whether it was live."""
+        return self._runner is not None and self._runner.end(self._key(stream_id))
+
+    def export_stream(self, stream_id: Hashable) -> bytes:
+        """The stream's state as engine state bytes (with the tokenizer's held-back text in its meta)."""
+        return self._ensure_loaded().export(self._key(stream_id)).to_bytes()
+
+    def import_stream(self, stream_id: Hashable, data: bytes) -> None:
+        """Continue a stream from :meth:`export_stream` bytes (replacing a live stream of that id)."""
+        from rwkv_stream.state import State
+
+        runner = self._ensure_loaded()
+        runner.restore(self._key(stream_id), State.from_bytes(data, expected_fingerprint=runner.model.fingerprint))
+
+    def export_streams(self) -> dict[Hashable, bytes]:
+        return {key: self.export_stream(key) for key in self.streams}
+
+    def import_streams(self, states: dict[Hashable, bytes]) -> None:
+        for key, data in states.items():
+            self.import_stream(key, data)
+
+    def _key(self, stream_id: Hashable) -> Hashable:
+        key = check_stream_id(stream_id, self.settings.stream_id_attr)
+        if key is None:
+            raise TypeError("a stream id is needed, not None")
+        return key
+
+    def _evicted(self, key: Hashable, state: Any) -> None:
+        if self.on_evict is not None:
+            self.on_evict(key, state.to_bytes())
+
+    @contextmanager
+    def memory_zone(self, mem: Any = None) -> Iterator[Any]:
+        """spaCy's ``nlp.memory_zone()`` hook: streams opened inside the zone are ended when it closes."""
+        before = set(self.streams)
+        try:
+            yield mem
+        finally:
+            for key in self.streams:
+                if key not in before:
+                    self.end_stream(key)
+
+    # -------------------------------------------------------------- scoring
+    def score(self, examples: Iterable[Example], **kwargs: Any) -> dict[str, Any]:
+        """Token-attribute accuracy for tags, spaCy's cats scores, and NER P/R/F for ``ents_from_tags``."""
+        examples = list(examples)
+        self._ensure_loaded()
+        scores: dict[str, Any] = {}
+        attr = self.settings.tag_attr
+        if self._tagger is not None and attr is not None:
+            if attr.startswith("_."):
+                scores.update(Scorer.score_token_attr(examples, attr[2:], getter=lambda t, a: t._.get(a), **kwargs))
+            else:
+                scores.update(Scorer.score_token_attr(examples, attr.rstrip("_"), **kwargs))
+        labels = self.cats_labels
+        if labels:
+            classifier = self._runner.settings.classifier if self._runner else None
+            multi = bool(classifier and (classifier.multi_label or self.settings.zero_shot))
+            scores.update(Scorer.score_cats(examples, "cats", labels=labels, multi_label=multi, **kwargs))
+        if self.settings.ents_from_tags:
+            scores.update(get_ner_prf(examples))
+        return scores
+
+    # -------------------------------------------------------------- serialization
+    def to_disk(self, path: str | Path, *, exclude: Iterable[str] = ()) -> None:
+        """A bundle directory (safetensors weights, tokenizer, heads, manifest) plus the resolved settings."""
+        from .spacy_engine import save_bundle
+
+        runner = self._ensure_loaded()
+        path = Path(path)
+        save_bundle(runner.loaded, path)
+        srsly.write_json(path / COMPONENT_FILE, self._record())
+
+    def from_disk(self, path: str | Path, *, exclude: Iterable[str] = ()) -> RWKVComponent:
+        from rwkv_stream.checkpoint import CheckpointError
+
+        from .spacy_engine import load_source
+
+        path = Path(path)
+        if not (path / "bundle.json").is_file():
+            raise CheckpointError(f"{path} holds no saved rwkv component (no bundle.json)")
+        self._install(load_source(path, device=self.settings.device, dtype=self.settings.dtype))
+        record_file = path / COMPONENT_FILE
+        if record_file.is_file():
+            self._check_record(srsly.read_json(record_file))
+        return self
+
+    def to_bytes(self, *, exclude: Iterable[str] = ()) -> bytes:
+        from .spacy_engine import read_dir_files
+
+        with tempfile.TemporaryDirectory() as tmp:
+            self.to_disk(Path(tmp) / "rwkv")
+            files = read_dir_files(Path(tmp) / "rwkv")
+        return srsly.msgpack_dumps({"format": BYTES_FORMAT, "files": files})
+
+    def from_bytes(self, bytes_data: bytes, *, exclude: Iterable[str] = ()) -> RWKVComponent:
+        from .spacy_engine import write_dir_files
+
+        obj = srsly.msgpack_loads(bytes_data)
+        if not isinstance(obj, dict) or obj.get("format") != BYTES_FORMAT:
+            raise ValueError("bytes are not a serialized rwkv component")
+        with tempfile.TemporaryDirectory() as tmp:
+            write_dir_files(Path(tmp) / "rwkv", obj["files"])
+            return self.from_disk(Path(tmp) / "rwkv")
+
+    def _record(self) -> dict[str, Any]:
+        runner = self._ensure_loaded()
+        s = runner.settings
+        settings = asdict(self.settings)
+        settings["model"] = settings["model"] if isinstance(settings["model"], str) else repr(settings["model"])
+        return {
+            "version": 1,
+            "fingerprint": runner.model.fingerprint,
+            "tag_head": self._heads["tagger"],
+            "tag_labels": s.tagger.labels if s.tagger else None,
+            "cats_head": self._heads["classifier"],
+            "cats_labels": self.cats_labels,
+            "settings": settings,
+        }
+
+    def _check_record(self, record: dict[str, Any]) -> None:
+        runner = self._ensure_loaded()
+        if record.get("fingerprint") not in (None, runner.model.fingerprint):
+            raise ValueError("rwkv: the saved component record belongs to other weights than the saved bundle")
+
+
+# ------------------------------------------------------------------------------------------ helpers
+def check_stream_id(value: Any, attr: str = "stream_id") -> Hashable | None:
+    """A valid stream key (``str`` or ``int``) or ``None``; anything else is a ``TypeError``."""
+    if value is None or isinstance(value, str):
+        return value
+    if isinstance(value, Integral) and not isinstance(value, bool):
+        return int(value)
+    raise TypeError(
+        f"doc._.{attr} must be a str or an int (or None to process the Doc alone), "
+        f"got {type(value).__name__}: {value!r}"
+    )
+
+
+def schedule(keys: list[Hashable | None], limit: int) -> list[list[int]]:
+    """Indices of a batch in runs the engine can step at once: the n-th fragment of every stream goes in
+    round n (so one stream's fragments keep their order), each round cut into chunks of ``limit`` streams."""
+    rounds: list[list[int]] = []
+    seen: dict[Hashable, int] = {}
+    for i, key in enumerate(keys):
+        n = 0 if key is None else seen.get(key, 0)
+        if key is not None:
+            seen[key] = n + 1
+        while len(rounds) <= n:
+            rounds.append([])
+        rounds[n].append(i)
+    return [r[j : j + limit] for r in rounds for j in range(0, len(r), limit)]

@@ -46,6 +46,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--generate", type=int, default=0, metavar="N", help="continue the stream for N tokens")
     p.add_argument("--seed", type=int, default=0, help="fragmentation and sampling seed")
     p.add_argument("--quiet", action="store_true", help="only the summary")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch threads (default 1: a small model's products are too small to split, and "
+                        "spinning OpenMP threads wreck latency when the cores are shared)")
     p.set_defaults(handler=run)
 
 
@@ -96,6 +99,10 @@ def build_pipeline(model: str, seed: int) -> Any:
     nlp = spacy.blank("en")
     nlp.add_pipe("rwkv", config={"model": model, "tag_alignment": "first", "generation": {"seed": seed}})
     nlp.initialize()
+    warm = nlp.make_doc("warming up the pipeline ")  # first calls pay one-off allocation costs
+    warm._.stream_id = "__warmup__"
+    nlp(warm)
+    nlp.get_pipe("rwkv").end_stream("__warmup__")
     return nlp
 
 
@@ -132,6 +139,9 @@ def top_cat(cats: dict[str, float]) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+    import torch
+
+    torch.set_num_threads(max(1, args.threads))
     reference = read_input(args.input)
     asr = normalize(reference)
     if not asr:

@@ -1,0 +1,192 @@
+"""When to checkpoint, and how: the two delivery modes.
+
+A checkpoint makes everything processed since the last one durable, in this order:
+
+* at-least-once: flush the producer (outputs and dead letters are acknowledged) -> check that this consumer
+  still belongs to the group (a synchronous commit of the offsets already committed: a consumer that was
+  fenced out fails here and writes nothing) -> write the state snapshots of the streams touched since the
+  last checkpoint and flush -> commit the consumed offsets. A crash anywhere in between is safe: outputs are
+  durable before the state that covers them, and the state before the offsets that skip their input.
+* exactly-once: all of it inside one Kafka transaction of the transactional producer: the outputs (sent as
+  records are processed), the state snapshots, and the consumed offsets (``send_offsets_to_transaction``
+  with the consumer's group metadata, so a consumer fenced out of the group cannot commit), then
+  ``commit_transaction``. Anything failing aborts the transaction, and the processor rolls back to the last
+  committed offsets and the committed states.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+from kafka import KafkaProducer
+from kafka.structs import OffsetAndMetadata, TopicPartition
+
+from .faults import Faults
+
+log = logging.getLogger("rwkv_stream.kafka.checkpoint")
+
+
+class CheckpointPolicy:
+    """Checkpoint every ``interval_ms`` (when there is something to commit) or every ``records`` records."""
+
+    def __init__(self, interval_ms: int, records: int) -> None:
+        self.interval_s = interval_ms / 1000
+        self.records = records
+        self.pending = 0
+        self.last = time.monotonic()
+
+    def note(self, n: int) -> None:
+        self.pending += n
+
+    def due(self) -> bool:
+        if self.pending >= self.records:
+            return True
+        return self.pending > 0 and time.monotonic() - self.last >= self.interval_s
+
+    def done(self) -> None:
+        self.pending = 0
+        self.last = time.monotonic()
+
+
+class SendFailed(RuntimeError):
+    """An output, dead letter or state record was not acknowledged: nothing since the last checkpoint is
+    durable for sure."""
+
+
+class CommitFailed(RuntimeError):
+    """The offset commit failed after outputs and states were made durable (at-least-once: harmless, the
+    next checkpoint commits further; replayed input is skipped by the states' offsets)."""
+
+
+class MembershipLost(RuntimeError):
+    """This consumer no longer owns its partitions (its commit was refused by the group coordinator)."""
+
+
+Offsets = dict[TopicPartition, OffsetAndMetadata]
+
+
+class Delivery:
+    """The producer side of a processor, in one delivery mode."""
+
+    exactly_once = False
+
+    def __init__(self, make_producer: Callable[[], KafkaProducer], consumer: Any, faults: Faults,
+                 flush_timeout_s: float = 60.0) -> None:
+        self._make_producer = make_producer
+        self.producer = make_producer()
+        self.consumer = consumer
+        self.faults = faults
+        self.flush_timeout_s = flush_timeout_s
+        self._send_error: BaseException | None = None
+
+    def send(self, topic: str, key: bytes | None, value: bytes, partition: int | None = None) -> None:
+        future = self.producer.send(topic, key=key, value=value, partition=partition)
+        future.add_errback(self._on_error)
+
+    def _on_error(self, exc: BaseException) -> None:
+        if self._send_error is None:
+            self._send_error = exc
+
+    def flush(self) -> None:
+        try:
+            self.producer.flush(timeout=self.flush_timeout_s)
+        except Exception as exc:
+            raise SendFailed(f"flush failed: {exc!r}") from exc
+        if self._send_error is not None:
+            exc, self._send_error = self._send_error, None
+            raise SendFailed(f"a record was not delivered: {exc!r}") from exc
+
+    def checkpoint(self, write_state: Callable[[KafkaProducer], None], offsets: Offsets, known: Offsets) -> None:
+        raise NotImplementedError
+
+    def abort(self) -> None:
+        """Forget what was sent since the last checkpoint (exactly-once: abort the transaction)."""
+        self._send_error = None
+
+    def close(self, timeout_s: float = 10.0) -> None:
+        self.producer.close(timeout=timeout_s)
+
+
+class AtLeastOnce(Delivery):
+    def checkpoint(self, write_state: Callable[[KafkaProducer], None], offsets: Offsets, known: Offsets) -> None:
+        """``offsets`` to commit; ``known``: offsets this member committed or started from (the probe)."""
+        self.flush()
+        self.faults.point("after_outputs_flush")
+        self._probe(known)
+        try:
+            write_state(self.producer)
+        except Exception as exc:
+            raise SendFailed(f"writing state snapshots failed: {exc!r}") from exc
+        self.flush()
+        self.faults.point("after_state_write")
+        if offsets:
+            self.faults.point("before_commit")
+            try:
+                self.faults.commit()
+                self.consumer.commit(offsets)
+            except Exception as exc:
+                raise CommitFailed(f"offset commit failed: {exc!r}") from exc
+            self.faults.point("after_commit")
+
+    def _probe(self, known: Offsets) -> None:
+        if not known:
+            return
+        from kafka import errors
+
+        try:
+            self.consumer.commit(known)
+        except (errors.CommitFailedError, errors.IllegalGenerationError, errors.UnknownMemberIdError,
+                errors.RebalanceInProgressError, errors.FencedInstanceIdError) as exc:
+            raise MembershipLost(f"group membership check failed: {exc!r}") from exc
+
+
+class ExactlyOnce(Delivery):
+    exactly_once = True
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.producer.init_transactions()
+        self.in_transaction = False
+
+    def send(self, topic: str, key: bytes | None, value: bytes, partition: int | None = None) -> None:
+        self.begin()
+        super().send(topic, key, value, partition)
+
+    def begin(self) -> None:
+        if not self.in_transaction:
+            self.producer.begin_transaction()
+            self.in_transaction = True
+
+    def checkpoint(self, write_state: Callable[[KafkaProducer], None], offsets: Offsets, known: Offsets) -> None:
+        self.begin()
+        write_state(self.producer)
+        self.flush()
+        self.faults.point("after_state_write")
+        if offsets:
+            self.producer.send_offsets_to_transaction(offsets, self.consumer.group_metadata())
+        self.faults.point("before_commit")
+        self.faults.commit()
+        self.producer.commit_transaction()
+        self.in_transaction = False
+        self.faults.point("after_commit")
+
+    def abort(self) -> None:
+        super().abort()
+        if not self.in_transaction:
+            return
+        self.in_transaction = False
+        try:
+            self.producer.abort_transaction()
+        except Exception as exc:  # fenced or fatal: a new producer re-initializes (and aborts) the transaction
+            log.warning("abort_transaction failed; recreating the transactional producer", extra={"error": repr(exc)})
+            self._recreate()
+
+    def _recreate(self) -> None:
+        with contextlib.suppress(Exception):  # the old producer is discarded anyway
+            self.producer.close(timeout=5)
+        self.producer = self._make_producer()
+        self.producer.init_transactions()

@@ -1,0 +1,165 @@
+"""Settings of ``rwkv-stream consume``: defaults < TOML file < environment < command-line flags.
+
+Every setting ``name`` is also the environment variable ``RWKV_STREAM_CONSUME_<NAME>`` and the flag ``--<name>``
+(underscores become dashes). Kafka client options (security settings included) go to the ``[client]`` table,
+to ``RWKV_STREAM_CONSUME_CLIENT_<OPTION>`` variables or to ``--client-option option=value``; they are passed to
+kafka-python's consumer, producer and admin client as they are (each gets the options it knows).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+from dataclasses import MISSING, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10
+    import tomli as tomllib  # type: ignore[no-redef]
+
+ENV_PREFIX = "RWKV_STREAM_CONSUME_"
+CLIENT_ENV_PREFIX = "RWKV_STREAM_CONSUME_CLIENT_"
+DELIVERY_MODES = ("at-least-once", "exactly-once")
+ASSIGNORS = ("cooperative-sticky", "range", "roundrobin")
+
+
+@dataclass
+class ConsumerConfig:
+    # Kafka
+    bootstrap_servers: str = "127.0.0.1:9092"
+    group_id: str = "rwkv-stream"
+    input_topic: str = "transcripts"
+    output_topic: str = "transcripts.out"
+    dead_letter_topic: str = "transcripts.dlq"
+    state_topic: str = "transcripts.state"
+    create_topics: bool = True
+    replication_factor: int = -1  # for topics this process creates; -1 = the broker's default
+    delivery: str = "at-least-once"
+    instance_id: str = ""  # stable per replica (pod name); default: host name
+    transactional_id: str = ""  # exactly-once; default <group_id>-<instance_id>
+    transaction_timeout_ms: int = 60000
+    isolation_level: str = "read_committed"
+    assignor: str = "cooperative-sticky"
+    session_timeout_ms: int = 45000
+    heartbeat_interval_ms: int = 3000
+    max_poll_interval_ms: int = 300000
+    client: dict[str, Any] = field(default_factory=dict)
+    # Model
+    bundle: str = "shipped"
+    heads: list[str] = field(default_factory=list)  # empty: all heads of the bundle
+    device: str = "cpu"
+    dtype: str = "float32"
+    torch_threads: int = 0  # 0: torch's default
+    # Processing
+    max_batch_records: int = 512
+    max_poll_records: int = 2048  # per poll; what exceeds a batch waits in memory (see max_buffered_records)
+    max_batch_chars: int = 262144
+    max_streams: int = 4096
+    poll_timeout_ms: int = 50
+    max_buffered_records: int = 5000
+    max_fragment_chars: int = 16384
+    max_generate_tokens: int = 256
+    idle_ttl_s: float = 600.0
+    # Checkpoints and state
+    checkpoint_interval_ms: int = 1000
+    checkpoint_records: int = 2000
+    state_chunk_bytes: int = 512 * 1024
+    state_compress_over: int = 64 * 1024
+    state_cache_bytes: int = 256 << 20
+    restore_timeout_s: float = 120.0
+    # Operations
+    metrics_port: int = 0  # 0: no Prometheus endpoint
+    metrics_addr: str = "0.0.0.0"
+    log_level: str = "INFO"
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        if self.delivery not in DELIVERY_MODES:
+            raise ValueError(f"delivery must be one of {DELIVERY_MODES}, not {self.delivery!r}")
+        if self.assignor not in ASSIGNORS:
+            raise ValueError(f"assignor must be one of {ASSIGNORS}, not {self.assignor!r}")
+        if self.isolation_level not in ("read_committed", "read_uncommitted"):
+            raise ValueError(f"isolation_level must be read_committed or read_uncommitted: {self.isolation_level!r}")
+        topics = [self.input_topic, self.output_topic, self.dead_letter_topic, self.state_topic]
+        if len(set(topics)) != 4:
+            raise ValueError(f"input, output, dead-letter and state topics must differ: {topics}")
+        for name in ("max_batch_records", "max_streams", "max_buffered_records", "max_fragment_chars",
+                     "checkpoint_records", "state_chunk_bytes", "max_generate_tokens"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1")
+        if self.max_batch_records > self.max_streams:
+            self.max_batch_records = self.max_streams
+
+    @property
+    def exactly_once(self) -> bool:
+        return self.delivery == "exactly-once"
+
+    @property
+    def resolved_instance_id(self) -> str:
+        return self.instance_id or socket.gethostname()
+
+    @property
+    def resolved_transactional_id(self) -> str:
+        return self.transactional_id or f"{self.group_id}-{self.resolved_instance_id}"
+
+
+def setting_names() -> list[str]:
+    return [f.name for f in fields(ConsumerConfig) if f.name != "client"]
+
+
+def _field_type(name: str) -> type:
+    default = next(f for f in fields(ConsumerConfig) if f.name == name)
+    value = default.default if default.default is not MISSING else default.default_factory()  # type: ignore[misc]
+    return type(value)
+
+
+def parse_value(name: str, text: str) -> Any:
+    """A setting's value from an environment variable or flag string."""
+    kind = _field_type(name)
+    if kind is bool:
+        lowered = text.strip().lower()
+        if lowered in ("1", "true", "yes", "on"):
+            return True
+        if lowered in ("0", "false", "no", "off"):
+            return False
+        raise ValueError(f"{name}: expected a boolean, got {text!r}")
+    if kind is list:
+        return [s.strip() for s in text.split(",") if s.strip()]
+    return kind(text)
+
+
+def parse_client_value(text: str) -> Any:
+    """Client options from strings: JSON when it parses (numbers, booleans, lists), else the string."""
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
+
+
+def load_config(path: str | Path | None = None, env: dict[str, str] | None = None,
+                overrides: dict[str, Any] | None = None, client_overrides: dict[str, Any] | None = None
+                ) -> ConsumerConfig:
+    env = dict(os.environ) if env is None else env
+    values: dict[str, Any] = {}
+    client: dict[str, Any] = {}
+    if path:
+        data = tomllib.loads(Path(path).read_text())
+        client.update(data.pop("client", {}))
+        unknown = set(data) - set(setting_names())
+        if unknown:
+            raise ValueError(f"{path}: unknown settings {sorted(unknown)}")
+        values.update(data)
+    for name in setting_names():
+        if ENV_PREFIX + name.upper() in env:
+            values[name] = parse_value(name, env[ENV_PREFIX + name.upper()])
+    for key, text in env.items():
+        if key.startswith(CLIENT_ENV_PREFIX):
+            client[key[len(CLIENT_ENV_PREFIX):].lower()] = parse_client_value(text)
+    values.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    client.update(client_overrides or {})
+    return ConsumerConfig(**values, client=client)

@@ -1,0 +1,624 @@
+"""The stream processor's app loop: poll, restore, process in batches, checkpoint, rebalance, stop.
+
+One thread does all the work (the "main" thread): poll, restore, run the engine, checkpoint. kafka-python runs
+the group protocol (heartbeats, joins) on its own I/O thread, and calls the rebalance listener there, from
+inside the main thread's ``poll()``; the listener hands its slow part (the final checkpoint before giving up
+partitions) to a short-lived worker thread and awaits it without blocking the I/O loop, so heartbeats go on.
+The main thread is blocked in ``poll()`` meanwhile, so the worker has the processor to itself.
+
+Per input partition: records are processed in offset order; per stream (key) one fragment at a time; a poll's
+fragments of different streams are stepped through the engine together (one fragment per stream per step).
+Each stream's state carries the input offset it reflects (``applied``): replayed input at or below it is
+skipped, so a replay neither applies a fragment twice nor re-emits its output.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass
+from typing import Any
+
+from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer
+from kafka.consumer.subscription_state import AsyncConsumerRebalanceListener
+from kafka.structs import OffsetAndMetadata, TopicPartition
+
+from rwkv_stream.bundle import Bundle
+from rwkv_stream.state import StateError
+
+from .checkpoint import AtLeastOnce, CheckpointPolicy, CommitFailed, Delivery, ExactlyOnce, MembershipLost, Offsets
+from .config import ConsumerConfig
+from .engine import StepItem, StreamEngine, StreamKey
+from .faults import Faults
+from .metrics import Metrics
+from .schema import BadInput, Fragment, encode_dead_letter, encode_output, parse_input
+from .state_store import SnapshotCodec, StateStore
+
+log = logging.getLogger("rwkv_stream.kafka")
+IDLE_SCAN_S = 1.0
+
+
+@dataclass
+class _Work:
+    partition: int
+    rec: Any  # ConsumerRecord
+    frag: Fragment
+    received: float  # time.time() when polled
+
+
+class _Listener(AsyncConsumerRebalanceListener):
+    """Runs on kafka-python's I/O thread; slow work goes to a worker thread that it awaits."""
+
+    def __init__(self, processor: Processor) -> None:
+        self.p = processor
+
+    async def on_partitions_revoked(self, revoked: set[TopicPartition]) -> None:
+        await self._offload(self.p.on_revoked, revoked)
+
+    async def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
+        self.p.on_assigned(assigned)
+
+    async def on_partitions_lost(self, lost: set[TopicPartition]) -> None:
+        await self._offload(self.p.on_lost, lost)
+
+    async def _offload(self, fn: Any, arg: Any) -> None:
+        error: list[BaseException] = []
+
+        def target() -> None:
+            try:
+                fn(arg)
+            except BaseException as exc:  # reported below, never lost in the thread
+                error.append(exc)
+
+        worker = threading.Thread(target=target, name="rwkv-rebalance", daemon=True)
+        worker.start()
+        sleep = self.p.consumer._net.sleep  # kafka-python 3.0's event loop
+        while worker.is_alive():
+            await sleep(0.005)
+        if error:
+            log.error("rebalance handling failed", exc_info=error[0])
+
+
+class Processor:
+    """``rwkv-stream consume``: see docs/kafka.md."""
+
+    def __init__(self, cfg: ConsumerConfig, *, bundle: Bundle | None = None, metrics: Metrics | None = None,
+                 faults: Faults | None = None) -> None:
+        self.cfg = cfg
+        self.metrics = metrics or Metrics()
+        self.faults = faults or Faults()
+        if cfg.torch_threads:
+            import torch
+
+            torch.set_num_threads(cfg.torch_threads)
+        bundle = bundle or load_bundle(cfg.bundle, cfg.device, cfg.dtype)
+        self.engine = StreamEngine(bundle, cfg.heads or None, cfg.max_streams)
+        self.policy = CheckpointPolicy(cfg.checkpoint_interval_ms, cfg.checkpoint_records)
+        self._stop = threading.Event()
+        self._closing = False
+        self.assigned: set[TopicPartition] = set()
+        self.to_restore: set[TopicPartition] = set()
+        self.queues: dict[TopicPartition, deque[tuple[Any, float]]] = {}
+        self.paused: set[TopicPartition] = set()
+        self.processed: dict[int, int] = {}  # partition -> next offset to commit
+        self.committed: dict[int, int] = {}  # partition -> offset committed by the group
+        self.first_seen: dict[int, int] = {}  # partition without a committed offset -> first offset polled
+        self.dirty: set[StreamKey] = set()
+        self.last_seen: dict[StreamKey, float] = {}
+        self._last_idle_scan = time.monotonic()
+        self.consumer: KafkaConsumer | None = None
+        self.delivery: Delivery | None = None
+        self.store: StateStore | None = None
+        self.started = threading.Event()
+
+    # ================================================================================ lifecycle
+    def stop(self) -> None:
+        """Finish the batch in hand, checkpoint, commit and leave the group (safe from signal handlers)."""
+        self._stop.set()
+
+    def run(self) -> int:
+        self.setup()
+        try:
+            while not self._stop.is_set():
+                self.iteration()
+            self.shutdown()
+        except BaseException:
+            log.exception("processor failed")
+            self._close_clients()
+            raise
+        return 0
+
+    def setup(self) -> None:
+        cfg = self.cfg
+        if cfg.metrics_port:
+            self.metrics.serve(cfg.metrics_port, cfg.metrics_addr)
+        self._ensure_topics()
+        self.consumer = KafkaConsumer(**self._consumer_config())
+        mode = ExactlyOnce if cfg.exactly_once else AtLeastOnce
+        self.delivery = mode(self._make_producer, self.consumer, self.faults)
+        reader = KafkaConsumer(**self._reader_config())
+        codec = SnapshotCodec(cfg.state_chunk_bytes, cfg.state_compress_over)
+        self.store = StateStore(cfg.state_topic, reader, self.engine.fingerprint, codec=codec,
+                                cache_bytes=cfg.state_cache_bytes, restore_timeout_s=cfg.restore_timeout_s)
+        self.consumer.subscribe([cfg.input_topic], listener=_Listener(self))
+        _prime_metadata(self.consumer, cfg.input_topic)
+        log.info("consumer started", extra={"group": cfg.group_id, "input": cfg.input_topic, "delivery": cfg.delivery,
+                                            "instance": cfg.resolved_instance_id,
+                                            "fingerprint": self.engine.fingerprint})
+        self.started.set()
+
+    def shutdown(self) -> None:
+        log.info("stopping: final checkpoint", extra={"buffered": self._buffered()})
+        self.checkpoint()
+        self._closing = True
+        self._close_clients()
+        log.info("stopped")
+
+    def _close_clients(self) -> None:
+        self._closing = True
+        for close in (lambda: self.consumer.close(autocommit=False), lambda: self.delivery.close(),
+                      lambda: self.store.reader.close(autocommit=False)):
+            try:
+                close()
+            except Exception as exc:  # closing after a failure: report, go on
+                log.warning("close failed", extra={"error": repr(exc)})
+
+    # ================================================================================ the loop
+    def iteration(self) -> None:
+        timeout = 0 if self._ready_records() else self.cfg.poll_timeout_ms
+        polled = self.consumer.poll(timeout_ms=timeout, max_records=self.cfg.max_poll_records)
+        if self.to_restore:
+            self.restore()
+        self._enqueue(polled)
+        self._backpressure()
+        batch = self._take_batch()
+        if batch:
+            self.process(batch)
+        self._evict_idle()
+        if self.policy.due() or (self.policy.pending == 0 and self.store.has_pending()):
+            self.checkpoint()
+
+    def _enqueue(self, polled: dict[TopicPartition, list[Any]]) -> None:
+        now = time.time()
+        for tp, records in polled.items():
+            if tp in self.assigned or tp in self.to_restore:
+                self.queues.setdefault(tp, deque()).extend((r, now) for r in records)
+                if records and tp.partition not in self.committed:
+                    self.first_seen.setdefault(tp.partition, records[0].offset)
+        self.metrics.buffered.set(self._buffered())
+
+    def _buffered(self) -> int:
+        return sum(len(q) for q in self.queues.values())
+
+    def _ready_records(self) -> bool:
+        return any(q for tp, q in self.queues.items() if tp in self.assigned)
+
+    def _backpressure(self) -> None:
+        """Pause fetching while too many records wait; resume below half. Polling goes on regardless, so
+        the group membership and rebalances never wait for the backlog."""
+        total = self._buffered()
+        high = self.cfg.max_buffered_records
+        if total >= high:
+            more = {tp for tp, q in self.queues.items() if q and tp in self.assigned} - self.paused
+            if more:
+                self.consumer.pause(*more)
+                self.paused |= more
+                log.info("backpressure: paused", extra={"partitions": sorted(tp.partition for tp in more),
+                                                        "buffered": total})
+        elif self.paused and total <= high // 2:
+            resume = {tp for tp in self.paused if tp in self.assigned}
+            self.consumer.resume(*resume)
+            self.paused.clear()
+            log.info("backpressure: resumed", extra={"partitions": sorted(tp.partition for tp in resume),
+                                                     "buffered": total})
+        self.metrics.paused.set(len(self.paused))
+
+    def _take_batch(self) -> list[tuple[TopicPartition, Any, float]]:
+        """Up to ``max_batch_records`` records (and ``max_batch_chars`` value bytes), round-robin over the
+        restored partitions, each partition's records in offset order."""
+        batch: list[tuple[TopicPartition, Any, float]] = []
+        size = 0
+        queues = [(tp, q) for tp, q in self.queues.items() if q and tp in self.assigned]
+        while queues and len(batch) < self.cfg.max_batch_records and size < self.cfg.max_batch_chars:
+            for tp, q in list(queues):
+                if not q:
+                    queues.remove((tp, q))
+                    continue
+                rec, received = q.popleft()
+                batch.append((tp, rec, received))
+                size += len(rec.value or b"")
+                if len(batch) >= self.cfg.max_batch_records:
+                    break
+        return batch
+
+    # ================================================================================ processing
+    def process(self, batch: list[tuple[TopicPartition, Any, float]]) -> None:
+        work: list[_Work] = []
+        for tp, rec, received in batch:
+            self.processed[tp.partition] = rec.offset + 1
+            try:
+                frag = parse_input(rec.key, rec.value, max_fragment_chars=self.cfg.max_fragment_chars,
+                                   max_generate_tokens=self.cfg.max_generate_tokens)
+            except BadInput as exc:
+                self._dead_letter(tp, rec, exc)
+                continue
+            work.append(_Work(tp.partition, rec, frag, received))
+        self.policy.note(len(batch))
+        per_key: dict[StreamKey, deque[_Work]] = {}
+        for w in work:
+            per_key.setdefault((w.partition, w.frag.stream), deque()).append(w)
+        self._make_live(list(per_key))
+        sent = 0
+        while per_key:
+            items, works = self._next_round(per_key)
+            if items:
+                sent = self._step(items, works, sent, len(work))
+        self.metrics.live_streams.set(len(self.engine))
+        self.metrics.state_bytes.set(self.engine.state_bytes())
+
+    def _next_round(self, per_key: dict[StreamKey, deque[_Work]]) -> tuple[list[StepItem], list[_Work]]:
+        """The next fragment of every stream with work left (skipping input its state already covers)."""
+        items, works = [], []
+        for key in list(per_key):
+            w = per_key[key].popleft()
+            if not per_key[key]:
+                del per_key[key]
+            if w.rec.offset <= self.engine.ctx(key).applied:
+                self.metrics.records.labels("skipped").inc()
+                continue
+            items.append(StepItem(key, w.frag.text, w.frag.end))
+            works.append(w)
+        return items, works
+
+    def _step(self, items: list[StepItem], works: list[_Work], sent: int, total: int) -> int:
+        results = self.engine.step(items)
+        now_mono = time.monotonic()
+        for item, w, res in zip(items, works, results, strict=True):
+            ctx = self.engine.ctx(item.key)
+            generated = self.engine.generate(item.key, w.frag.generate, w.rec.offset) if w.frag.generate else None
+            ctx.applied = w.rec.offset
+            now = time.time()
+            value = encode_output(stream=w.frag.stream, partition=w.partition, offset=w.rec.offset,
+                                  tokens=res.tokens, cats=res.cats, generated=generated, end=w.frag.end,
+                                  held_back=res.held_back, fingerprint=self.engine.fingerprint,
+                                  latency_ms=(now - w.received) * 1000)
+            self.delivery.send(self.cfg.output_topic, w.rec.key, value)
+            self._observe(w, res.n_tokens, now)
+            self.last_seen[item.key] = now_mono
+            if item.end:
+                self._end_stream(item.key, w.rec.offset)
+            else:
+                self.dirty.add(item.key)
+            sent += 1
+            if sent == max(1, total // 2):
+                self.faults.point("batch_mid")
+        return sent
+
+    def _observe(self, w: _Work, n_tokens: int, now: float) -> None:
+        self.metrics.records.labels("processed").inc()
+        self.metrics.tokens.inc(n_tokens)
+        produced_ms = w.frag.ts_ms if w.frag.ts_ms is not None else w.rec.timestamp
+        if produced_ms:
+            self.metrics.fragment_latency.observe(max(0.0, now - produced_ms / 1000))
+        self.metrics.processing_latency.observe(max(0.0, now - w.received))
+
+    def _end_stream(self, key: StreamKey, offset: int) -> None:
+        self.engine.drop(key)
+        self.dirty.discard(key)
+        self.last_seen.pop(key, None)
+        self.store.stage_ended(key[0], key[1], offset)
+
+    def _dead_letter(self, tp: TopicPartition, rec: Any, exc: BadInput) -> None:
+        value = encode_dead_letter(reason=exc.reason, detail=exc.detail, topic=tp.topic, partition=tp.partition,
+                                   offset=rec.offset, key=rec.key, value=rec.value, timestamp_ms=rec.timestamp)
+        self.delivery.send(self.cfg.dead_letter_topic, rec.key, value)
+        self.metrics.dead_letters.labels(exc.reason).inc()
+        self.metrics.records.labels("dead_letter").inc()
+        log.warning("dead letter", extra={"reason": exc.reason, "detail": exc.detail, "partition": tp.partition,
+                                          "offset": rec.offset})
+
+    # ================================================================================ live streams
+    def _make_live(self, keys: list[StreamKey]) -> None:
+        """Bring the streams of a batch into memory: evict others if needed, then restore or open."""
+        missing = [k for k in keys if k not in self.engine]
+        for victim in self.engine.lru_victims(len(missing), set(keys)):
+            self._evict(victim, "lru")
+        for key in missing:
+            self._load(key)
+
+    def _load(self, key: StreamKey) -> None:
+        entry = self.store.entry(*key)
+        if entry is None:
+            self.engine.open(key)
+            return
+        if entry.ended:
+            self.engine.open(key, applied=entry.applied)
+            return
+        data = self.store.load_bytes(*key)
+        try:
+            self.engine.load(key, data)
+        except (StateError, ValueError) as exc:
+            log.error("cannot restore a stream's state; starting it afresh", extra={"stream": key[1],
+                      "partition": key[0], "error": str(exc)})
+            self.engine.open(key, applied=entry.applied)
+
+    def _evict(self, key: StreamKey, reason: str) -> None:
+        if key in self.dirty:
+            self.store.stage_state(key[0], key[1], self.engine.ctx(key).applied, self.engine.snapshot(key))
+            self.dirty.discard(key)
+        self.engine.drop(key)
+        self.last_seen.pop(key, None)
+        self.metrics.evictions.labels(reason).inc()
+
+    def _evict_idle(self) -> None:
+        now = time.monotonic()
+        if now - self._last_idle_scan < IDLE_SCAN_S:
+            return
+        self._last_idle_scan = now
+        idle = [k for k in self.engine.live_keys() if now - self.last_seen.get(k, now) > self.cfg.idle_ttl_s]
+        for key in idle:
+            self._evict(key, "idle")
+        if idle:
+            log.info("evicted idle streams", extra={"streams": len(idle)})
+            self.metrics.live_streams.set(len(self.engine))
+
+    # ================================================================================ checkpoints
+    def checkpoint(self) -> bool:
+        """Make everything processed so far durable and commit the offsets (see checkpoint.py)."""
+        if not (self.processed or self.dirty or self.store.has_pending()):
+            self.policy.done()
+            return True
+        t0 = time.monotonic()
+        offsets = self._offsets()
+        try:
+            self.delivery.checkpoint(self._write_state, offsets, self._known_offsets())
+        except (MembershipLost, CommitFailed) as exc:  # at-least-once: nothing to undo
+            return self._checkpoint_failed(exc, rollback=self.delivery.exactly_once)
+        except Exception as exc:  # undelivered records, exactly-once aborts, fenced producers
+            return self._checkpoint_failed(exc, rollback=True)
+        for tp, om in offsets.items():
+            self.committed[tp.partition] = om.offset
+        self.processed.clear()
+        n = self.store.stage_tombstones(self.committed)
+        self.policy.done()
+        self.metrics.checkpoints.labels("ok").inc()
+        self.metrics.checkpoint_seconds.observe(time.monotonic() - t0)
+        self.metrics.cached_state_bytes.set(self.store.stored_bytes())
+        log.debug("checkpoint", extra={"offsets": {tp.partition: om.offset for tp, om in offsets.items()},
+                                       "tombstones": n, "seconds": round(time.monotonic() - t0, 4)})
+        return True
+
+    def _write_state(self, producer: KafkaProducer) -> None:
+        for key in sorted(self.dirty):
+            self.store.stage_state(key[0], key[1], self.engine.ctx(key).applied, self.engine.snapshot(key))
+            self.metrics.snapshots.inc()
+        self.dirty.clear()
+        self.store.write(producer)
+
+    def _offsets(self) -> Offsets:
+        topic = self.cfg.input_topic
+        return {TopicPartition(topic, p): OffsetAndMetadata(off, f"s={self.store.state_end.get(p, 0)}", -1)
+                for p, off in self.processed.items()}
+
+    def _known_offsets(self) -> Offsets:
+        topic = self.cfg.input_topic
+        return {TopicPartition(topic, p): OffsetAndMetadata(off, f"s={self.store.state_end.get(p, 0)}", -1)
+                for p, off in self.committed.items() if TopicPartition(topic, p) in self.assigned}
+
+    def _checkpoint_failed(self, exc: BaseException, rollback: bool) -> bool:
+        self.metrics.checkpoints.labels("failed").inc()
+        self.metrics.commit_failures.inc()
+        log.warning("checkpoint failed", extra={"error": repr(exc), "rollback": rollback})
+        if rollback:
+            self.delivery.abort()
+            self.rollback()
+        self.policy.done()
+        return False
+
+    def rollback(self) -> None:
+        """Forget everything since the last committed offsets and states: drop the streams and the buffered
+        records, seek back, and restore the partitions again (exactly-once abort, undeliverable records)."""
+        tps = set(self.assigned) | set(self.to_restore)
+        seek = {tp: self.committed.get(tp.partition, self.first_seen.get(tp.partition)) for tp in tps}
+        self._drop_partitions(tps)
+        for tp, offset in seek.items():
+            if offset is not None:
+                self.consumer.seek(tp, offset)
+        self.to_restore |= tps
+        log.warning("rolled back to the last checkpoint", extra={"partitions": sorted(tp.partition for tp in tps)})
+
+    # ================================================================================ rebalances
+    def on_assigned(self, assigned: set[TopicPartition]) -> None:
+        """I/O thread, inside poll(): just remember; the main thread restores after poll() returns."""
+        self.to_restore |= set(assigned)
+        self.metrics.rebalances.labels("assigned").inc()
+        log.info("partitions assigned", extra={"partitions": sorted(tp.partition for tp in assigned)})
+
+    def on_revoked(self, revoked: set[TopicPartition]) -> None:
+        """Worker thread, while poll() is blocked: final checkpoint, then drop the partitions' streams."""
+        self.metrics.rebalances.labels("revoked").inc()
+        log.info("partitions revoked", extra={"partitions": sorted(tp.partition for tp in revoked)})
+        if not self._closing:
+            self.checkpoint()
+        self._drop_partitions(set(revoked))
+
+    def on_lost(self, lost: set[TopicPartition]) -> None:
+        """Worker thread: the group moved on without us; nothing may be written for these partitions."""
+        self.metrics.rebalances.labels("lost").inc()
+        log.warning("partitions lost", extra={"partitions": sorted(tp.partition for tp in lost)})
+        self.delivery.abort()
+        if self.delivery.exactly_once:  # the aborted transaction covered every partition
+            self.rollback()
+        self._drop_partitions(set(lost))
+        self.to_restore -= set(lost)
+
+    def _drop_partitions(self, tps: set[TopicPartition]) -> None:
+        parts = {tp.partition for tp in tps}
+        for key in [k for k in self.engine.live_keys() if k[0] in parts]:
+            self.engine.drop(key)
+            self.last_seen.pop(key, None)
+        self.dirty = {k for k in self.dirty if k[0] not in parts}
+        for tp in tps:
+            self.queues.pop(tp, None)
+            self.processed.pop(tp.partition, None)
+            self.first_seen.pop(tp.partition, None)
+            self.paused.discard(tp)
+        self.assigned -= tps
+        self.to_restore -= tps
+        self.store.forget(sorted(parts))
+        if self.paused:
+            self.consumer.resume(*(tps & self.paused))
+        self.metrics.live_streams.set(len(self.engine))
+
+    def restore(self) -> None:
+        """Main thread: rebuild the state index of newly assigned partitions before processing them."""
+        tps = sorted(self.to_restore)
+        targets: dict[int, int] = {}
+        for tp in tps:
+            committed = self.consumer.committed(tp, metadata=True)
+            targets[tp.partition] = _state_target(committed)
+            if committed is not None:
+                self.committed[tp.partition] = committed.offset
+            else:
+                self.committed.pop(tp.partition, None)
+        stats = self.store.restore(targets)
+        self.to_restore -= set(tps)
+        self.assigned |= set(tps)
+        self.metrics.restores.inc(stats["streams"])
+        self.metrics.known_streams.set(sum(len(self.store.index.get(p, {})) for p in targets))
+        self.faults.point("after_restore")
+        log.info("state restored", extra={"partitions": [tp.partition for tp in tps], **stats,
+                                          "from_offsets": {tp.partition: self.committed.get(tp.partition)
+                                                           for tp in tps}})
+
+    # ================================================================================ Kafka clients
+    def _client_options(self, allowed: dict[str, Any]) -> dict[str, Any]:
+        return {k: v for k, v in self.cfg.client.items() if k in allowed}
+
+    def _consumer_config(self) -> dict[str, Any]:
+        from kafka.coordinator.assignors.cooperative_sticky import CooperativeStickyAssignor
+        from kafka.coordinator.assignors.range import RangePartitionAssignor
+        from kafka.coordinator.assignors.roundrobin import RoundRobinPartitionAssignor
+
+        assignor = {"cooperative-sticky": CooperativeStickyAssignor, "range": RangePartitionAssignor,
+                    "roundrobin": RoundRobinPartitionAssignor}[self.cfg.assignor]
+        cfg = self.cfg
+        return {
+            "bootstrap_servers": cfg.bootstrap_servers,
+            "group_id": cfg.group_id,
+            "client_id": f"rwkv-stream-{cfg.resolved_instance_id}",
+            "enable_auto_commit": False,
+            "auto_offset_reset": "earliest",
+            "isolation_level": cfg.isolation_level,
+            "max_poll_records": cfg.max_poll_records,
+            "session_timeout_ms": cfg.session_timeout_ms,
+            "heartbeat_interval_ms": cfg.heartbeat_interval_ms,
+            "max_poll_interval_ms": cfg.max_poll_interval_ms,
+            "partition_assignment_strategy": (assignor,),
+            **self._client_options(KafkaConsumer.DEFAULT_CONFIG),
+        }
+
+    def _reader_config(self) -> dict[str, Any]:
+        cfg = self.cfg
+        return {
+            "bootstrap_servers": cfg.bootstrap_servers,
+            "group_id": None,
+            "client_id": f"rwkv-stream-{cfg.resolved_instance_id}-state",
+            "enable_auto_commit": False,
+            "isolation_level": "read_committed" if cfg.exactly_once else "read_uncommitted",
+            "max_partition_fetch_bytes": max(1 << 20, 2 * cfg.state_chunk_bytes),
+            "fetch_max_wait_ms": 100,
+            **{k: v for k, v in self._client_options(KafkaConsumer.DEFAULT_CONFIG).items()
+               if k not in ("group_id", "isolation_level", "auto_offset_reset")},
+        }
+
+    def _make_producer(self) -> KafkaProducer:
+        cfg = self.cfg
+        options: dict[str, Any] = {
+            "bootstrap_servers": cfg.bootstrap_servers,
+            "client_id": f"rwkv-stream-{cfg.resolved_instance_id}-out",
+            "acks": "all",
+            "linger_ms": 1,
+            "enable_idempotence": True,
+            "max_request_size": max(1 << 20, cfg.state_chunk_bytes + (64 << 10)),
+            **self._client_options(KafkaProducer.DEFAULT_CONFIG),
+        }
+        if cfg.exactly_once:
+            options["transactional_id"] = cfg.resolved_transactional_id
+            options["transaction_timeout_ms"] = cfg.transaction_timeout_ms
+        return KafkaProducer(**options)
+
+    def _ensure_topics(self) -> None:
+        cfg = self.cfg
+        admin = KafkaAdminClient(bootstrap_servers=cfg.bootstrap_servers,
+                                 client_id=f"rwkv-stream-{cfg.resolved_instance_id}-admin",
+                                 **self._client_options(KafkaAdminClient.DEFAULT_CONFIG))
+        try:
+            partitions = _partition_count(admin, cfg.input_topic)
+            if partitions is None:
+                raise RuntimeError(f"input topic {cfg.input_topic!r} does not exist")
+            wanted = {cfg.output_topic: {}, cfg.dead_letter_topic: {},
+                      cfg.state_topic: {"cleanup.policy": "compact", "min.cleanable.dirty.ratio": "0.1",
+                                        "segment.ms": "600000"}}
+            for topic, configs in wanted.items():
+                have = _partition_count(admin, topic)
+                if have is None and cfg.create_topics:
+                    _create_topic(admin, topic, partitions, cfg.replication_factor, configs)
+                elif have is None:
+                    raise RuntimeError(f"topic {topic!r} does not exist (and create_topics is off)")
+                elif topic == cfg.state_topic and have < partitions:
+                    raise RuntimeError(f"state topic {topic!r} has {have} partitions, input has {partitions}")
+        finally:
+            admin.close()
+
+
+def load_bundle(source: str, device: str = "cpu", dtype: str = "float32") -> Bundle:
+    from rwkv_stream.generate import SHIPPED, shipped_model_dir
+
+    path = shipped_model_dir() if source == SHIPPED else source
+    return Bundle.load(path, device=device, dtype=dtype)
+
+
+def _state_target(committed: OffsetAndMetadata | None) -> int:
+    """The state-topic end offset recorded with the last offset commit ("s=<offset>")."""
+    if committed is None or not committed.metadata:
+        return 0
+    for part in committed.metadata.split(";"):
+        if part.startswith("s="):
+            return int(part[2:])
+    return 0
+
+
+def _partition_count(admin: KafkaAdminClient, topic: str) -> int | None:
+    from kafka.errors import UnknownTopicOrPartitionError
+
+    try:
+        meta = admin.describe_topics([topic])
+    except UnknownTopicOrPartitionError:
+        return None
+    if not meta or meta[0].get("error_code", 0) != 0:
+        return None
+    return len(meta[0]["partitions"])
+
+
+def _create_topic(admin: KafkaAdminClient, topic: str, partitions: int, replication: int,
+                  configs: dict[str, str]) -> None:
+    from kafka.errors import TopicAlreadyExistsError
+
+    try:
+        admin.create_topics({topic: {"num_partitions": partitions, "replication_factor": replication,
+                                     "configs": configs}})
+        log.info("created topic", extra={"topic": topic, "partitions": partitions})
+    except TopicAlreadyExistsError:
+        pass
+    admin.wait_for_topics([topic], timeout_ms=30000)
+
+
+def _prime_metadata(consumer: KafkaConsumer, topic: str, timeout_s: float = 10.0) -> None:
+    """Load the input topic's metadata before the first poll (a kafka-python 3.0.12 race otherwise can leave
+    the first group leader with an empty assignment; see tests/kafka_broker.py)."""
+    deadline = time.monotonic() + timeout_s
+    while not consumer.partitions_for_topic(topic) and time.monotonic() < deadline:
+        time.sleep(0.05)

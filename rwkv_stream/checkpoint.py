@@ -53,7 +53,7 @@ def read_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
 
 def _torch_load(path: Path) -> dict[str, torch.Tensor]:
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        obj = _load_weights_only(path)
     except Exception as exc:  # torch raises several types for corrupt/unsafe pickles
         raise CheckpointError(f"cannot read {path} as a torch checkpoint (weights_only=True): {exc}") from exc
     if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
@@ -61,6 +61,15 @@ def _torch_load(path: Path) -> dict[str, torch.Tensor]:
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise CheckpointError(f"{path} does not hold a flat dict of tensors")
     return dict(obj)
+
+
+def _load_weights_only(path: Path) -> object:
+    try:  # memory-mapped: a large checkpoint is not read twice into RAM
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except RuntimeError as exc:
+        if "mmap" not in str(exc):
+            raise
+        return torch.load(path, map_location="cpu", weights_only=True)  # legacy (pre-zip) format
 
 
 def _read_safetensors(files: Iterable[Path]) -> dict[str, torch.Tensor]:

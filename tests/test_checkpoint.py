@@ -68,3 +68,9 @@ def test_empty_hf_dir(tmp_path):
 def test_bad_dtype_is_named(tiny_pth):
     with pytest.raises(ValueError, match="unsupported weight dtype 'int4'"):
         load(tiny_pth, dtype="int4")
+
+
+def test_legacy_non_zip_pth_loads(tmp_path, tiny_tensors, tiny_pth):
+    legacy = {k: (v.reshape(1, 1, -1) if ".time_mix_" in k else v) for k, v in tiny_tensors.items()}
+    torch.save(legacy, tmp_path / "legacy.pth", _use_new_zipfile_serialization=False)
+    assert load(tmp_path / "legacy.pth").fingerprint == load(tiny_pth).fingerprint

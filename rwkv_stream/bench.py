@@ -2,7 +2,8 @@
 
 Prints one JSON object. Measures ms per token at batch 1 (one token per step, with state), tokens/s with 16
 streams stepping one token each, fragment throughput (16 streams x 8 tokens per step), and a long stream
-through a small model to show the cost per token and the memory stay flat.
+through a small model to show the cost per token and the memory stay flat. ``*_hidden_only`` skips the LM
+head (what tagging and classification heads need).
 """
 
 from __future__ import annotations
@@ -85,7 +86,7 @@ def timed(fn: Callable[[int], None], steps: int, warmup: int = 3) -> list[float]
 def summarize(times: list[float], tokens_per_step: int) -> dict:
     med = statistics.median(times)
     return {"ms_per_step_p50": round(med * 1e3, 3), "ms_per_step_p99": round(percentile(times, 99) * 1e3, 3),
-            "tokens_per_s": round(tokens_per_step / med, 1)}
+            "ms_per_step_min": round(min(times) * 1e3, 3), "tokens_per_s": round(tokens_per_step / med, 1)}
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -105,8 +106,11 @@ def bench_engine(model: Model, args: argparse.Namespace) -> dict:
     batch = timed(lambda i: model.step(pool, slots, [[(i + s) % vocab] for s in range(args.streams)]), args.steps)
     frag = timed(lambda i: model.step(pool, slots, [[(i + s + j) % vocab for j in range(args.fragment)]
                                                     for s in range(args.streams)]), max(5, args.steps // 3))
+    hidden = timed(lambda i: model.step(pool, slots, [[(i + s) % vocab] for s in range(args.streams)],
+                                        logits="none"), args.steps)
     return {"batch1": summarize(timed(one, args.steps), 1),
             f"streams{args.streams}": summarize(batch, args.streams),
+            f"streams{args.streams}_hidden_only": summarize(hidden, args.streams),
             f"streams{args.streams}_fragments{args.fragment}": summarize(frag, args.streams * args.fragment)}
 
 

@@ -2,7 +2,9 @@
 
 Input: a TSV of ``book<TAB>line`` rows, as dumped by ``scripts/make_corpus.sh`` from the Debian package
 ``r-cran-janeaustenr`` (MIT-licensed package; the novels themselves are in the public domain).
-Output: one paragraph per line in ``train.txt``, ``valid.txt`` and ``test.txt``. Paragraphs are grouped
+Output: one paragraph per line in ``train.txt``, ``valid.txt`` and ``test.txt``, and the title of the
+novel each paragraph comes from, line by line, in ``train.books.txt``, ``valid.books.txt``, ``test.books.txt``
+(the labels of the shipped model's classification head). Paragraphs are grouped
 into runs of consecutive paragraphs of one book, and each run goes to one split by a seeded draw, so the
 held-out text is contiguous prose the training split never saw.
 """
@@ -65,14 +67,14 @@ def clean(text: str) -> str:
     return text
 
 
-def split_runs(books: dict[str, list[str]], seed: int = SEED) -> dict[str, list[str]]:
-    """Assign runs of consecutive paragraphs to splits with a seeded draw."""
+def split_runs(books: dict[str, list[str]], seed: int = SEED) -> dict[str, list[tuple[str, str]]]:
+    """Assign runs of consecutive paragraphs to splits with a seeded draw: (paragraph, book) pairs."""
     rng = random.Random(seed)
-    out: dict[str, list[str]] = {name: [] for name, _ in SPLITS}
+    out: dict[str, list[tuple[str, str]]] = {name: [] for name, _ in SPLITS}
     for book in sorted(books):
         paras = paragraphs(books[book])
         for start in range(0, len(paras), RUN_LENGTH):
-            out[_draw(rng)].extend(paras[start : start + RUN_LENGTH])
+            out[_draw(rng)].extend((p, book) for p in paras[start : start + RUN_LENGTH])
     return out
 
 
@@ -94,8 +96,10 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     splits = split_runs(read_books(args.raw_tsv), args.seed)
     args.out_dir.mkdir(parents=True, exist_ok=True)
-    for name, paras in splits.items():
+    for name, pairs in splits.items():
+        paras = [p for p, _ in pairs]
         (args.out_dir / f"{name}.txt").write_text("\n".join(paras) + "\n", encoding="utf-8")
+        (args.out_dir / f"{name}.books.txt").write_text("\n".join(b for _, b in pairs) + "\n", encoding="utf-8")
         size = sum(len(p) + 1 for p in paras)
         print(f"{name}: {len(paras)} paragraphs, {size} chars", file=sys.stderr)
     return 0

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -245,3 +246,160 @@ def test_engine_loads_checkpoint_and_matches_one_token_mode(tmp_path) -> None:
     _close(torch.stack(hidden_rows), expected_hidden[0])
     whole, _ = loaded.forward(tokens[0].tolist())
     _close(whole, expected)
+
+
+# ---------------------------------------------------------------------------------------------- the task
+
+
+def test_transcript_labels_and_restore() -> None:
+    from rwkv_stream.train import transcript
+
+    words, end = transcript.parse('"Well, Mr. Knightley -- is it NOT so?" said Emma; "I\u2019m sure."')
+    assert [w.text for w in words] == ["well", "mr", "knightley", "is", "it", "not", "so", "said", "emma",
+                                       "i'm", "sure"]
+    assert [w.label for w in words] == ["O-Cap", "COMMA-Cap", "O-Cap", "COMMA-lower", "O-lower", "O-UPPER",
+                                        "O-lower", "QUESTION-lower", "O-Cap", "COMMA-Cap", "O-lower"]
+    assert end == "PERIOD"
+    restored = transcript.restore([w.text for w in words], [w.label for w in words], "PERIOD-lower")
+    assert restored == "Well, Mr Knightley, is it NOT so? said Emma, I'm sure."
+    assert transcript.normalize("Twenty-one years!  Who?") == "twenty one years who"
+    assert len(transcript.LABELS) == 12
+
+
+CORPUS = [
+    "It is a truth universally acknowledged, that a single man in possession of a good fortune, must be in want "
+    "of a wife.",
+    "However little known the feelings or views of such a man may be on his first entering a neighbourhood, this "
+    "truth is so well fixed in the minds of the surrounding families.",
+    '"My dear Mr. Bennet," said his lady to him one day, "have you heard that Netherfield Park is let at last?"',
+    "Mr. Bennet replied that he had not. Emma Woodhouse, handsome, clever, and rich, seemed to unite some of the "
+    "best blessings of existence.",
+]
+
+
+def _write_corpus(folder) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "train.txt").write_text("\n".join(CORPUS * 3) + "\n")
+    (folder / "train.books.txt").write_text("\n".join((["Pride", "Pride", "Pride", "Emma"]) * 3) + "\n")
+    (folder / "test.txt").write_text("\n".join(CORPUS) + "\n")
+    (folder / "test.books.txt").write_text("Pride\nPride\nPride\nEmma\n")
+
+
+def test_transcript_document_labels_first_tokens_and_end_marker(tmp_path) -> None:
+    from rwkv_stream.tokenizer import load_tokenizer
+    from rwkv_stream.train import data, transcript
+
+    path = data.train_tokenizer([transcript.normalize(t) for t in CORPUS], 300, tmp_path / "tokenizer.json")
+    tok = load_tokenizer(path)
+    enc = data.WordEncoder(tok)
+    doc = data.transcript_document(CORPUS[2:4], enc, cat=1, end_marks=[True, False])
+    text = " ".join(transcript.normalize(p) for p in CORPUS[2:4])
+    assert tok.decode(doc.ids) == " " + text.replace("last mr", "last\n mr") + "\n"
+    assert doc.ids == tok.encode(tok.decode(doc.ids))  # word-by-word encoding equals whole-text encoding
+    pairs = zip(doc.ids, doc.tags, strict=True)
+    labelled = [(tok.decode([i]), transcript.LABELS[t]) for i, t in pairs if t != data.IGNORE]
+    words = text.split()
+    assert len(labelled) == len(words) + 2  # every word plus two end markers
+    assert labelled[0][1] == "O-Cap" and " my".startswith(labelled[0][0])
+    assert ("\n", "QUESTION-lower") in labelled and labelled[-1] == ("\n", "PERIOD-lower")
+    after_marker = labelled[labelled.index(("\n", "QUESTION-lower")) + 1]
+    assert after_marker[1] == "O-Cap" and " mr".startswith(after_marker[0])
+    assert doc.cats == [1] * len(doc.ids)
+
+
+def test_prf_and_micro_f1() -> None:
+    from rwkv_stream.train.evaluate import micro_f1, prf
+
+    gold, pred = ["O", "COMMA", "PERIOD", "O"], ["O", "PERIOD", "PERIOD", "COMMA"]
+    report = prf(gold, pred, ["O", "COMMA", "PERIOD"])
+    assert report["PERIOD"] == {"precision": 0.5, "recall": 1.0, "f1": 0.6667, "support": 1}
+    assert report["COMMA"]["f1"] == 0.0
+    assert micro_f1(gold, pred, ("COMMA", "PERIOD")) == round(2 * 1 / (3 + 2), 4)
+
+
+# ---------------------------------------------------------------------------------------------- the command
+
+TINY_FLAGS = ["--n-embd", "16", "--n-layer", "2", "--vocab-size", "300", "--batch-size", "2", "--ctx", "32",
+              "--warmup", "1", "--checkpoint-every", "2", "--device", "cpu"]
+
+
+def _train(*argv: str) -> int:
+    from rwkv_stream.cli import main
+
+    return main(["train", *argv])
+
+
+def test_train_transcript_resumes_and_writes_a_bundle(tmp_path) -> None:
+    from rwkv_stream.bundle import Bundle
+    from rwkv_stream.model import load
+
+    corpus, out = tmp_path / "corpus", tmp_path / "run"
+    _write_corpus(corpus)
+    common = ["--task", "transcript", "--corpus", str(corpus), "--group", "2", "--out", str(out), *TINY_FLAGS]
+    assert _train(*common, "--steps", "2") == 0
+    first = (out / "tokenizer.json").read_bytes()
+    assert _train(*common, "--steps", "4", "--resume", "--bundle", str(tmp_path / "bundle"),
+                  "--model-version", "9.9") == 0
+    log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == [2, 4]  # one checkpoint per run: resumed at step 2, not from scratch
+    assert (out / "tokenizer.json").read_bytes() == first
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert {"tagger", "baseline_majority", "baseline_rule", "classifier", "lm"} <= set(metrics)
+    assert metrics["classifier"]["n_streams"] == 2
+    engine = load(out / "model.pth")
+    b = Bundle.load(tmp_path / "bundle")
+    assert b.manifest["model_version"] == "9.9" and b.manifest["info"]["lm"] == metrics["lm"]
+    assert sorted(b.heads.heads) == ["classifier", "tagger"]
+    assert b.heads.model_fingerprint == b.model.fingerprint
+    ids = b.tokenizer.encode(" it is a truth")
+    torch.testing.assert_close(b.model.forward(ids)[0], engine.forward(ids)[0], rtol=1e-4, atol=1e-4)
+
+
+def test_train_records_jsonl_heads_on_frozen_model(tmp_path) -> None:
+    corpus, out = tmp_path / "corpus", tmp_path / "lm"
+    _write_corpus(corpus)
+    assert _train("--task", "transcript", "--corpus", str(corpus), "--out", str(out), "--steps", "1",
+                  *TINY_FLAGS) == 0
+    records = [{"text": t, "tags": [[0, 2, "X"]], "cats": {"pos": float(i % 2), "neg": float(1 - i % 2)}}
+               for i, t in enumerate(CORPUS)]
+    jsonl = tmp_path / "data.jsonl"
+    jsonl.write_text("\n".join(json.dumps(r) for r in records) + "\n")
+    heads_out = tmp_path / "heads"
+    assert _train("--task", "records", "--train", str(jsonl), "--eval", str(jsonl), "--init", str(out / "model.pth"),
+                  "--tokenizer", str(out / "tokenizer.json"), "--freeze-model", "--out", str(heads_out),
+                  "--steps", "3", *TINY_FLAGS) == 0
+    before = torch.load(out / "model.pth", weights_only=True)
+    after = torch.load(heads_out / "model.pth", weights_only=True)
+    for key, value in before.items():  # frozen: unchanged up to the fp16 rounding of the export
+        torch.testing.assert_close(after[key], value.half().float() if value.dim() == 2 else value)
+    spec = json.loads((heads_out / "heads" / "heads.json").read_text())["heads"]
+    assert spec["tagger"]["labels"] == ["O", "X"] and spec["classifier"]["labels"] == ["neg", "pos"]
+    metrics = json.loads((heads_out / "metrics.json").read_text())
+    assert "accuracy" in metrics["tagger"] and metrics["classifier"]["n_streams"] == len(CORPUS)
+
+
+def test_docbin_records_are_read_through_a_lazy_import(tmp_path) -> None:
+    spacy = pytest.importorskip("spacy")
+    from spacy.tokens import DocBin
+
+    from rwkv_stream.train.data import read_records
+
+    nlp = spacy.blank("en")
+    doc = nlp("Emma lives in Highbury.")
+    doc.ents = [doc.char_span(0, 4, "PER"), doc.char_span(14, 22, "LOC")]
+    doc.cats = {"a": 1.0, "b": 0.0}
+    db = DocBin()
+    db.add(doc)
+    db.to_disk(tmp_path / "x.spacy")
+    records = read_records(tmp_path / "x.spacy")
+    assert records == [{"text": "Emma lives in Highbury.", "tags": [[0, 4, "PER"], [14, 22, "LOC"]],
+                        "cats": {"a": 1.0, "b": 0.0}}]
+
+
+def test_training_code_does_not_import_spacy() -> None:
+    import subprocess
+    import sys
+
+    code = ("import sys, rwkv_stream.cli, rwkv_stream.train.cli, rwkv_stream.train.data, rwkv_stream.train.evaluate;"
+            "rwkv_stream.cli.build_parser(); assert 'spacy' not in sys.modules, 'spacy imported'")
+    subprocess.run([sys.executable, "-c", code], check=True)

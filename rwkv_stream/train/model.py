@@ -277,10 +277,11 @@ class RWKV4(nn.Module):
 
     @classmethod
     def from_state_dict(cls, sd: dict[str, Tensor], chunk_len: int = 16) -> RWKV4:
-        """Rebuild from a BlinkDL RWKV-4 state dict (shapes read from the tensors)."""
+        """Rebuild from a BlinkDL RWKV-4 state dict or the engine's canonical tensors (shapes read from them)."""
         cfg = config_from_state_dict(sd, chunk_len)
         model = cls(cfg)
-        model.load_state_dict({k: v.float() for k, v in sd.items() if k in model.state_dict()})
+        own = model.state_dict()  # engine-canonical files store time_mix flat: [C], not [1, 1, C]
+        model.load_state_dict({k: v.float().reshape(own[k].shape) for k, v in sd.items() if k in own})
         return model
 
 

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .checkpoint import CheckpointError, load_canonical
+from .checkpoint import CheckpointError, canonical_names, infer_config, load_canonical, validate
 from .heads import HeadSet
 from .model import Model, weights_fingerprint
 
@@ -108,7 +108,11 @@ def write_bundle(
 
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    tensors = weights if isinstance(weights, dict) else load_canonical(weights)[0]
+    if isinstance(weights, dict):  # flatten [1, 1, C] vectors and check shapes, as loading would
+        raw = canonical_names(weights)
+        tensors = validate(raw, infer_config(raw))
+    else:
+        tensors = load_canonical(weights)[0]
     tensors = {k: _cast(k, v, weights_dtype).contiguous() for k, v in tensors.items()}
     save_file(tensors, str(path / "model.safetensors"))
     files = ["model.safetensors"]
@@ -118,8 +122,6 @@ def write_bundle(
     if heads is not None and heads.heads:
         heads.save(path)
         files += ["heads.json", "heads.safetensors"]
-    from .checkpoint import infer_config
-
     manifest = {
         "format": BUNDLE_FORMAT,
         "version": BUNDLE_VERSION,

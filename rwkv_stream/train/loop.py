@@ -147,7 +147,15 @@ def train(net: Trainable, data: Dataset, cfg: LoopConfig, out: Path, device: tor
         if over:
             break
     bar.close()
-    return {"steps": step, "minutes": (time.time() - start) / 60, "losses": avg}
+    minutes = (time.time() - start) / 60 if avg else elapsed / 60
+    return {"steps": step, "minutes": round(minutes, 1), "losses": avg or _last_logged(out)}
+
+
+def _last_logged(out: Path) -> dict[str, float]:
+    """Losses of the last checkpoint (a resumed run that had nothing left to do)."""
+    log = out / "log.jsonl"
+    lines = log.read_text().splitlines() if log.exists() else []
+    return {k: v for k, v in json.loads(lines[-1]).items() if k not in ("step", "seconds")} if lines else {}
 
 
 def _train_step(net: Trainable, opt: torch.optim.Optimizer, batch: Batch, cfg: LoopConfig, lr: float,

@@ -100,7 +100,10 @@ class Delivery:
             exc, self._send_error = self._send_error, None
             raise SendFailed(f"a record was not delivered: {exc!r}") from exc
 
-    def checkpoint(self, write_state: Callable[[KafkaProducer], None], offsets: Offsets, known: Offsets) -> None:
+    def checkpoint(self, write_state: Callable[[KafkaProducer], None], offsets: Callable[[], Offsets],
+                   known: Offsets) -> None:
+        """``write_state(producer)`` sends (and flushes) the snapshots; ``offsets()`` then gives the offsets to
+        commit; ``known`` are offsets this member committed before (at-least-once membership probe)."""
         raise NotImplementedError
 
     def abort(self) -> None:
@@ -112,8 +115,8 @@ class Delivery:
 
 
 class AtLeastOnce(Delivery):
-    def checkpoint(self, write_state: Callable[[KafkaProducer], None], offsets: Offsets, known: Offsets) -> None:
-        """``offsets`` to commit; ``known``: offsets this member committed or started from (the probe)."""
+    def checkpoint(self, write_state: Callable[[KafkaProducer], None], offsets: Callable[[], Offsets],
+                   known: Offsets) -> None:
         self.flush()
         self.faults.point("after_outputs_flush")
         self._probe(known)
@@ -123,11 +126,12 @@ class AtLeastOnce(Delivery):
             raise SendFailed(f"writing state snapshots failed: {exc!r}") from exc
         self.flush()
         self.faults.point("after_state_write")
-        if offsets:
+        commit = offsets()
+        if commit:
             self.faults.point("before_commit")
             try:
                 self.faults.commit()
-                self.consumer.commit(offsets)
+                self.consumer.commit(commit)
             except Exception as exc:
                 raise CommitFailed(f"offset commit failed: {exc!r}") from exc
             self.faults.point("after_commit")
@@ -161,13 +165,15 @@ class ExactlyOnce(Delivery):
             self.producer.begin_transaction()
             self.in_transaction = True
 
-    def checkpoint(self, write_state: Callable[[KafkaProducer], None], offsets: Offsets, known: Offsets) -> None:
+    def checkpoint(self, write_state: Callable[[KafkaProducer], None], offsets: Callable[[], Offsets],
+                   known: Offsets) -> None:
         self.begin()
         write_state(self.producer)
         self.flush()
         self.faults.point("after_state_write")
-        if offsets:
-            self.producer.send_offsets_to_transaction(offsets, self.consumer.group_metadata())
+        commit = offsets()
+        if commit:
+            self.producer.send_offsets_to_transaction(commit, self.consumer.group_metadata())
         self.faults.point("before_commit")
         self.faults.commit()
         self.producer.commit_transaction()

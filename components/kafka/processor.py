@@ -1,10 +1,13 @@
 """The stream processor's app loop: poll, restore, process in batches, checkpoint, rebalance, stop.
 
-One thread does all the work (the "main" thread): poll, restore, run the engine, checkpoint. kafka-python runs
-the group protocol (heartbeats, joins) on its own I/O thread, and calls the rebalance listener there, from
-inside the main thread's ``poll()``; the listener hands its slow part (the final checkpoint before giving up
-partitions) to a short-lived worker thread and awaits it without blocking the I/O loop, so heartbeats go on.
-The main thread is blocked in ``poll()`` meanwhile, so the worker has the processor to itself.
+One thread owns the processor (the "main" thread): poll, restore, run the engine, start checkpoints.
+At-least-once checkpoints do their I/O on a background thread that only touches its own job (snapshot bytes
+and offsets fixed by the main thread) and the thread-safe Kafka clients; the main thread applies the outcome.
+kafka-python runs the group protocol (heartbeats, joins) on its own I/O thread, and calls the rebalance
+listener there, from inside the main thread's ``poll()``; the listener hands its slow part (waiting for a
+background checkpoint, the final checkpoint before giving up partitions) to a short-lived worker thread and
+awaits it without blocking the I/O loop, so heartbeats go on. The main thread is blocked in ``poll()``
+meanwhile, so the worker has the processor to itself.
 
 Per input partition: records are processed in offset order; per stream (key) one fragment at a time; a poll's
 fragments of different streams are stepped through the engine together (one fragment per stream per step).
@@ -18,7 +21,7 @@ import logging
 import threading
 import time
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer
@@ -34,7 +37,7 @@ from .engine import StepItem, StreamEngine, StreamKey
 from .faults import Faults
 from .metrics import Metrics
 from .schema import BadInput, Fragment, encode_dead_letter, encode_output, parse_input
-from .state_store import SnapshotCodec, StateStore
+from .state_store import SnapshotCodec, StateStore, WriteBatch
 
 log = logging.getLogger("rwkv_stream.kafka")
 IDLE_SCAN_S = 1.0
@@ -46,6 +49,19 @@ class _Work:
     rec: Any  # ConsumerRecord
     frag: Fragment
     received: float  # time.time() when polled
+
+
+@dataclass
+class _Job:
+    """One checkpoint: the offsets it commits, the snapshot writes, and its outcome."""
+
+    offsets: dict[int, int]  # input partition -> next offset
+    known: Offsets  # offsets this member committed before (at-least-once membership probe)
+    batch: WriteBatch
+    state_end: dict[int, int]
+    started: float = field(default_factory=time.monotonic)
+    done: threading.Event = field(default_factory=threading.Event)
+    error: BaseException | None = None
 
 
 class _Listener(AsyncConsumerRebalanceListener):
@@ -112,6 +128,8 @@ class Processor:
         self.delivery: Delivery | None = None
         self.store: StateStore | None = None
         self.started = threading.Event()
+        self._job: _Job | None = None
+        self._co_partitioned = False  # output topic has the input's partitions: output partition = input's
 
     # ================================================================================ lifecycle
     def stop(self) -> None:
@@ -168,6 +186,7 @@ class Processor:
     # ================================================================================ the loop
     def iteration(self) -> None:
         timeout = 0 if self._ready_records() else self.cfg.poll_timeout_ms
+        _unpark_fetched_records(self.consumer)
         polled = self.consumer.poll(timeout_ms=timeout, max_records=self.cfg.max_poll_records)
         if self.to_restore:
             self.restore()
@@ -177,8 +196,7 @@ class Processor:
         if batch:
             self.process(batch)
         self._evict_idle()
-        if self.policy.due() or (self.policy.pending == 0 and self.store.has_pending()):
-            self.checkpoint()
+        self.maybe_checkpoint()
 
     def _enqueue(self, polled: dict[TopicPartition, list[Any]]) -> None:
         now = time.time()
@@ -273,18 +291,19 @@ class Processor:
         return items, works
 
     def _step(self, items: list[StepItem], works: list[_Work], sent: int, total: int) -> int:
+        """One engine step for one fragment of each of several streams, then their outputs (sent together)."""
         results = self.engine.step(items)
-        now_mono = time.monotonic()
-        for item, w, res in zip(items, works, results, strict=True):
-            ctx = self.engine.ctx(item.key)
-            generated = self.engine.generate(item.key, w.frag.generate, w.rec.offset) if w.frag.generate else None
-            ctx.applied = w.rec.offset
-            now = time.time()
-            value = encode_output(stream=w.frag.stream, partition=w.partition, offset=w.rec.offset,
-                                  tokens=res.tokens, cats=res.cats, generated=generated, end=w.frag.end,
-                                  held_back=res.held_back, fingerprint=self.engine.fingerprint,
-                                  latency_ms=(now - w.received) * 1000)
-            self.delivery.send(self.cfg.output_topic, w.rec.key, value)
+        generated = [self.engine.generate(item.key, w.frag.generate, w.rec.offset) if w.frag.generate else None
+                     for item, w in zip(items, works, strict=True)]
+        now, now_mono = time.time(), time.monotonic()
+        values = [encode_output(stream=w.frag.stream, partition=w.partition, offset=w.rec.offset, tokens=res.tokens,
+                                cats=res.cats, generated=gen, end=w.frag.end, held_back=res.held_back,
+                                fingerprint=self.engine.fingerprint, latency_ms=(now - w.received) * 1000)
+                  for w, res, gen in zip(works, results, generated, strict=True)]
+        for item, w, res, value in zip(items, works, results, values, strict=True):
+            self.engine.ctx(item.key).applied = w.rec.offset
+            self.delivery.send(self.cfg.output_topic, w.rec.key, value,
+                               partition=w.partition if self._co_partitioned else None)
             self._observe(w, res.n_tokens, now)
             self.last_seen[item.key] = now_mono
             if item.end:
@@ -365,56 +384,121 @@ class Processor:
             self.metrics.live_streams.set(len(self.engine))
 
     # ================================================================================ checkpoints
+    def maybe_checkpoint(self) -> None:
+        """Main loop: finish a background checkpoint that is done; start the next one when due.
+
+        At-least-once checkpoints run on a background thread (the main thread only serializes the snapshots),
+        so processing goes on while the broker acknowledges; exactly-once ones commit a transaction, which
+        the next records must not join, so they run inline.
+        """
+        if self._job is not None:
+            if not self._job.done.is_set():
+                return
+            self._finish_job()
+        if not (self.policy.due() or (self.policy.pending == 0 and self.store.has_pending())):
+            return
+        job = self._begin_checkpoint()
+        if job is None:
+            return
+        if self.delivery.exactly_once:
+            self._run_job(job)
+            self._end_checkpoint(job)
+            return
+        self._job = job
+        threading.Thread(target=self._run_job, args=(job,), name="rwkv-checkpoint", daemon=True).start()
+
     def checkpoint(self) -> bool:
-        """Make everything processed so far durable and commit the offsets (see checkpoint.py)."""
+        """A synchronous checkpoint (rebalances, shutdown): waits for a background one first."""
+        self._await_job()
+        job = self._begin_checkpoint()
+        if job is None:
+            return True
+        self._run_job(job)
+        return self._end_checkpoint(job)
+
+    def _await_job(self) -> None:
+        if self._job is not None:
+            self._job.done.wait()
+            self._finish_job()
+
+    def _finish_job(self) -> None:
+        job, self._job = self._job, None
+        if job is not None:
+            self._end_checkpoint(job)
+
+    def _begin_checkpoint(self) -> _Job | None:
+        """Main thread: snapshot the streams touched since the last checkpoint and fix the offsets to commit."""
         if not (self.processed or self.dirty or self.store.has_pending()):
             self.policy.done()
-            return True
-        t0 = time.monotonic()
-        offsets = self._offsets()
-        try:
-            self.delivery.checkpoint(self._write_state, offsets, self._known_offsets())
-        except (MembershipLost, CommitFailed) as exc:  # at-least-once: nothing to undo
-            return self._checkpoint_failed(exc, rollback=self.delivery.exactly_once)
-        except Exception as exc:  # undelivered records, exactly-once aborts, fenced producers
-            return self._checkpoint_failed(exc, rollback=True)
-        for tp, om in offsets.items():
-            self.committed[tp.partition] = om.offset
-        self.processed.clear()
-        n = self.store.stage_tombstones(self.committed)
-        self.policy.done()
-        self.metrics.checkpoints.labels("ok").inc()
-        self.metrics.checkpoint_seconds.observe(time.monotonic() - t0)
-        self.metrics.cached_state_bytes.set(self.store.stored_bytes())
-        log.debug("checkpoint", extra={"offsets": {tp.partition: om.offset for tp, om in offsets.items()},
-                                       "tombstones": n, "seconds": round(time.monotonic() - t0, 4)})
-        return True
-
-    def _write_state(self, producer: KafkaProducer) -> None:
+            return None
         for key in sorted(self.dirty):
             self.store.stage_state(key[0], key[1], self.engine.ctx(key).applied, self.engine.snapshot(key))
             self.metrics.snapshots.inc()
         self.dirty.clear()
-        self.store.write(producer)
+        job = _Job(dict(self.processed), self._known_offsets(), self.store.take(), dict(self.store.state_end))
+        self.processed.clear()
+        self.policy.done()
+        return job
 
-    def _offsets(self) -> Offsets:
+    def _run_job(self, job: _Job) -> None:
+        """Any thread: the I/O of a checkpoint (see checkpoint.py for the order of things)."""
+        try:
+            self.delivery.checkpoint(lambda producer: self.store.send(producer, job.batch),
+                                     lambda: self._offsets(job), job.known)
+        except BaseException as exc:
+            job.error = exc
+        finally:
+            job.done.set()
+
+    def _end_checkpoint(self, job: _Job) -> bool:
+        """Main thread: apply a finished checkpoint's results, or handle its failure."""
+        exc = job.error
+        if exc is None or isinstance(exc, CommitFailed):  # the snapshots were written
+            self.store.apply(job.batch)
+        elif isinstance(exc, MembershipLost):  # nothing was written: keep the snapshots for the next try
+            self.store.requeue(job.batch)
+        if exc is not None:
+            return self._checkpoint_failed(job, exc)
+        for p, offset in job.offsets.items():
+            self.committed[p] = offset
+        n = self.store.stage_tombstones(self.committed)
+        self.metrics.checkpoints.labels("ok").inc()
+        self.metrics.checkpoint_seconds.observe(time.monotonic() - job.started)
+        self.metrics.cached_state_bytes.set(self.store.stored_bytes())
+        log.debug("checkpoint", extra={"offsets": job.offsets, "states": len(job.batch), "tombstones": n,
+                                       "seconds": round(time.monotonic() - job.started, 4)})
+        return True
+
+    def _offsets(self, job: _Job) -> Offsets:
+        """Offsets to commit, each with the state-topic end offset a restore must reach ("s=")."""
+        ends = dict(job.state_end)
+        for r, offset in zip(job.batch.records, job.batch.offsets, strict=False):
+            ends[r.write.partition] = max(ends.get(r.write.partition, 0), offset + 1)
         topic = self.cfg.input_topic
-        return {TopicPartition(topic, p): OffsetAndMetadata(off, f"s={self.store.state_end.get(p, 0)}", -1)
-                for p, off in self.processed.items()}
+        return {TopicPartition(topic, p): OffsetAndMetadata(off, f"s={ends.get(p, 0)}", -1)
+                for p, off in job.offsets.items()}
 
     def _known_offsets(self) -> Offsets:
         topic = self.cfg.input_topic
         return {TopicPartition(topic, p): OffsetAndMetadata(off, f"s={self.store.state_end.get(p, 0)}", -1)
                 for p, off in self.committed.items() if TopicPartition(topic, p) in self.assigned}
 
-    def _checkpoint_failed(self, exc: BaseException, rollback: bool) -> bool:
+    def _checkpoint_failed(self, job: _Job, exc: BaseException) -> bool:
+        """At-least-once: a refused commit (or a failed membership check) needs nothing undone: outputs and
+        states are durable, the offsets go with the next checkpoint. Anything else (undelivered records, an
+        aborted transaction) rolls back to the last committed offsets and states."""
+        rollback = self.delivery.exactly_once or not isinstance(exc, MembershipLost | CommitFailed)
         self.metrics.checkpoints.labels("failed").inc()
         self.metrics.commit_failures.inc()
         log.warning("checkpoint failed", extra={"error": repr(exc), "rollback": rollback})
         if rollback:
             self.delivery.abort()
             self.rollback()
-        self.policy.done()
+        else:
+            owned = {tp.partition for tp in self.assigned}
+            for p, offset in job.offsets.items():
+                if p in owned:
+                    self.processed.setdefault(p, offset)
         return False
 
     def rollback(self) -> None:
@@ -448,6 +532,7 @@ class Processor:
         """Worker thread: the group moved on without us; nothing may be written for these partitions."""
         self.metrics.rebalances.labels("lost").inc()
         log.warning("partitions lost", extra={"partitions": sorted(tp.partition for tp in lost)})
+        self._await_job()
         self.delivery.abort()
         if self.delivery.exactly_once:  # the aborted transaction covered every partition
             self.rollback()
@@ -528,8 +613,11 @@ class Processor:
             "client_id": f"rwkv-stream-{cfg.resolved_instance_id}-state",
             "enable_auto_commit": False,
             "isolation_level": "read_committed" if cfg.exactly_once else "read_uncommitted",
-            "max_partition_fetch_bytes": max(1 << 20, 2 * cfg.state_chunk_bytes),
-            "fetch_max_wait_ms": 100,
+            "max_partition_fetch_bytes": max(4 << 20, 2 * cfg.state_chunk_bytes),
+            "fetch_max_wait_ms": 20,
+            # kafka-python checks CRC32C in pure Python unless the crc32c package is installed; snapshots carry
+            # their own checksums (State bytes, chunk digests), so the restore scan skips it.
+            "check_crcs": False,
             **{k: v for k, v in self._client_options(KafkaConsumer.DEFAULT_CONFIG).items()
                if k not in ("group_id", "isolation_level", "auto_offset_reset")},
         }
@@ -540,7 +628,7 @@ class Processor:
             "bootstrap_servers": cfg.bootstrap_servers,
             "client_id": f"rwkv-stream-{cfg.resolved_instance_id}-out",
             "acks": "all",
-            "linger_ms": 1,
+            "linger_ms": 2,
             "enable_idempotence": True,
             "max_request_size": max(1 << 20, cfg.state_chunk_bytes + (64 << 10)),
             **self._client_options(KafkaProducer.DEFAULT_CONFIG),
@@ -559,9 +647,12 @@ class Processor:
             partitions = _partition_count(admin, cfg.input_topic)
             if partitions is None:
                 raise RuntimeError(f"input topic {cfg.input_topic!r} does not exist")
+            self._co_partitioned = _partition_count(admin, cfg.output_topic) in (None, partitions)
             wanted = {cfg.output_topic: {}, cfg.dead_letter_topic: {},
+                      # Short segments: the log cleaner compacts all but the active segment, and a restore
+                      # reads everything not yet compacted.
                       cfg.state_topic: {"cleanup.policy": "compact", "min.cleanable.dirty.ratio": "0.1",
-                                        "segment.ms": "600000"}}
+                                        "segment.ms": "60000"}}
             for topic, configs in wanted.items():
                 have = _partition_count(admin, topic)
                 if have is None and cfg.create_topics:
@@ -614,6 +705,17 @@ def _create_topic(admin: KafkaAdminClient, topic: str, partitions: int, replicat
     except TopicAlreadyExistsError:
         pass
     admin.wait_for_topics([topic], timeout_ms=30000)
+
+
+def _unpark_fetched_records(consumer: KafkaConsumer) -> None:
+    """Work around a kafka-python 3.0.12 stall (called before every poll): records fetched for a partition that
+    was then paused are parked, and after its resume they are put back only when the fetcher's in-line slot is
+    ``None``; an exhausted (empty) slot blocks that, and a partition with parked records is never fetched again,
+    so it would stay stuck for good."""
+    fetcher = getattr(consumer, "_fetcher", None)
+    current = getattr(fetcher, "_next_partition_records", None)
+    if current is not None and not current and getattr(fetcher, "_paused_partition_records", None):
+        fetcher._next_partition_records = None
 
 
 def _prime_metadata(consumer: KafkaConsumer, topic: str, timeout_s: float = 10.0) -> None:

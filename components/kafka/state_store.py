@@ -56,8 +56,31 @@ class _Pending:
     stream: str
     kind: str  # "state", "ended", "tombstone", "chunk-tombstone"
     applied: int = -1
-    data: bytes | None = None
-    key: str | None = None  # chunk key for chunk tombstones
+    data: bytes | None = None  # State bytes (kind "state")
+    key: str | None = None  # record key when it is not the stream id (chunk tombstones)
+
+
+@dataclass
+class _Record:
+    """One record to write: main records (state, ended, tombstones) and the chunks of large states."""
+
+    write: _Pending
+    key: str
+    value: bytes | None
+    chunks: list[tuple[str, bytes]] = field(default_factory=list)  # (key, value) written and flushed first
+
+
+@dataclass
+class WriteBatch:
+    """Snapshot writes taken from the store (main thread), sent by :meth:`StateStore.send` (any thread),
+    then applied back with :meth:`StateStore.apply` (main thread)."""
+
+    records: list[_Record]
+    offsets: list[int] = field(default_factory=list)  # state-topic offset of each main record
+    chunk_offsets: list[list[tuple[str, int]]] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.records)
 
 
 @dataclass
@@ -106,6 +129,7 @@ class StateStore:
         self.index: dict[int, dict[str, Entry]] = {}
         self.state_end: dict[int, int] = {}
         self._pending: list[_Pending] = []
+        self._written_chunks: dict[tuple[int, str], list[tuple[str, int]]] = {}
         self._cached = 0
 
     # ----------------------------------------------------------------------------- lookups
@@ -170,91 +194,96 @@ class StateStore:
             entry.data = None
 
     # ----------------------------------------------------------------------------- writing
-    def write(self, producer: Any, timeout_s: float = 60.0) -> int:
-        """Send every pending write (chunks first, flushed, then the main records) and flush.
-
-        Updates the index with the records' offsets. Raises :class:`StateStoreError` if a send failed;
-        returns the number of records written.
-        """
+    def take(self) -> WriteBatch:
+        """Encode every pending write (compression, chunking, tombstones for superseded chunks). Main thread."""
         pending, self._pending = self._pending, []
-        main: list[tuple[_Pending, int, str, bytes | None]] = []  # (write, partition, key, value)
-        chunk_refs: dict[int, list[tuple[str, Any]]] = {}
-        for i, w in enumerate(pending):
-            value, refs = self._encode(w, producer)
-            if refs:
-                chunk_refs[i] = refs
-            main.append((w, w.partition, w.key or w.stream, value))
-        if chunk_refs:
-            self._flush(producer, timeout_s)
-            for i, refs in chunk_refs.items():
-                w, partition, key, _ = main[i]
-                chunks = [(k, _offset_of(f)) for k, f in refs]
-                main[i] = (w, partition, key, self._manifest(w, chunks))
-                self._after_chunks(w, chunks)
-        futures = [(w, producer.send(self.topic, key=key.encode(), value=value, partition=partition))
-                   for w, partition, key, value in main]
-        self._flush(producer, timeout_s)
-        for w, future in futures:
-            self._written(w, _offset_of(future))
-        return len(futures) + sum(len(r) for r in chunk_refs.values())
+        records = []
+        for w in pending:
+            if w.kind in ("tombstone", "chunk-tombstone"):
+                records.append(_Record(w, w.key or w.stream, None))
+            elif w.kind == "ended":
+                self._supersede_chunks(w, set())
+                value = _pack({"kind": "ended", "stream": w.stream, "applied": w.applied})
+                records.append(_Record(w, w.stream, value))
+            else:
+                records.append(self._state_record(w))
+        # Chunk tombstones staged by _supersede_chunks go out in the same batch, after the new snapshots.
+        records += [_Record(w, w.key or w.stream, None) for w in self._pending]
+        self._pending = []
+        return WriteBatch(records)
 
-    def _encode(self, w: _Pending, producer: Any) -> tuple[bytes | None, list[tuple[str, Any]]]:
-        if w.kind in ("tombstone", "chunk-tombstone"):
-            return None, []
-        if w.kind == "ended":
-            self._tombstone_chunks(w)
-            return _pack({"kind": "ended", "stream": w.stream, "applied": w.applied}), []
+    def _state_record(self, w: _Pending) -> _Record:
         assert w.data is not None
         codec, payload = self.codec.payload(w.data)
         base = {"kind": "state", "stream": w.stream, "applied": w.applied, "fingerprint": self.fingerprint,
                 "codec": codec}
         if len(payload) <= self.codec.chunk_bytes:
-            self._tombstone_chunks(w)
-            return _pack({**base, "data": payload}), []
-        refs = []
+            self._supersede_chunks(w, set())
+            return _Record(w, w.stream, _pack({**base, "data": payload}))
+        chunks = []
         for i, part in enumerate(self.codec.chunks(payload)):
             key = CHUNK_SEP.join((w.stream, str(w.applied), str(i)))
-            value = _pack({"kind": "chunk", "stream": w.stream, "applied": w.applied, "index": i, "data": part})
-            refs.append((key, producer.send(self.topic, key=key.encode(), value=value, partition=w.partition)))
-        w.data = _pack({**base, "size": len(payload), "digest": _digest(payload)})  # manifest without chunk list
-        return None, refs
+            chunks.append((key, _pack({"kind": "chunk", "stream": w.stream, "applied": w.applied, "index": i,
+                                       "data": part})))
+        self._supersede_chunks(w, {k for k, _ in chunks})
+        manifest = _pack({**base, "size": len(payload), "digest": _digest(payload)})  # chunk offsets: at send
+        return _Record(w, w.stream, manifest, chunks)
 
-    def _manifest(self, w: _Pending, chunks: list[tuple[str, int]]) -> bytes:
-        base = msgpack.unpackb(w.data, raw=False)
-        base["chunks"] = [list(c) for c in chunks]
-        return msgpack.packb(base, use_bin_type=True)
-
-    def _after_chunks(self, w: _Pending, chunks: list[tuple[str, int]]) -> None:
+    def _supersede_chunks(self, w: _Pending, keep: set[str]) -> None:
         entry = self.entry(w.partition, w.stream)
-        old = entry.chunks if entry else []
-        keep = {k for k, _ in chunks}
+        old = self._written_chunks.get((w.partition, w.stream), [])
+        if entry is not None:
+            old = old or entry.chunks
         for key, _ in old:
             if key not in keep:
                 self._pending.append(_Pending(w.partition, w.stream, "chunk-tombstone", key=key))
-        if entry is not None and entry.applied == w.applied:
-            entry.chunks = chunks
+        self._written_chunks.pop((w.partition, w.stream), None)
 
-    def _tombstone_chunks(self, w: _Pending) -> None:
-        entry = self.entry(w.partition, w.stream)
-        if entry is None or not entry.chunks:
-            return
-        for key, _ in entry.chunks:
-            self._pending.append(_Pending(w.partition, w.stream, "chunk-tombstone", key=key))
-        entry.chunks = []
+    def send(self, producer: Any, batch: WriteBatch, timeout_s: float = 60.0) -> None:
+        """Write a batch and wait for the broker: chunks first (flushed, to learn their offsets), then the main
+        records. Raises :class:`StateStoreError` if anything was not acknowledged. Any thread."""
+        chunk_futures = [[(key, producer.send(self.topic, key=key.encode(), value=value, partition=r.write.partition))
+                          for key, value in r.chunks] for r in batch.records]
+        if any(chunk_futures):
+            _flush(producer, timeout_s)
+        batch.chunk_offsets = [[(key, _offset_of(f)) for key, f in futures] for futures in chunk_futures]
+        futures = []
+        for r, chunks in zip(batch.records, batch.chunk_offsets, strict=True):
+            value = r.value
+            if chunks:
+                manifest = msgpack.unpackb(value, raw=False)
+                manifest["chunks"] = [list(c) for c in chunks]
+                value = msgpack.packb(manifest, use_bin_type=True)
+            futures.append(producer.send(self.topic, key=r.key.encode(), value=value, partition=r.write.partition))
+        _flush(producer, timeout_s)
+        batch.offsets = [_offset_of(f) for f in futures]
 
-    def _written(self, w: _Pending, offset: int) -> None:
-        self.state_end[w.partition] = max(self.state_end.get(w.partition, 0), offset + 1)
-        if w.kind not in ("state", "ended"):
-            return
-        entry = self.entry(w.partition, w.stream)
-        if entry is not None and entry.applied == w.applied and entry.ended == (w.kind == "ended"):
-            entry.offset = offset
-            if entry.data is not None and self._cached > self.cache_bytes:
-                self._uncache(entry)
+    def apply(self, batch: WriteBatch) -> None:
+        """Record where a sent batch landed (index offsets, chunk lists, state end offsets). Main thread."""
+        for r, offset, chunks in zip(batch.records, batch.offsets, batch.chunk_offsets, strict=True):
+            w = r.write
+            self.state_end[w.partition] = max(self.state_end.get(w.partition, 0), offset + 1)
+            if w.kind not in ("state", "ended"):
+                continue
+            entry = self.entry(w.partition, w.stream)
+            if entry is not None and entry.applied == w.applied and entry.ended == (w.kind == "ended"):
+                entry.offset = offset
+                entry.chunks = chunks
+                if entry.data is not None and self._cached > self.cache_bytes:
+                    self._uncache(entry)
+            elif chunks:  # superseded before it was applied: its chunks must still be tombstoned later
+                self._written_chunks[(w.partition, w.stream)] = chunks
 
-    @staticmethod
-    def _flush(producer: Any, timeout_s: float) -> None:
-        producer.flush(timeout=timeout_s)
+    def requeue(self, batch: WriteBatch) -> None:
+        """Put the writes of a batch that was not sent back in front of the pending ones."""
+        self._pending = [r.write for r in batch.records] + self._pending
+
+    def write(self, producer: Any, timeout_s: float = 60.0) -> int:
+        """take + send + apply in one go (the synchronous path). Returns the number of main records."""
+        batch = self.take()
+        self.send(producer, batch, timeout_s)
+        self.apply(batch)
+        return len(batch)
 
     # ----------------------------------------------------------------------------- restore
     def forget(self, partitions: list[int]) -> None:
@@ -295,11 +324,15 @@ class StateStore:
             if time.monotonic() > deadline:
                 raise StateStoreError(f"restore of {sorted(tp.partition for tp in todo)} not done after "
                                       f"{self.restore_timeout_s:.0f} s (goal {goal})")
-            for tp, records in self.reader.poll(timeout_ms=200).items():
+            for tp, records in self.reader.poll(timeout_ms=100, max_records=10000).items():
                 for rec in records:
                     n += 1
                     self._apply(tp.partition, rec, chunks[tp.partition])
-            todo = {tp for tp in todo if self.reader.position(tp) < goal[tp]}
+            done = {tp for tp in todo if self.reader.position(tp) >= goal[tp]}
+            if done:  # finished partitions would make every fetch wait fetch_max_wait_ms for more data
+                self.reader.pause(*done)
+                todo -= done
+        self.reader.resume(*self.reader.paused())
         return n
 
     def _apply(self, partition: int, rec: Any, chunks: dict[str, tuple[int, bytes | None]]) -> None:
@@ -378,6 +411,13 @@ class StateStore:
         if len(payload) != manifest["size"] or _digest(payload) != manifest["digest"]:
             raise StateStoreError(f"chunks of stream {manifest['stream']!r} do not match their manifest")
         return unpack_payload(manifest["codec"], payload)
+
+
+def _flush(producer: Any, timeout_s: float) -> None:
+    try:
+        producer.flush(timeout=timeout_s)
+    except Exception as exc:
+        raise StateStoreError(f"flushing state records failed: {exc!r}") from exc
 
 
 def _offset_of(future: Any) -> int:

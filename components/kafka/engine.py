@@ -9,8 +9,9 @@ snapshot continues exactly as if it had never left memory.
 Batch invariance: a stream's results must not depend on which other streams share its step, or a replay after
 a crash (batched differently) would produce different bits. CPU GEMMs in torch give a row the same bits
 whatever the other rows once a product has at least 16 rows, and the ragged WKV path is per stream; the
-single-token WKV path and small products take other code paths. So every step carries a padding stream of
-``max(2, 16 - n)`` tokens, and head products are padded to 16 rows. (Checked bitwise on CPU by the tests;
+single-token WKV path and small products take other code paths. So every step carries padding streams (one
+of 2 tokens, the rest of 1, up to 16 rows in all; see :func:`_pad_lengths`), and head products are padded to
+16 rows. (Checked bitwise on CPU by the tests;
 on GPUs cuBLAS gives no such promise and duplicates may differ in the last bits of ``cats``.)
 """
 
@@ -37,7 +38,6 @@ from rwkv_stream.tokenizer import StreamingEncoder
 from .schema import GenerationRequest, TokenOut
 
 StreamKey = tuple[int, str]  # (input partition, stream id)
-PAD_KEY: StreamKey = (-1, "")
 MIN_ROWS = 16
 META_FORMAT = "rwkv-stream/kafka-stream"
 META_VERSION = 1
@@ -125,7 +125,7 @@ class StreamEngine:
         self.taggers = {n: h for n, h in self.heads.items() if h.kind == "tagger"}
         self.classifiers = {n: h for n, h in self.heads.items() if h.kind == "classifier"}
         self.max_streams = max_streams
-        self.table: StreamTable[StreamKey] = StreamTable(self.model, max_streams=max_streams + 1)
+        self.table: StreamTable[StreamKey] = StreamTable(self.model, max_streams=max_streams + MIN_ROWS)
         self._ctx: OrderedDict[StreamKey, StreamCtx] = OrderedDict()
 
     @property
@@ -241,12 +241,14 @@ class StreamEngine:
         total = sum(len(t) for t in ids)
         if total == 0:
             return [torch.empty(0, self.model.config.n_embd) for _ in keys]
-        if PAD_KEY not in self.table:
-            self.table.slot(PAD_KEY)
-        self.table.reset(PAD_KEY)
-        pad = [0] * max(2, MIN_ROWS - total)
-        out = self.table.step([*keys, PAD_KEY], [*ids, pad], logits="none")
-        return [h.float().cpu() for h in out.hidden[:-1]]
+        pads = _pad_lengths(total)
+        pad_keys = [(-1 - i, "") for i in range(len(pads))]
+        for key in pad_keys:
+            if key not in self.table:
+                self.table.slot(key)
+            self.table.reset(key)
+        out = self.table.step([*keys, *pad_keys], [*ids, *([0] * n for n in pads)], logits="none")
+        return [h.float().cpu() for h in out.hidden[: len(keys)]]
 
     def _tags(self, hidden: list[Tensor]) -> list[list[dict[str, str]]]:
         counts = [len(h) for h in hidden]
@@ -315,6 +317,13 @@ class StreamEngine:
         logits = self.model.head(ctx.hidden[None])[0]
         ids = generate_ids(self.model, self.table.state(key), logits, cfg)
         return "".join(decode_until_stop(self.tokenizer, ids, cfg.stop))
+
+
+def _pad_lengths(total: int) -> list[int]:
+    """Token counts of the padding streams for a step of ``total`` tokens: one stream of 2 (so the step never
+    takes the all-single-token path) plus 1-token streams up to ``MIN_ROWS`` rows, so padding adds rows to
+    the matrix products but no sequential WKV steps."""
+    return [2] + [1] * max(0, MIN_ROWS - total - 2)
 
 
 def _padded(head: Head, rows: Tensor) -> Tensor:

@@ -111,7 +111,7 @@ class Processor:
             torch.set_num_threads(cfg.torch_threads)
         bundle = bundle or load_bundle(cfg.bundle, cfg.device, cfg.dtype)
         self.engine = StreamEngine(bundle, cfg.heads or None, cfg.max_streams)
-        self.policy = CheckpointPolicy(cfg.checkpoint_interval_ms, cfg.checkpoint_records)
+        self.policy = CheckpointPolicy(cfg.resolved_checkpoint_interval_ms, cfg.checkpoint_records)
         self._stop = threading.Event()
         self._closing = False
         self.assigned: set[TopicPartition] = set()
@@ -602,6 +602,7 @@ class Processor:
             "heartbeat_interval_ms": cfg.heartbeat_interval_ms,
             "max_poll_interval_ms": cfg.max_poll_interval_ms,
             "partition_assignment_strategy": (assignor,),
+            "group_instance_id": cfg.resolved_instance_id if cfg.static_membership else None,
             **self._client_options(KafkaConsumer.DEFAULT_CONFIG),
         }
 

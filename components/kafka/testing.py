@@ -250,13 +250,13 @@ class ConsumerProc:
     """``python -m rwkv_stream.components.kafka`` as a subprocess (so SIGKILL is real), logging to a file."""
 
     def __init__(self, args: dict[str, Any], log_path: str | Path, *, faults: str = "",
-                 env: dict[str, str] | None = None) -> None:
+                 env: dict[str, str] | None = None, command: list[str] | None = None) -> None:
         import os
         import subprocess
         import sys
 
         self.log_path = Path(log_path)
-        cmd = [sys.executable, "-m", "rwkv_stream.components.kafka"]
+        cmd = command or [sys.executable, "-m", "rwkv_stream.components.kafka"]
         for name, value in args.items():
             cmd += [f"--{name.replace('_', '-')}", str(value)]
         full_env = {**os.environ, **(env or {})}

@@ -1,0 +1,369 @@
+"""End-to-end benchmark of ``rwkv-stream consume`` with a real broker on this machine.
+
+100 live streams (default) send transcript fragments at a steady rate; a downstream reader measures the time from
+``producer.send`` to the output being readable (``read_committed``). Then the consumer is SIGKILLed and restarted
+at once, and the recovery time is measured.
+
+    .venv/bin/python bench/kafka_bench.py                       # shipped model, a fresh broker, 100 streams
+    .venv/bin/python bench/kafka_bench.py --bundle DIR --delivery exactly-once --out result.json
+
+Reports JSON: throughput (fragments/s, tokens/s), produce->output latency p50/p90/p99/max, and recovery after
+SIGKILL (to the first new output, and until outputs are back under 100 ms).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import platform
+import random
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["--echo-worker"]:
+        return echo_worker(argv[1:])
+    args = parse_args(argv)
+    from rwkv_stream.components.kafka.testing import WORDS
+
+    print(f"seed {args.seed}", file=sys.stderr)
+    if args.synthetic:
+        from rwkv_stream.components.kafka.testing import make_tiny_bundle
+
+        layers, embd = (int(x) for x in args.synthetic.lower().split("x"))
+        args.bundle = str(make_tiny_bundle(Path(tempfile.mkdtemp(prefix="rwkv-bench-bundle-")) / "bundle",
+                                           n_layer=layers, n_embd=embd, vocab_size=2048))
+    with Broker(args.bootstrap) as bootstrap:
+        bench = Bench(args, bootstrap, WORDS)
+        result = bench.run()
+    text = json.dumps(result, indent=2)
+    print(text)
+    if args.out:
+        Path(args.out).write_text(text + "\n")
+    return 0
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--bundle", default="shipped", help="bundle dir or 'shipped' (rwkv_stream/data/transcript-tagger)")
+    p.add_argument("--synthetic", default=None, metavar="LAYERSxEMBD",
+                   help="instead of --bundle: a random model of this shape (e.g. 4x192) with a small BPE and heads")
+    p.add_argument("--bootstrap", default=None, help="use this broker instead of starting one")
+    p.add_argument("--streams", type=int, default=100)
+    p.add_argument("--rate-per-stream", type=float, default=2.0, help="fragments per second per stream")
+    p.add_argument("--words-per-fragment", type=int, default=4)
+    p.add_argument("--warmup", type=float, default=5.0)
+    p.add_argument("--duration", type=float, default=30.0, help="measured seconds before the kill")
+    p.add_argument("--after-kill", type=float, default=20.0, help="seconds of streaming after the SIGKILL")
+    p.add_argument("--no-kill", action="store_true")
+    p.add_argument("--partitions", type=int, default=6)
+    p.add_argument("--delivery", default="at-least-once", choices=["at-least-once", "exactly-once"])
+    p.add_argument("--checkpoint-interval-ms", type=int, default=0, help="0: the consumer's default")
+    p.add_argument("--static-membership", action="store_true", help="restart rejoins without a rebalance")
+    p.add_argument("--echo", action="store_true",
+                   help="baseline: a trivial poll->produce consumer instead of the processor (the Kafka floor)")
+    p.add_argument("--torch-threads", type=int, default=1)
+    p.add_argument("--dtype", default="float32")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default=None)
+    p.add_argument("--log-dir", default=None)
+    return p.parse_args(argv)
+
+
+class Broker:
+    """A fresh broker from scripts/kafka/broker.sh (stopped at exit), or the one given."""
+
+    def __init__(self, bootstrap: str | None) -> None:
+        self.bootstrap = bootstrap
+        self.dir: Path | None = None
+
+    def __enter__(self) -> str:
+        if self.bootstrap:
+            return self.bootstrap
+        self.dir = Path(tempfile.mkdtemp(prefix="rwkv-kafka-bench-"))
+        out = subprocess.run(["bash", str(REPO / "scripts/kafka/broker.sh"), "start", "--dir", str(self.dir)],
+                             check=True, capture_output=True, text=True).stdout
+        self.bootstrap = re.search(r"^BOOTSTRAP=(\S+)$", out, re.M).group(1)
+        return self.bootstrap
+
+    def __exit__(self, *exc: object) -> None:
+        if self.dir is not None:
+            subprocess.run(["bash", str(REPO / "scripts/kafka/broker.sh"), "stop", "--dir", str(self.dir)],
+                           check=False, capture_output=True)
+
+
+class Bench:
+    def __init__(self, args: argparse.Namespace, bootstrap: str, words: tuple[str, ...]) -> None:
+        self.args = args
+        self.bootstrap = bootstrap
+        self.words = words
+        self.rng = random.Random(args.seed)
+        self.name = f"bench-{int(time.time())}"
+        self.sent: dict[tuple[int, int], float] = {}  # (partition, offset) -> send time
+        self.received: list[tuple[float, float, int]] = []  # (receive time, latency s, tokens)
+        self.seen: set[tuple[int, int]] = set()
+        self.lock = threading.Lock()
+        self.stop = threading.Event()
+        self.log_dir = Path(args.log_dir or tempfile.mkdtemp(prefix="rwkv-kafka-bench-logs-"))
+        self.metrics_port = _free_port()
+        self.consumer_metrics: dict = {}
+
+    # ---------------------------------------------------------------------------------------------- run
+    def run(self) -> dict:
+
+        self._create_topic()
+        consumer = self._start_consumer()
+        assert consumer.wait_for_log('"state restored"', 120), f"consumer did not start: {self.log_dir}"
+        reader = threading.Thread(target=self._read_outputs, daemon=True)
+        reader.start()
+        producer = threading.Thread(target=self._produce, daemon=True)
+        t0 = time.time()
+        producer.start()
+        measure_from = t0 + self.args.warmup
+        measure_to = measure_from + self.args.duration
+        time.sleep(max(0.0, measure_to - time.time()))
+        recovery = {}
+        if not self.args.no_kill:
+            recovery = self._kill_and_restart(consumer)
+            consumer = recovery.pop("consumer")
+        self.stop.set()
+        producer.join(30)
+        time.sleep(3.0)
+        self.consumer_metrics = _scrape(self.metrics_port)
+        consumer.terminate(60)
+        reader.join(10)
+        return self._report(measure_from, measure_to, recovery)
+
+    def _start_consumer(self):
+        from rwkv_stream.components.kafka.testing import ConsumerProc
+
+        if self.args.echo:
+            command = [sys.executable, __file__, "--echo-worker"]
+            args = {"bootstrap": self.bootstrap, "input": f"{self.name}.in", "output": f"{self.name}.out",
+                    "group": self.name}
+            return ConsumerProc(args, self.log_dir / "consumer.log", command=command)
+        return ConsumerProc(self._consumer_args(), self.log_dir / "consumer.log")
+
+    def _consumer_args(self) -> dict:
+        a = self.args
+        return dict(bootstrap_servers=self.bootstrap, group_id=self.name, input_topic=f"{self.name}.in",
+                    output_topic=f"{self.name}.out", dead_letter_topic=f"{self.name}.dlq",
+                    state_topic=f"{self.name}.state", bundle=a.bundle, delivery=a.delivery, instance_id="bench",
+                    replication_factor=1, torch_threads=a.torch_threads, dtype=a.dtype,
+                    checkpoint_interval_ms=a.checkpoint_interval_ms, session_timeout_ms=6000,
+                    heartbeat_interval_ms=1000, poll_timeout_ms=20, log_level="INFO",
+                    metrics_port=self.metrics_port, metrics_addr="127.0.0.1",
+                    static_membership=str(a.static_membership).lower())
+
+    def _create_topic(self) -> None:
+        from kafka import KafkaAdminClient
+
+        admin = KafkaAdminClient(bootstrap_servers=self.bootstrap)
+        admin.create_topics({f"{self.name}.in": {"num_partitions": self.args.partitions, "replication_factor": 1}})
+        admin.wait_for_topics([f"{self.name}.in"], timeout_ms=30000)
+        admin.close()
+
+    # ---------------------------------------------------------------------------------------------- traffic
+    def _produce(self) -> None:
+        from kafka import KafkaProducer
+        from rwkv_stream.components.kafka.schema import encode_input
+
+        producer = KafkaProducer(bootstrap_servers=self.bootstrap, acks="all", linger_ms=0)
+        topic = f"{self.name}.in"
+        interval = 1.0 / self.args.rate_per_stream
+        next_at = {f"call-{i:03d}": time.time() + self.rng.uniform(0, interval) for i in range(self.args.streams)}
+        while not self.stop.is_set():
+            stream, due = min(next_at.items(), key=lambda kv: kv[1])
+            delay = due - time.time()
+            if delay > 0:
+                time.sleep(min(delay, 0.05))
+                continue
+            text = " " + " ".join(self.rng.choice(self.words) for _ in range(self.args.words_per_fragment))
+            sent_at = time.time()
+            future = producer.send(topic, key=stream.encode(), value=encode_input(text, ts_ms=sent_at * 1000))
+            future.add_callback(self._on_sent, sent_at)
+            next_at[stream] = due + interval * self.rng.uniform(0.8, 1.2)
+        producer.flush(30)
+        producer.close(10)
+
+    def _on_sent(self, sent_at: float, meta) -> None:
+        with self.lock:
+            self.sent[(meta.partition, meta.offset)] = sent_at
+
+    def _read_outputs(self) -> None:
+        from kafka import KafkaConsumer, TopicPartition
+        from rwkv_stream.components.kafka.schema import decode_output
+
+        topic = f"{self.name}.out"
+        consumer = KafkaConsumer(bootstrap_servers=self.bootstrap, group_id=None, enable_auto_commit=False,
+                                 isolation_level="read_committed", fetch_max_wait_ms=10)
+        while not consumer.partitions_for_topic(topic):
+            time.sleep(0.05)
+        tps = [TopicPartition(topic, p) for p in consumer.partitions_for_topic(topic)]
+        consumer.assign(tps)
+        consumer.seek_to_beginning(*tps)
+        idle_since = None
+        while True:
+            batch = consumer.poll(timeout_ms=20)
+            now = time.time()
+            for records in batch.values():
+                for rec in records:
+                    out = decode_output(rec.value)
+                    key = (out["partition"], out["offset"])
+                    with self.lock:
+                        sent = self.sent.get(key)
+                        first = key not in self.seen
+                        self.seen.add(key)
+                    if sent is not None and first:
+                        self.received.append((now, now - sent, len(out["tokens"])))
+            if self.stop.is_set():
+                idle_since = idle_since or now
+                if batch:
+                    idle_since = now
+                if now - idle_since > 5.0:
+                    break
+        consumer.close()
+
+    # ---------------------------------------------------------------------------------------------- faults
+    def _kill_and_restart(self, consumer) -> dict:
+
+        killed_at = time.time()
+        consumer.kill()
+        restarted = self._start_consumer()
+        time.sleep(self.args.after_kill)
+        with self.lock:
+            after = [(t, lat) for t, lat, _ in self.received if t > killed_at]
+        first = min((t for t, _ in after), default=None)
+        caught_up = next((t for t, lat in sorted(after) if lat < 0.1), None)
+        return {
+            "consumer": restarted,
+            "first_output_after_kill_s": None if first is None else round(first - killed_at, 3),
+            "caught_up_after_kill_s": None if caught_up is None else round(caught_up - killed_at, 3),
+        }
+
+    # ---------------------------------------------------------------------------------------------- report
+    def _report(self, t0: float, t1: float, recovery: dict) -> dict:
+        window = [(lat, tok) for t, lat, tok in self.received if t0 <= t < t1]
+        lat = sorted(x for x, _ in window)
+
+        def pct(q: float) -> float | None:
+            return round(1000 * lat[min(len(lat) - 1, int(q * len(lat)))], 2) if lat else None
+
+        seconds = t1 - t0
+        return {
+            "machine": {"cpu": _cpu_name(), "cores": os.cpu_count(), "python": platform.python_version()},
+            "bundle": "none (echo baseline)" if self.args.echo else (
+                self.args.synthetic and f"random {self.args.synthetic}" or self.args.bundle),
+            "delivery": self.args.delivery,
+            "streams": self.args.streams,
+            "offered_fragments_per_s": self.args.streams * self.args.rate_per_stream,
+            "partitions": self.args.partitions,
+            "checkpoint_interval_ms": self.args.checkpoint_interval_ms or "default",
+            "static_membership": self.args.static_membership,
+            "measured_s": seconds,
+            "fragments": len(window),
+            "fragments_per_s": round(len(window) / seconds, 1),
+            "tokens_per_s": round(sum(tok for _, tok in window) / seconds, 1),
+            "latency_ms": {"p50": pct(0.5), "p90": pct(0.9), "p99": pct(0.99), "max": pct(1.0),
+                           "mean": round(1000 * statistics.fmean(lat), 2) if lat else None},
+            "recovery": recovery,
+            "consumer_after_restart": self.consumer_metrics,
+            "logs": str(self.log_dir),
+        }
+
+
+def echo_worker(argv: list[str]) -> int:
+    """The --echo baseline consumer: the processor's Kafka hops (poll, produce an output) without a model."""
+    import msgpack
+    from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer
+
+    p = argparse.ArgumentParser()
+    for name in ("--bootstrap", "--input", "--output", "--group"):
+        p.add_argument(name)
+    a = p.parse_args(argv)
+    admin = KafkaAdminClient(bootstrap_servers=a.bootstrap)
+    n = len(admin.describe_topics([a.input])[0]["partitions"])
+    with contextlib.suppress(Exception):  # exists after a restart
+        admin.create_topics({a.output: {"num_partitions": n, "replication_factor": 1}})
+    consumer = KafkaConsumer(a.input, bootstrap_servers=a.bootstrap, group_id=a.group, enable_auto_commit=True,
+                             auto_offset_reset="earliest")
+    while not consumer.partitions_for_topic(a.input):
+        time.sleep(0.05)
+    producer = KafkaProducer(bootstrap_servers=a.bootstrap, linger_ms=2, acks="all")
+    print('"state restored"', flush=True)
+    while True:
+        for tp, records in consumer.poll(timeout_ms=20).items():
+            for r in records:
+                value = msgpack.packb({"v": 1, "partition": tp.partition, "offset": r.offset, "tokens": []})
+                producer.send(a.output, key=r.key, value=value, partition=tp.partition)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _scrape(port: int) -> dict:
+    """Checkpoint and in-consumer latency figures from the consumer's Prometheus endpoint."""
+    import urllib.request
+
+    try:
+        text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    except OSError as exc:
+        return {"error": repr(exc)}
+    values: dict[str, float] = {}
+    buckets: dict[str, list[tuple[float, float]]] = {}
+    for line in text.splitlines():
+        if line.startswith("#") or " " not in line:
+            continue
+        name, value = line.rsplit(" ", 1)
+        if "_bucket{" in name:
+            base = name.split("_bucket{")[0]
+            le = name.split('le="')[1].split('"')[0]
+            buckets.setdefault(base, []).append((float("inf") if le == "+Inf" else float(le), float(value)))
+        else:
+            values[name] = float(value)
+
+    def quantile(base: str, q: float) -> float | None:
+        rows = sorted(buckets.get(base, []))
+        total = rows[-1][1] if rows else 0
+        return next((round(le * 1000, 1) for le, n in rows if n >= q * total), None) if total else None
+
+    ckpt_n = values.get("rwkv_stream_checkpoint_seconds_count", 0)
+    return {
+        "processing_latency_ms_p50_le": quantile("rwkv_stream_processing_latency_seconds", 0.5),
+        "processing_latency_ms_p99_le": quantile("rwkv_stream_processing_latency_seconds", 0.99),
+        "checkpoints": ckpt_n,
+        "checkpoint_mean_ms": round(1000 * values.get("rwkv_stream_checkpoint_seconds_sum", 0) / ckpt_n, 1)
+        if ckpt_n else None,
+    }
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

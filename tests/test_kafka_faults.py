@@ -205,15 +205,7 @@ def test_injected_commit_failures(kafka_bootstrap, bundle_dir, scenarios, mode):
     s.finish()
 
 
-STALLED_EOS_BUG = pytest.mark.xfail(
-    reason="known bug (issue 5 note): a consumer frozen past its session timeout can still commit its "
-    "transaction after waking, because the offsets are sent without the consumer's group generation, so the "
-    "broker does not fence the zombie; read_committed readers then see duplicates",
-    strict=False,
-)
-
-
-@pytest.mark.parametrize("mode", [pytest.param(m, marks=STALLED_EOS_BUG) if m == "exactly-once" else m for m in MODES])
+@pytest.mark.parametrize("mode", MODES)
 def test_stalled_consumer_is_fenced(kafka_bootstrap, bundle_dir, scenarios, mode):
     """A consumer frozen (SIGSTOP) past its session timeout loses its partitions to another; when it wakes up
     mid-batch it must not corrupt states or (exactly-once) publish anything."""

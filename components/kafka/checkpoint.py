@@ -62,6 +62,11 @@ class CommitFailed(RuntimeError):
     next checkpoint commits further; replayed input is skipped by the states' offsets)."""
 
 
+class StaleWork(RuntimeError):
+    """The work to checkpoint was polled under an earlier group membership (this consumer was fenced out and
+    has rejoined since): it must be thrown away, never committed."""
+
+
 class MembershipLost(RuntimeError):
     """This consumer no longer owns its partitions (its commit was refused by the group coordinator)."""
 
@@ -82,13 +87,14 @@ class Delivery:
         self.faults = faults
         self.flush_timeout_s = flush_timeout_s
         self._send_error: BaseException | None = None
+        self._epoch = 0  # bumped by abort(): failures of records sent before it are expected, not errors
 
     def send(self, topic: str, key: bytes | None, value: bytes, partition: int | None = None) -> None:
         future = self.producer.send(topic, key=key, value=value, partition=partition)
-        future.add_errback(self._on_error)
+        future.add_errback(self._on_error, self._epoch)
 
-    def _on_error(self, exc: BaseException) -> None:
-        if self._send_error is None:
+    def _on_error(self, epoch: int, exc: BaseException) -> None:
+        if epoch == self._epoch and self._send_error is None:
             self._send_error = exc
 
     def flush(self) -> None:
@@ -101,13 +107,19 @@ class Delivery:
             raise SendFailed(f"a record was not delivered: {exc!r}") from exc
 
     def checkpoint(self, write_state: Callable[[KafkaProducer], None], offsets: Callable[[], Offsets],
-                   known: Offsets) -> None:
+                   known: Offsets, member: str | None) -> None:
         """``write_state(producer)`` sends (and flushes) the snapshots; ``offsets()`` then gives the offsets to
-        commit; ``known`` are offsets this member committed before (at-least-once membership probe)."""
+        commit; ``known`` are offsets this member committed before (at-least-once membership probe);
+        ``member`` is the group member id the work was polled under (None: no offsets to commit)."""
         raise NotImplementedError
+
+    def _check_member(self, member: str | None) -> None:
+        if member is not None and self.consumer.group_metadata().member_id != member:
+            raise StaleWork(f"group member changed from {member!r} since this work was polled")
 
     def abort(self) -> None:
         """Forget what was sent since the last checkpoint (exactly-once: abort the transaction)."""
+        self._epoch += 1
         self._send_error = None
 
     def close(self, timeout_s: float = 10.0) -> None:
@@ -116,9 +128,10 @@ class Delivery:
 
 class AtLeastOnce(Delivery):
     def checkpoint(self, write_state: Callable[[KafkaProducer], None], offsets: Callable[[], Offsets],
-                   known: Offsets) -> None:
+                   known: Offsets, member: str | None) -> None:
         self.flush()
         self.faults.point("after_outputs_flush")
+        self._check_member(member)
         self._probe(known)
         try:
             write_state(self.producer)
@@ -129,6 +142,7 @@ class AtLeastOnce(Delivery):
         commit = offsets()
         if commit:
             self.faults.point("before_commit")
+            self._check_member(member)
             try:
                 self.faults.commit()
                 self.consumer.commit(commit)
@@ -166,14 +180,17 @@ class ExactlyOnce(Delivery):
             self.in_transaction = True
 
     def checkpoint(self, write_state: Callable[[KafkaProducer], None], offsets: Callable[[], Offsets],
-                   known: Offsets) -> None:
+                   known: Offsets, member: str | None) -> None:
         self.begin()
         write_state(self.producer)
         self.flush()
         self.faults.point("after_state_write")
         commit = offsets()
         if commit:
-            self.producer.send_offsets_to_transaction(commit, self.consumer.group_metadata())
+            metadata = self.consumer.group_metadata()
+            if member is not None and metadata.member_id != member:
+                raise StaleWork(f"group member changed from {member!r} since this work was polled")
+            self.producer.send_offsets_to_transaction(commit, metadata)
         self.faults.point("before_commit")
         self.faults.commit()
         self.producer.commit_transaction()

@@ -31,7 +31,16 @@ from kafka.structs import OffsetAndMetadata, TopicPartition
 from rwkv_stream.bundle import Bundle
 from rwkv_stream.state import StateError
 
-from .checkpoint import AtLeastOnce, CheckpointPolicy, CommitFailed, Delivery, ExactlyOnce, MembershipLost, Offsets
+from .checkpoint import (
+    AtLeastOnce,
+    CheckpointPolicy,
+    CommitFailed,
+    Delivery,
+    ExactlyOnce,
+    MembershipLost,
+    Offsets,
+    StaleWork,
+)
 from .config import ConsumerConfig
 from .engine import StepItem, StreamEngine, StreamKey
 from .faults import Faults
@@ -59,6 +68,7 @@ class _Job:
     known: Offsets  # offsets this member committed before (at-least-once membership probe)
     batch: WriteBatch
     state_end: dict[int, int]
+    member: str | None  # group member id the work was polled under
     started: float = field(default_factory=time.monotonic)
     done: threading.Event = field(default_factory=threading.Event)
     error: BaseException | None = None
@@ -129,6 +139,7 @@ class Processor:
         self.store: StateStore | None = None
         self.started = threading.Event()
         self._job: _Job | None = None
+        self._work_member: str | None = None  # member id when the uncommitted work started
         self._co_partitioned = False  # output topic has the input's partitions: output partition = input's
 
     # ================================================================================ lifecycle
@@ -189,7 +200,8 @@ class Processor:
         _unpark_fetched_records(self.consumer)
         polled = self.consumer.poll(timeout_ms=timeout, max_records=self.cfg.max_poll_records)
         if self.to_restore:
-            self.restore()
+            repositioned = self.restore()
+            polled = {tp: records for tp, records in polled.items() if tp not in repositioned}  # re-fetched
         self._enqueue(polled)
         self._backpressure()
         batch = self._take_batch()
@@ -253,6 +265,8 @@ class Processor:
 
     # ================================================================================ processing
     def process(self, batch: list[tuple[TopicPartition, Any, float]]) -> None:
+        if self._work_member is None:
+            self._work_member = self._member_id()
         work: list[_Work] = []
         for tp, rec, received in batch:
             self.processed[tp.partition] = rec.offset + 1
@@ -431,11 +445,16 @@ class Processor:
         if not (self.processed or self.dirty or self.store.has_pending()):
             self.policy.done()
             return None
+        member, self._work_member = self._work_member, None
+        if member is not None and member != self._member_id():
+            self._discard_stale_work(member)
+            return None
         for key in sorted(self.dirty):
             self.store.stage_state(key[0], key[1], self.engine.ctx(key).applied, self.engine.snapshot(key))
             self.metrics.snapshots.inc()
         self.dirty.clear()
-        job = _Job(dict(self.processed), self._known_offsets(), self.store.take(), dict(self.store.state_end))
+        job = _Job(dict(self.processed), self._known_offsets(), self.store.take(), dict(self.store.state_end),
+                   member)
         self.processed.clear()
         self.policy.done()
         return job
@@ -444,7 +463,7 @@ class Processor:
         """Any thread: the I/O of a checkpoint (see checkpoint.py for the order of things)."""
         try:
             self.delivery.checkpoint(lambda producer: self.store.send(producer, job.batch),
-                                     lambda: self._offsets(job), job.known)
+                                     lambda: self._offsets(job), job.known, job.member if job.offsets else None)
         except BaseException as exc:
             job.error = exc
         finally:
@@ -469,6 +488,20 @@ class Processor:
                                        "seconds": round(time.monotonic() - job.started, 4)})
         return True
 
+    def _member_id(self) -> str:
+        return self.consumer.group_metadata().member_id
+
+    def _discard_stale_work(self, member: str) -> None:
+        """This consumer was fenced out of the group and rejoined since the uncommitted work was polled (e.g.
+        it froze past its session timeout): another member may have processed the same input meanwhile, so
+        the work is thrown away and the partitions restored from what the group committed."""
+        log.warning("group membership changed since the uncommitted work was polled: discarding it",
+                    extra={"member": member, "now": self._member_id()})
+        self.metrics.checkpoints.labels("stale").inc()
+        self.policy.done()
+        self.delivery.abort()
+        self.rollback()
+
     def _offsets(self, job: _Job) -> Offsets:
         """Offsets to commit, each with the state-topic end offset a restore must reach ("s=")."""
         ends = dict(job.state_end)
@@ -487,7 +520,8 @@ class Processor:
         """At-least-once: a refused commit (or a failed membership check) needs nothing undone: outputs and
         states are durable, the offsets go with the next checkpoint. Anything else (undelivered records, an
         aborted transaction) rolls back to the last committed offsets and states."""
-        rollback = self.delivery.exactly_once or not isinstance(exc, MembershipLost | CommitFailed)
+        rollback = self.delivery.exactly_once or isinstance(exc, StaleWork) or not isinstance(
+            exc, MembershipLost | CommitFailed)
         self.metrics.checkpoints.labels("failed").inc()
         self.metrics.commit_failures.inc()
         log.warning("checkpoint failed", extra={"error": repr(exc), "rollback": rollback})
@@ -511,6 +545,7 @@ class Processor:
             if offset is not None:
                 self.consumer.seek(tp, offset)
         self.to_restore |= tps
+        self._work_member = None
         log.warning("rolled back to the last checkpoint", extra={"partitions": sorted(tp.partition for tp in tps)})
 
     # ================================================================================ rebalances
@@ -557,15 +592,22 @@ class Processor:
             self.consumer.resume(*(tps & self.paused))
         self.metrics.live_streams.set(len(self.engine))
 
-    def restore(self) -> None:
-        """Main thread: rebuild the state index of newly assigned partitions before processing them."""
+    def restore(self) -> set[TopicPartition]:
+        """Main thread: rebuild the state index of newly assigned partitions before processing them, and
+        position them at the group's committed offsets. Returns the partitions repositioned (what this poll
+        returned for them is fetched again)."""
         tps = sorted(self.to_restore)
         targets: dict[int, int] = {}
+        repositioned: set[TopicPartition] = set()
         for tp in tps:
             committed = self.consumer.committed(tp, metadata=True)
             targets[tp.partition] = _state_target(committed)
             if committed is not None:
+                # The group's offset, not ours: after a rollback another member may have committed further.
                 self.committed[tp.partition] = committed.offset
+                self.queues.pop(tp, None)
+                self.consumer.seek(tp, committed.offset)
+                repositioned.add(tp)
             else:
                 self.committed.pop(tp.partition, None)
         stats = self.store.restore(targets)
@@ -577,6 +619,7 @@ class Processor:
         log.info("state restored", extra={"partitions": [tp.partition for tp in tps], **stats,
                                           "from_offsets": {tp.partition: self.committed.get(tp.partition)
                                                            for tp in tps}})
+        return repositioned
 
     # ================================================================================ Kafka clients
     def _client_options(self, allowed: dict[str, Any]) -> dict[str, Any]:

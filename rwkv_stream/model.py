@@ -23,7 +23,7 @@ from torch import Tensor
 
 from .checkpoint import CheckpointError, load_canonical
 from .config import FP16_RESCALE_EVERY, ModelConfig, parse_dtype
-from .linear import Linear, make_linear
+from .linear import Linear, make_linear, project
 from .pool import StatePool
 from .state import State, StateError, empty_state_tensor
 from .wkv import wkv_ragged, wkv_step
@@ -36,14 +36,14 @@ LN_EPS = 1e-5
 class _Layer:
     ln1: tuple[Tensor, Tensor]
     ln2: tuple[Tensor, Tensor]
-    att_mix: tuple[Tensor, Tensor, Tensor]  # k, v, r
+    att_mix: Tensor  # [3, 1, C]: k, v, r
     w: Tensor  # -exp(time_decay), fp32
     u: Tensor  # time_first, fp32
     att_key: Linear
     att_value: Linear
     att_receptance: Linear
     att_output: Linear
-    ffn_mix: tuple[Tensor, Tensor]  # k, r
+    ffn_mix: Tensor  # [2, 1, C]: k, r
     ffn_key: Linear
     ffn_receptance: Linear
     ffn_value: Linear
@@ -98,8 +98,9 @@ class StepOutput:
 class Model:
     """An RWKV-4 language model that runs as an RNN. Create it with :func:`load`.
 
-    ``dtype`` is the weight format: ``float32``, ``bfloat16``, ``float16``, or ``int8`` (weight-only, CPU,
-    bf16 activations). State, decay, bonus, layer norms and accumulation are always fp32.
+    ``dtype`` is the weight format: ``float32``, ``bfloat16``, ``float16``, or ``int8`` (CPU: int8 weights,
+    activations quantized to int8 per row for each product, int32 sums). State, decay, bonus, layer norms and
+    accumulation are always fp32.
     """
 
     def __init__(
@@ -130,6 +131,9 @@ class Model:
             m = t[key].to(dev, torch.float32)
             return make_linear(m / scale if scale != 1.0 else m, dt, self.int8)
 
+        def mixes(prefix: str, names: str) -> Tensor:
+            return torch.stack([vec(prefix + n).reshape(1, -1) for n in names])
+
         emb = t["emb.weight"].to(dev, torch.float32)
         emb = F.layer_norm(emb, (self.config.n_embd,), vec("blocks.0.ln0.weight"), vec("blocks.0.ln0.bias"), LN_EPS)
         self.emb = emb if dt == torch.float32 else emb.to(dt)
@@ -141,14 +145,14 @@ class Model:
                 _Layer(
                     ln1=(vec(p + "ln1.weight"), vec(p + "ln1.bias")),
                     ln2=(vec(p + "ln2.weight"), vec(p + "ln2.bias")),
-                    att_mix=(vec(p + "att.time_mix_k"), vec(p + "att.time_mix_v"), vec(p + "att.time_mix_r")),
+                    att_mix=mixes(p + "att.time_mix_", "kvr"),
                     w=-torch.exp(vec(p + "att.time_decay")),
                     u=vec(p + "att.time_first"),
                     att_key=mat(p + "att.key.weight"),
                     att_value=mat(p + "att.value.weight"),
                     att_receptance=mat(p + "att.receptance.weight"),
                     att_output=mat(p + "att.output.weight", scale),
-                    ffn_mix=(vec(p + "ffn.time_mix_k"), vec(p + "ffn.time_mix_r")),
+                    ffn_mix=mixes(p + "ffn.time_mix_", "kr"),
                     ffn_key=mat(p + "ffn.key.weight"),
                     ffn_receptance=mat(p + "ffn.receptance.weight"),
                     ffn_value=mat(p + "ffn.value.weight", scale),
@@ -272,10 +276,8 @@ class Model:
 
     def _time_mix(self, layer: _Layer, xa: Tensor, st: Tensor, rag: Ragged, where: tuple[Tensor, int]) -> Tensor:
         sx = self._shift(xa, st, 0, rag)
-        mk, mv, mr = layer.att_mix
-        k = layer.att_key(torch.lerp(sx, xa, mk))
-        v = layer.att_value(torch.lerp(sx, xa, mv))
-        r = torch.sigmoid(layer.att_receptance(torch.lerp(sx, xa, mr)))
+        k, v, r = project((layer.att_key, layer.att_value, layer.att_receptance), torch.lerp(sx, xa, layer.att_mix))
+        r = torch.sigmoid(r)
         if self._kernels is not None:  # CUDA: one kernel over all streams and tokens, state updated in place
             states, index = where
             wkv = self._kernels.wkv_ragged(k, v, layer.w, layer.u, states, rag.slots_i32, rag.offsets_i32, index)
@@ -287,10 +289,8 @@ class Model:
 
     def _channel_mix(self, layer: _Layer, xf: Tensor, st: Tensor, rag: Ragged) -> Tensor:
         sx = self._shift(xf, st, 4, rag)
-        mk, mr = layer.ffn_mix
-        r = torch.sigmoid(layer.ffn_receptance(torch.lerp(sx, xf, mr)))
-        k = torch.relu(layer.ffn_key(torch.lerp(sx, xf, mk))).square()
-        return r * layer.ffn_value(k)
+        k, r = project((layer.ffn_key, layer.ffn_receptance), torch.lerp(sx, xf, layer.ffn_mix))
+        return torch.sigmoid(r) * layer.ffn_value(torch.relu(k).square())
 
 
 def _load_cuda_kernels(device: torch.device):

@@ -126,6 +126,29 @@ def test_half_precision_weights_stay_close_to_fp32(tiny_pth, dtype, tol):
     assert half.fingerprint == load(tiny_pth).fingerprint
 
 
+def test_int8_stream_is_bitwise_independent_of_batch_mates(tiny_pth):
+    """int8 quantizes each activation row on its own and sums integers exactly: no rounding depends on batch mates."""
+    model = load(tiny_pth, dtype="int8")
+    pool = model.new_pool(4)
+    alone, crowd = pool.alloc(), [pool.alloc() for _ in range(3)]
+    solo = model.step(pool, [alone], [TEXT[:5]])
+    shared = model.step(pool, [crowd[0], crowd[1], crowd[2]], [TEXT[20:27], TEXT[:5], [3]])
+    assert torch.equal(solo.logits[0], shared.logits[1])
+    assert torch.equal(pool.read(alone).tensor, pool.read(crowd[1]).tensor)
+
+
+def test_int8_products_quantize_each_row_on_its_own():
+    from rwkv_stream.linear import Int8Linear
+
+    gen = torch.Generator().manual_seed(0)
+    weight, x = torch.randn(300, 200, generator=gen), torch.randn(9, 200, generator=gen)
+    x[4] *= 1000  # an outlier row must not cost the other rows precision
+    got, want = Int8Linear(weight)(x), x @ weight.T
+    err = (got - want).abs().amax(dim=1) / want.abs().amax(dim=1)
+    assert err.max() < 0.02, err
+    assert torch.equal(Int8Linear(weight)(x[:1]), got[:1])
+
+
 def test_fp16_rescaling_keeps_a_deep_model_finite(tmp_path):
     """13 layers cross two rescale points (every 6 layers); outputs must stay finite and close to fp32."""
     from rwkv_stream import ModelConfig

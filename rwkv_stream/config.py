@@ -39,8 +39,9 @@ def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
     if isinstance(dtype, torch.dtype):
         if dtype in WEIGHT_DTYPES.values():
             return dtype
-        raise ValueError(f"unsupported weight dtype {dtype}; use one of {sorted(WEIGHT_DTYPES)} or int8")
+        raise ValueError(f"unsupported weight dtype {dtype}; use one of {sorted(WEIGHT_DTYPES)} or int8 / w8a8")
     try:
         return WEIGHT_DTYPES[dtype]
     except KeyError:
-        raise ValueError(f"unsupported weight dtype {dtype!r}; use one of {sorted(WEIGHT_DTYPES)} or int8") from None
+        choices = f"{sorted(WEIGHT_DTYPES)} or int8 / w8a8"
+        raise ValueError(f"unsupported weight dtype {dtype!r}; use one of {choices}") from None

@@ -1,17 +1,20 @@
 """Matrix products for the weight formats the engine runs, each on its fastest CPU path.
 
 Measured on a 2-core AVX-512 (bf16, VNNI) EPYC with the weights of the 169M model in DRAM (see BENCHMARKS.md):
-oneDNN's bf16 GEMM is ~7x slower for a single row than ``torch.mv`` (it re-lays out the weight each call),
-while int8 x int8 -> int32 products (``torch._int_mm``, VNNI) beat every float path at any row count (1 row:
-4.8 ms per 169M step vs 7.3 ms for the weight-only int8 kernel and 22.6 ms fp32 ``mv``; 16 rows: 11 ms vs
-20 ms bf16 GEMM). So:
+oneDNN's bf16 GEMM is ~7x slower for a single row than ``torch.mv`` (it re-lays out the weight each call); the
+weight-only int8 kernel beats the float paths up to ~4 rows; int8 x int8 -> int32 products (``torch._int_mm``,
+VNNI) beat everything at any row count (one 169M step, 1 row: 4.8 ms vs 7.3 ms weight-only int8 and 22.6 ms
+fp32 ``mv``; 16 rows: 11 ms vs 20 ms bf16 GEMM, matrices alone). So:
 
-- ``DenseLinear``: one row -> ``mv``; more rows -> ``F.linear`` (GEMM). On CUDA always ``F.linear``.
-- ``Int8Linear``: weights int8 per output channel, activations quantized to int8 per row on the fly (symmetric,
-  scale = row absmax / 127), exact int32 accumulation, then both scales applied in fp32. Each row is
-  quantized on its own and integer sums are exact, so a row's result is bitwise independent of the other
-  rows in the product (batch mates), whatever their number.
-
+- ``DenseLinear`` (float formats): one row -> ``mv``; more rows -> ``F.linear`` (GEMM). On CUDA always GEMM.
+- ``Int8Linear`` (format ``int8``): weight-only int8 per output channel, bf16 activations, for up to
+  ``INT8_MAX_ROWS`` rows (``torch._weight_int8pack_mm``); above that a bf16 copy of the weights (the format
+  holds both). Accuracy like bf16.
+- ``W8A8Linear`` (format ``w8a8``): int8 weights per output channel and activations quantized to int8 per row
+  on the fly (symmetric, scale = row absmax / 127), exact int32 sums, both scales applied in fp32. The fastest
+  CPU format at any row count; each row is quantized on its own and integer sums are exact, so a row's result
+  is bitwise independent of the other rows in the product (its batch mates). Less accurate, since the
+  activations are rounded too (see BENCHMARKS.md).
 """
 
 from __future__ import annotations
@@ -21,6 +24,9 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+INT8_MAX_ROWS = 4
+QUANTIZED_FORMATS = ("int8", "w8a8")
 
 
 class DenseLinear:
@@ -40,11 +46,29 @@ class DenseLinear:
 
 
 class Int8Linear:
+    """Weight-only int8 (CPU). Error: per-row absmax/254 of each weight, i.e. ~0.4% of the row's largest."""
+
+    def __init__(self, weight: Tensor) -> None:
+        _require_cpu(weight, "int8")
+        self.qweight, scales = quantize_rows(weight.float())
+        self.scales = scales.reshape(-1).to(torch.bfloat16)
+        self.dense = DenseLinear(self.qweight.float() * scales, torch.bfloat16)
+
+    def __call__(self, x: Tensor) -> Tensor:
+        if x.shape[0] <= INT8_MAX_ROWS:
+            return torch._weight_int8pack_mm(x.to(torch.bfloat16).contiguous(), self.qweight, self.scales).float()
+        return self.dense(x)
+
+    @property
+    def nbytes(self) -> int:
+        return self.qweight.numel() + self.dense.nbytes
+
+
+class W8A8Linear:
     """int8 weights and activations (CPU). Error: per-row absmax/254 of each weight row and of each input row."""
 
     def __init__(self, weight: Tensor) -> None:
-        if weight.device.type != "cpu":
-            raise ValueError("int8 weights run on the CPU only; use float16/bfloat16 on GPUs")
+        _require_cpu(weight, "w8a8")
         self.qweight, scales = quantize_rows(weight.float())
         self.scales = scales.reshape(-1)  # per output column of the product
 
@@ -61,22 +85,32 @@ class Int8Linear:
         return self.qweight.numel() + self.scales.numel() * 4
 
 
+Linear = DenseLinear | Int8Linear | W8A8Linear
+
+
 def quantize_rows(m: Tensor) -> tuple[Tensor, Tensor]:
-    """Symmetric per-row int8: ``m ~= q * scales`` with ``q`` in [-127, 127] and ``scales`` ``[rows, 1]``."""
-    scales = torch.linalg.vector_norm(m, float("inf"), dim=-1, keepdim=True).clamp_min_(1e-30).div_(127)
+    """Symmetric per-row int8: ``m ~= q * scales`` with ``q`` in [-127, 127] and ``scales`` ``[..., rows, 1]``."""
+    scales = m.abs().amax(dim=-1, keepdim=True).clamp_min_(1e-30).div_(127)  # faster than vector_norm(inf)
     return torch.div(m, scales).round_().to(torch.int8), scales
 
 
 def project(linears: Sequence[Linear], xs: Tensor) -> list[Tensor]:
-    """``[linears[i](xs[i]) for i ...]`` for ``xs`` ``[n, rows, in]``; int8 quantizes all inputs in one go."""
-    if all(isinstance(lin, Int8Linear) for lin in linears):
+    """``[linears[i](xs[i]) for i ...]`` for ``xs`` ``[n, rows, in]``; w8a8 quantizes all inputs in one go."""
+    if all(isinstance(lin, W8A8Linear) for lin in linears):
         qx, scales = quantize_rows(xs.float())
         return [lin.quantized(q, s) for lin, q, s in zip(linears, qx, scales, strict=True)]
     return [lin(x) for lin, x in zip(linears, xs, strict=True)]
 
 
-Linear = DenseLinear | Int8Linear
+def make_linear(weight: Tensor, dtype: torch.dtype, fmt: str | None = None) -> Linear:
+    """``fmt``: None for plain ``dtype`` weights, or one of :data:`QUANTIZED_FORMATS`."""
+    if fmt == "int8":
+        return Int8Linear(weight)
+    if fmt == "w8a8":
+        return W8A8Linear(weight)
+    return DenseLinear(weight, dtype)
 
 
-def make_linear(weight: Tensor, dtype: torch.dtype, int8: bool) -> Linear:
-    return Int8Linear(weight) if int8 else DenseLinear(weight, dtype)
+def _require_cpu(weight: Tensor, fmt: str) -> None:
+    if weight.device.type != "cpu":
+        raise ValueError(f"{fmt} weights run on the CPU only; use float16/bfloat16 on GPUs")

@@ -23,7 +23,7 @@ from torch import Tensor
 
 from .checkpoint import CheckpointError, load_canonical
 from .config import FP16_RESCALE_EVERY, ModelConfig, parse_dtype
-from .linear import Linear, make_linear, project
+from .linear import QUANTIZED_FORMATS, Linear, make_linear, project
 from .pool import StatePool
 from .state import State, StateError, empty_state_tensor
 from .wkv import wkv_ragged, wkv_step
@@ -98,9 +98,9 @@ class StepOutput:
 class Model:
     """An RWKV-4 language model that runs as an RNN. Create it with :func:`load`.
 
-    ``dtype`` is the weight format: ``float32``, ``bfloat16``, ``float16``, or ``int8`` (CPU: int8 weights,
-    activations quantized to int8 per row for each product, int32 sums). State, decay, bonus, layer norms and
-    accumulation are always fp32.
+    ``dtype`` is the weight format: ``float32``, ``bfloat16``, ``float16``, ``int8`` (CPU, weight-only) or
+    ``w8a8`` (CPU, int8 weights and per-row int8 activations; see :mod:`rwkv_stream.linear`). State, decay,
+    bonus, layer norms and accumulation are always fp32.
     """
 
     def __init__(
@@ -112,9 +112,9 @@ class Model:
     ) -> None:
         self.config = config
         self.device = torch.device(device)
-        self.int8 = dtype == "int8"
-        self.weight_format = "int8" if self.int8 else str(parse_dtype(dtype)).removeprefix("torch.")
-        self.dtype = torch.bfloat16 if self.int8 else parse_dtype(dtype)
+        self.quantized = dtype if isinstance(dtype, str) and dtype in QUANTIZED_FORMATS else None
+        self.weight_format = self.quantized or str(parse_dtype(dtype)).removeprefix("torch.")
+        self.dtype = torch.bfloat16 if self.quantized else parse_dtype(dtype)
         self.fingerprint = weights_fingerprint(tensors, config)
         self._rescale = self.dtype == torch.float16
         self._prepare(tensors)
@@ -129,7 +129,7 @@ class Model:
 
         def mat(key: str, scale: float = 1.0) -> Linear:
             m = t[key].to(dev, torch.float32)
-            return make_linear(m / scale if scale != 1.0 else m, dt, self.int8)
+            return make_linear(m / scale if scale != 1.0 else m, dt, self.quantized)
 
         def mixes(prefix: str, names: str) -> Tensor:
             return torch.stack([vec(prefix + n).reshape(1, -1) for n in names])

@@ -114,9 +114,9 @@ def test_state_of_another_model_is_refused(model, tmp_path):
         other.forward([1], model.forward([1])[1])
 
 
-@pytest.mark.parametrize("dtype,tol", [("bfloat16", 0.05), ("float16", 0.01), ("int8", 0.05)])
+@pytest.mark.parametrize("dtype,tol", [("bfloat16", 0.05), ("float16", 0.01), ("int8", 0.05), ("w8a8", 0.05)])
 def test_half_precision_weights_stay_close_to_fp32(tiny_pth, dtype, tol):
-    """Stated tolerance: max |Δlogit| relative to max |logit|: bf16 ≤ 5e-2, fp16 ≤ 1e-2, int8 ≤ 5e-2 (3-layer model)."""
+    """Stated tolerance, max |Δlogit| / max |logit| (3-layer model): bf16, int8, w8a8 ≤ 5e-2; fp16 ≤ 1e-2."""
     ref, ref_state = load(tiny_pth).forward(TEXT)
     half = load(tiny_pth, dtype=dtype)
     logits, state = half.forward(TEXT)
@@ -126,9 +126,9 @@ def test_half_precision_weights_stay_close_to_fp32(tiny_pth, dtype, tol):
     assert half.fingerprint == load(tiny_pth).fingerprint
 
 
-def test_int8_stream_is_bitwise_independent_of_batch_mates(tiny_pth):
-    """int8 quantizes each activation row on its own and sums integers exactly: no rounding depends on batch mates."""
-    model = load(tiny_pth, dtype="int8")
+def test_w8a8_stream_is_bitwise_independent_of_batch_mates(tiny_pth):
+    """w8a8 quantizes each activation row on its own and sums integers exactly: no rounding depends on batch mates."""
+    model = load(tiny_pth, dtype="w8a8")
     pool = model.new_pool(4)
     alone, crowd = pool.alloc(), [pool.alloc() for _ in range(3)]
     solo = model.step(pool, [alone], [TEXT[:5]])
@@ -137,16 +137,16 @@ def test_int8_stream_is_bitwise_independent_of_batch_mates(tiny_pth):
     assert torch.equal(pool.read(alone).tensor, pool.read(crowd[1]).tensor)
 
 
-def test_int8_products_quantize_each_row_on_its_own():
-    from rwkv_stream.linear import Int8Linear
+def test_w8a8_products_quantize_each_row_on_its_own():
+    from rwkv_stream.linear import W8A8Linear
 
     gen = torch.Generator().manual_seed(0)
     weight, x = torch.randn(300, 200, generator=gen), torch.randn(9, 200, generator=gen)
     x[4] *= 1000  # an outlier row must not cost the other rows precision
-    got, want = Int8Linear(weight)(x), x @ weight.T
+    got, want = W8A8Linear(weight)(x), x @ weight.T
     err = (got - want).abs().amax(dim=1) / want.abs().amax(dim=1)
     assert err.max() < 0.02, err
-    assert torch.equal(Int8Linear(weight)(x[:1]), got[:1])
+    assert torch.equal(W8A8Linear(weight)(x[:1]), got[:1])
 
 
 def test_fp16_rescaling_keeps_a_deep_model_finite(tmp_path):

@@ -113,7 +113,8 @@ class Bench:
         self.rng = random.Random(args.seed)
         self.name = f"bench-{int(time.time())}"
         self.sent: dict[tuple[int, int], float] = {}  # (partition, offset) -> send time
-        self.received: list[tuple[float, float, int]] = []  # (receive time, latency s, tokens)
+        # (receive time, latency s, tokens, processor's own latency s: polled -> output sent)
+        self.received: list[tuple[float, float, int, float | None]] = []
         self.seen: set[tuple[int, int]] = set()
         self.lock = threading.Lock()
         self.stop = threading.Event()
@@ -228,7 +229,8 @@ class Bench:
                         first = key not in self.seen
                         self.seen.add(key)
                     if sent is not None and first:
-                        self.received.append((now, now - sent, len(out["tokens"])))
+                        inner = out.get("latency_ms")
+                        self.received.append((now, now - sent, len(out["tokens"]), inner and inner / 1000))
             if self.stop.is_set():
                 idle_since = idle_since or now
                 if batch:
@@ -245,7 +247,7 @@ class Bench:
         restarted = self._start_consumer()
         time.sleep(self.args.after_kill)
         with self.lock:
-            after = [(t, lat) for t, lat, _ in self.received if t > killed_at]
+            after = [(t, lat) for t, lat, _, _ in self.received if t > killed_at]
         first = min((t for t, _ in after), default=None)
         caught_up = next((t for t, lat in sorted(after) if lat < 0.1), None)
         return {
@@ -256,11 +258,12 @@ class Bench:
 
     # ---------------------------------------------------------------------------------------------- report
     def _report(self, t0: float, t1: float, recovery: dict) -> dict:
-        window = [(lat, tok) for t, lat, tok in self.received if t0 <= t < t1]
-        lat = sorted(x for x, _ in window)
+        window = [(lat, tok, inner) for t, lat, tok, inner in self.received if t0 <= t < t1]
+        lat = sorted(x for x, _, _ in window)
+        inner = sorted(x for _, _, x in window if x is not None)
 
-        def pct(q: float) -> float | None:
-            return round(1000 * lat[min(len(lat) - 1, int(q * len(lat)))], 2) if lat else None
+        def pct(q: float, values: list[float] = lat) -> float | None:
+            return round(1000 * values[min(len(values) - 1, int(q * len(values)))], 2) if values else None
 
         seconds = t1 - t0
         return {
@@ -276,9 +279,11 @@ class Bench:
             "measured_s": seconds,
             "fragments": len(window),
             "fragments_per_s": round(len(window) / seconds, 1),
-            "tokens_per_s": round(sum(tok for _, tok in window) / seconds, 1),
+            "tokens_per_s": round(sum(tok for _, tok, _ in window) / seconds, 1),
             "latency_ms": {"p50": pct(0.5), "p90": pct(0.9), "p99": pct(0.99), "max": pct(1.0),
                            "mean": round(1000 * statistics.fmean(lat), 2) if lat else None},
+            # inside the processor, from polled to the output handed to the producer
+            "processor_latency_ms": {"p50": pct(0.5, inner), "p90": pct(0.9, inner), "p99": pct(0.99, inner)},
             "recovery": recovery,
             "consumer_after_restart": self.consumer_metrics,
             "logs": str(self.log_dir),

@@ -504,6 +504,12 @@ class _WorldStream:
     def flush(self) -> list[int]:
         return self._advance(self._buffer, final=True)
 
+    def export_state(self) -> dict[str, Any]:
+        return {"kind": "bytes", "buffer": bytes(self._buffer)}
+
+    def import_state(self, state: dict[str, Any]) -> None:
+        self._buffer = bytes(state["buffer"])
+
     def _advance(self, data: bytes, final: bool) -> list[int]:
         ids, used = self._tok.encode_final_prefix(data, final)
         self._buffer = data[used:]
@@ -569,6 +575,15 @@ class _TextStream:
         ids = self._advance(final=True) if self._pending else []
         self._reset()
         return ids
+
+    def export_state(self) -> dict[str, Any]:
+        pending_bytes, flag = self._utf8.getstate()
+        return {"kind": "text", "context": self._context, "pending": self._pending, "bare": self._bare,
+                "utf8": [bytes(pending_bytes), int(flag)]}
+
+    def import_state(self, state: dict[str, Any]) -> None:
+        self._context, self._pending, self._bare = str(state["context"]), str(state["pending"]), bool(state["bare"])
+        self._utf8.setstate((bytes(state["utf8"][0]), int(state["utf8"][1])))
 
     def _advance(self, final: bool) -> list[int]:
         view = self._encode_pending()
@@ -684,6 +699,17 @@ class StreamingEncoder:
 
     def flush(self) -> list[int]:
         return self._impl.flush()
+
+    def export_state(self) -> dict[str, Any]:
+        """What is held back, as plain msgpack/JSON-able values, to resume the stream elsewhere."""
+        return self._impl.export_state()
+
+    def import_state(self, state: dict[str, Any]) -> None:
+        """Resume from :meth:`export_state` of an encoder of the same tokenizer."""
+        kind = "bytes" if isinstance(self._impl, _WorldStream) else "text"
+        if state.get("kind") != kind:
+            raise ValueError(f"encoder state of kind {state.get('kind')!r} does not fit this {kind} tokenizer")
+        self._impl.import_state(state)
 
 
 class StreamingDecoder:

@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 
 os.environ.setdefault("RWKV_JIT_ON", "0")  # the `rwkv` peer package reads these at import
 os.environ.setdefault("RWKV_CUDA_ON", "0")
@@ -33,3 +34,20 @@ def tiny_pth(tmp_path_factory, tiny_tensors) -> Path:
 @pytest.fixture(scope="session")
 def tiny_hf(tmp_path_factory, tiny_tensors) -> Path:
     return save_hf(tiny_tensors, TINY, tmp_path_factory.mktemp("hf") / "tiny")
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Tiny models run fastest on one thread (two threads on two busy cores are many times slower)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="session")
+def tiny_bundle_dir(tmp_path_factory) -> Path:
+    """A tiny bundle with tagger, classifier and zero-shot heads (what the Kafka tests run)."""
+    from rwkv_stream.components.kafka.testing import make_tiny_bundle
+
+    return make_tiny_bundle(tmp_path_factory.mktemp("bundle") / "tiny")

@@ -8,26 +8,18 @@ import pytest
 import torch
 from rwkv_stream.components.kafka.engine import StepItem, StreamEngine, encoder_state, restore_encoder
 from rwkv_stream.components.kafka.schema import GenerationRequest
-from rwkv_stream.components.kafka.testing import WORDS, make_tiny_bundle
+from rwkv_stream.components.kafka.testing import WORDS
 
 from rwkv_stream.bundle import Bundle
 from rwkv_stream.tokenizer import StreamingEncoder
 
 SEED = 20261129
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny matrices: one thread is much faster than two on a busy 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
-def bundle(tmp_path_factory) -> Bundle:
-    return Bundle.load(make_tiny_bundle(tmp_path_factory.mktemp("bundle") / "tiny"))
+def bundle(tiny_bundle_dir) -> Bundle:
+    return Bundle.load(tiny_bundle_dir)
 
 
 def _fragments(rng: random.Random, n: int) -> list[str]:

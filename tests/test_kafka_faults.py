@@ -15,7 +15,6 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 
 pytest.importorskip("kafka", reason="kafka-python not installed (pip install -e .[kafka])")
 
@@ -25,28 +24,19 @@ from rwkv_stream.components.kafka.testing import (  # noqa: E402
     Pacer,
     check_outputs,
     interleave,
-    make_tiny_bundle,
     reference_outputs,
     stream_script,
     wait_for_outputs,
 )
 
-pytestmark = [pytest.mark.kafka, pytest.mark.slow]
+pytestmark = [pytest.mark.kafka, pytest.mark.slow, pytest.mark.usefixtures("one_torch_thread")]
 MODES = ["at-least-once", "exactly-once"]
 SEED = int(os.environ.get("RWKV_STREAM_TEST_SEED", "20261129"))
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
-def bundle_dir(tmp_path_factory) -> Path:
-    return make_tiny_bundle(tmp_path_factory.mktemp("bundle") / "tiny")
+def bundle_dir(tiny_bundle_dir) -> Path:
+    return tiny_bundle_dir
 
 
 class Scenario:

@@ -13,7 +13,6 @@ from collections.abc import Iterator
 
 import msgpack
 import pytest
-import torch
 
 pytest.importorskip("kafka", reason="kafka-python not installed (pip install -e .[kafka])")
 
@@ -25,7 +24,6 @@ from rwkv_stream.components.kafka.testing import (  # noqa: E402
     Planned,
     check_outputs,
     interleave,
-    make_tiny_bundle,
     produce,
     read_topic,
     reference_outputs,
@@ -35,21 +33,13 @@ from rwkv_stream.components.kafka.testing import (  # noqa: E402
 
 from rwkv_stream.bundle import Bundle  # noqa: E402
 
-pytestmark = pytest.mark.kafka
+pytestmark = [pytest.mark.kafka, pytest.mark.usefixtures("one_torch_thread")]
 SEED = 1129
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
-def bundle_dir(tmp_path_factory):
-    return make_tiny_bundle(tmp_path_factory.mktemp("bundle") / "tiny")
+def bundle_dir(tiny_bundle_dir):
+    return tiny_bundle_dir
 
 
 @pytest.fixture(scope="module")

@@ -48,18 +48,10 @@ TAG_LABELS = ["O", "B-PER", "I-PER", "B-ORG", "I-ORG"]
 TOPICS = ["sports", "politics", "weather"]
 ZERO_SHOT = {"greeting": " Hello there.", "question": " Is it?", "number": " 42"}
 N_EMBD = 32
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 # ------------------------------------------------------------------------------------------ fixtures
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """Tiny models run fastest on one thread (and don't fight other work on a small machine for cores)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="session")
 def spacy_dir(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("spacy_rwkv")

@@ -7,6 +7,7 @@ import unicodedata
 from collections.abc import Sequence
 from pathlib import Path
 
+import msgpack
 import pytest
 import tokenizers
 from hypothesis import HealthCheck, given, settings
@@ -396,3 +397,25 @@ def test_encoder_resets_after_flush(world: WorldTokenizer, bpe: HFTokenizer) -> 
 def test_streaming_encoder_rejects_unknown_tokenizers() -> None:
     with pytest.raises(TypeError):
         StreamingEncoder(object())  # type: ignore[arg-type]
+
+
+@FAST
+@given(text=texts, data=st.data())
+def test_encoder_state_survives_export_and_import_mid_stream(world: WorldTokenizer, bpe: HFTokenizer, text: str,
+                                                             data: st.DataObject) -> None:
+    """A stream can move between processes: export the held-back tail as plain values, resume elsewhere."""
+    payload = text.encode("utf-8")
+    pieces = split_at(payload, cuts_for(data, payload))
+    for tokenizer in (world, bpe):
+        ids, encoder = [], StreamingEncoder(tokenizer)
+        for piece in pieces:
+            ids += encoder.push(piece)
+            state = msgpack.unpackb(msgpack.packb(encoder.export_state()))
+            encoder = StreamingEncoder(tokenizer)
+            encoder.import_state(state)
+        assert ids + encoder.flush() == tokenizer.encode(text)
+
+
+def test_encoder_state_of_another_kind_is_refused(world: WorldTokenizer, bpe: HFTokenizer) -> None:
+    with pytest.raises(ValueError, match="does not fit"):
+        StreamingEncoder(bpe).import_state(StreamingEncoder(world).export_state())

@@ -45,35 +45,14 @@ META_VERSION = 1
 
 # ------------------------------------------------------------------------------------------ tokenizer state
 def encoder_state(encoder: StreamingEncoder) -> dict[str, Any]:
-    """What a :class:`StreamingEncoder` holds back, as msgpack-able values.
-
-    The tokenizer module has no public export yet, so this reads its two stream classes' fields.
-    """
-    exporter = getattr(encoder, "export_state", None)
-    if callable(exporter):
-        return {"kind": "api", "state": exporter()}
-    impl = encoder._impl
-    if hasattr(impl, "_buffer"):
-        return {"kind": "bytes", "buffer": bytes(impl._buffer)}
-    pending_bytes, flag = impl._utf8.getstate()
-    return {
-        "kind": "text", "context": impl._context, "pending": impl._pending, "bare": bool(impl._bare),
-        "utf8": [bytes(pending_bytes), int(flag)],
-    }
+    """What a :class:`StreamingEncoder` holds back, as msgpack-able values."""
+    return encoder.export_state()
 
 
 def restore_encoder(tokenizer: Any, state: dict[str, Any] | None) -> StreamingEncoder:
     encoder = StreamingEncoder(tokenizer)
-    if not state:
-        return encoder
-    if state["kind"] == "api":
-        encoder.import_state(state["state"])  # type: ignore[attr-defined]
-    elif state["kind"] == "bytes":
-        encoder._impl._buffer = bytes(state["buffer"])
-    else:
-        impl = encoder._impl
-        impl._context, impl._pending, impl._bare = state["context"], state["pending"], bool(state["bare"])
-        impl._utf8.setstate((bytes(state["utf8"][0]), int(state["utf8"][1])))
+    if state:
+        encoder.import_state(state)
     return encoder
 
 

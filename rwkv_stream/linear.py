@@ -78,7 +78,7 @@ class W8A8Linear:
     def quantized(self, qx: Tensor, x_scales: Tensor) -> Tensor:
         """The product for rows already quantized by :func:`quantize_rows` (shared by several weights)."""
         # mat2 as the transposed view of [out, in]: oneDNN reads it without a copy
-        return torch.mul(torch._int_mm(qx, self.qweight.t()), x_scales).mul_(self.scales)
+        return torch._int_mm(qx, self.qweight.t()).float().mul_(x_scales).mul_(self.scales)
 
     @property
     def nbytes(self) -> int:

@@ -57,6 +57,7 @@ class Ragged:
     starts: Tensor
     last: Tensor
     shift_index: Tensor  # row of cat([previous vectors of the B streams, rows]) that precedes each row
+    single_token: bool  # every stream brings exactly one token
 
     @classmethod
     def from_lengths(cls, lengths: Sequence[int], device: torch.device) -> Ragged:
@@ -71,11 +72,7 @@ class Ragged:
         starts_t = torch.tensor(starts, dtype=torch.long, device=device)
         lengths_t = torch.tensor(lengths, dtype=torch.long, device=device)
         shift_t = torch.tensor(shift, dtype=torch.long, device=device)
-        return cls(lengths, starts_t, starts_t + lengths_t - 1, shift_t)
-
-    @property
-    def single_token(self) -> bool:
-        return all(n == 1 for n in self.lengths)
+        return cls(lengths, starts_t, starts_t + lengths_t - 1, shift_t, all(n == 1 for n in lengths))
 
     @property
     def offsets_i32(self) -> Tensor:
@@ -270,6 +267,10 @@ class Model:
 
     def _shift(self, xa: Tensor, st: Tensor, row: int, rag: Ragged) -> Tensor:
         """Previous-token vectors for every row; the last row of each stream becomes its new state row."""
+        if rag.single_token:  # one row per stream: the previous vectors are the state rows themselves
+            prev = st[:, row].clone()
+            st[:, row] = xa
+            return prev
         prev = torch.cat((st[:, row], xa)).index_select(0, rag.shift_index)
         st[:, row] = xa.index_select(0, rag.last)
         return prev

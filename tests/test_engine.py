@@ -175,6 +175,16 @@ def test_stream_table_evicts_least_recently_used(model):
     assert table.n_tokens("b") == 2
 
 
+def test_a_step_never_evicts_its_own_streams(model):
+    """Opening new streams in a full table pushes out older streams, never one of the same step."""
+    evicted = []
+    table = StreamTable(model, max_streams=3, on_evict=lambda key, state: evicted.append(key))
+    table.step(["x", "y", "z"], [TEXT[:1]] * 3)
+    out = table.step(["z", "new1", "new2"], [TEXT[1:3], TEXT[:2], TEXT[:2]])
+    assert evicted == ["x", "y"] and sorted(table.keys()) == ["new1", "new2", "z"]
+    assert table.n_tokens("z") == 3 and [len(h) for h in out.hidden] == [2, 2, 2]
+
+
 def test_pool_grows_and_forks(model):
     pool = model.new_pool(1)
     a = pool.alloc()

@@ -17,8 +17,9 @@ Config (``[components.rwkv]``):
   ``{"@misc": "rwkv_stream.bundle_loader.v1", "path": ...}``; ``nlp.initialize`` also takes ``model`` from
   ``[initialize.components.rwkv]``. ``tokenizer`` (``"world"`` or a ``tokenizer.json``) is for bare
   checkpoints; ``heads_path`` adds heads (``heads.json`` + ``heads.safetensors``) to those of the source.
-* ``device``, ``dtype`` (``float32``/``bfloat16``/``float16``), ``max_streams`` (live states; the least
-  recently used stream is evicted past it), ``stream_id_attr`` (the Doc extension holding the stream id).
+* ``device``, ``dtype`` (``float32``/``bfloat16``/``float16``, or ``int8``/``w8a8`` on the CPU),
+  ``max_streams`` (live states; the least recently used stream is evicted past it), ``stream_id_attr`` (the
+  Doc extension holding the stream id).
 * ``tag_head`` / ``cats_head``: a head name, ``"auto"`` (the model's only head of that kind, if any) or
   ``null``. ``tag_labels`` / ``cats_labels`` optionally pin the labels the heads must have.
   ``tag_attr``: where tags go (``"tag_"``, another token attribute, ``"_.name"`` or ``null``);
@@ -54,6 +55,8 @@ from spacy.training import Example
 from spacy.util import minibatch, registry
 from thinc.api import Config
 
+from rwkv_stream.config import WEIGHT_FORMATS
+
 from .spacy_align import ALIGNMENTS, align, bio_spans
 
 if TYPE_CHECKING:
@@ -63,7 +66,7 @@ if TYPE_CHECKING:
 
 COMPONENT_FILE = "rwkv_component.json"
 BYTES_FORMAT = "rwkv-stream/spacy-component"
-DTYPES = ("float32", "bfloat16", "float16")
+
 GENERATION_KEYS = ("max_new_tokens", "temperature", "top_p", "stop", "seed")
 N_PROCESS_ERROR = (
     "the rwkv component keeps each stream's recurrent state in this process: nlp.pipe(n_process > 1) would "
@@ -152,8 +155,8 @@ class Settings:
     generation: dict[str, Any] = field(default_factory=dict)
 
     def validate(self) -> None:
-        if self.dtype not in DTYPES:
-            raise ValueError(f"rwkv: dtype must be one of {DTYPES}, got {self.dtype!r}")
+        if self.dtype not in WEIGHT_FORMATS:
+            raise ValueError(f"rwkv: dtype must be one of {WEIGHT_FORMATS}, got {self.dtype!r}")
         if self.max_streams < 1:
             raise ValueError(f"rwkv: max_streams must be at least 1, got {self.max_streams}")
         if self.tag_alignment not in ALIGNMENTS:

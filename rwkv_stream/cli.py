@@ -10,6 +10,8 @@ import sys
 from collections.abc import Callable
 from importlib.metadata import entry_points
 
+from .config import WEIGHT_FORMATS
+
 Handler = Callable[[argparse.Namespace], int | None]
 
 
@@ -74,7 +76,7 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--temperature", type=float, default=0.8)
     p.add_argument("--top-p", type=float, default=0.9)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16", "int8", "w8a8"])
+    p.add_argument("--dtype", default="float32", choices=WEIGHT_FORMATS)
     p.set_defaults(handler=_generate)
 
 

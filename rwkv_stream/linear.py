@@ -26,7 +26,6 @@ import torch.nn.functional as F
 from torch import Tensor
 
 INT8_MAX_ROWS = 4
-QUANTIZED_FORMATS = ("int8", "w8a8")
 
 
 class DenseLinear:

@@ -22,8 +22,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .checkpoint import CheckpointError, load_canonical
-from .config import FP16_RESCALE_EVERY, ModelConfig, parse_dtype
-from .linear import QUANTIZED_FORMATS, Linear, make_linear, project
+from .config import FP16_RESCALE_EVERY, QUANTIZED_FORMATS, ModelConfig, parse_dtype
+from .linear import Linear, make_linear, project
 from .pool import StatePool
 from .state import State, StateError, empty_state_tensor
 from .wkv import wkv_ragged, wkv_step

@@ -88,6 +88,9 @@ def test_config_layers(tmp_path):
         ConsumerConfig(delivery="at-most-once")
     with pytest.raises(ValueError):
         ConsumerConfig(output_topic="transcripts")
+    with pytest.raises(ValueError, match="dtype must be one of .*'int4'"):
+        ConsumerConfig(dtype="int4")
+    assert ConsumerConfig(dtype="w8a8").dtype == "w8a8"
     bad = tmp_path / "bad.toml"
     bad.write_text("no_such_setting = 1\n")
     with pytest.raises(ValueError, match="unknown settings"):

@@ -15,6 +15,8 @@ from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from rwkv_stream.config import WEIGHT_FORMATS
+
 try:
     import tomllib
 except ModuleNotFoundError:  # Python 3.10
@@ -80,6 +82,8 @@ class ConsumerConfig:
         self.validate()
 
     def validate(self) -> None:
+        if self.dtype not in WEIGHT_FORMATS:
+            raise ValueError(f"dtype must be one of {WEIGHT_FORMATS}, not {self.dtype!r}")
         if self.delivery not in DELIVERY_MODES:
             raise ValueError(f"delivery must be one of {DELIVERY_MODES}, not {self.delivery!r}")
         if self.assignor not in ASSIGNORS:

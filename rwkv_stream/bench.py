@@ -4,6 +4,9 @@ Prints one JSON object. Measures ms per token at batch 1 (one token per step, wi
 streams stepping one token each, fragment throughput (16 streams x 8 tokens per step), and a long stream
 through a small model to show the cost per token and the memory stay flat. ``*_hidden_only`` skips the LM
 head (what tagging and classification heads need).
+
+All implementations and cases are measured interleaved: each round times one step of every case in turn, so
+a burst of load from elsewhere on a shared machine slows all of them alike instead of one whole series.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ from pathlib import Path
 import torch
 
 from .config import ModelConfig
-from .model import Model
+from .model import LogitsMode, Model, StepOutput
 from .random_checkpoint import random_tensors, save_pth, to_hf_names
 
 SHAPES = {
@@ -44,6 +47,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default=None, help="also write the JSON here")
 
 
+Case = tuple[Callable[[int], object], int]  # one step (given the round number), tokens it processes
+
+
 def run(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -51,12 +57,14 @@ def run(args: argparse.Namespace) -> int:
     tensors = random_tensors(cfg, seed=0)
     result: dict = {"machine": machine_info(), "shape": args.shape, "config": cfg.to_dict(), "results": {}}
     with torch.inference_mode():
+        impls: dict[str, dict] = {}
         for dtype in filter(None, args.dtypes.split(",")):
-            result["results"][f"rwkv-stream {dtype}"] = bench_engine(Model(tensors, cfg, dtype=dtype), args)
-            gc.collect()
+            impls[f"rwkv-stream {dtype}"] = {"cases": engine_cases(Model(tensors, cfg, dtype=dtype), args)}
         for peer in filter(None, args.peers.split(",")):
-            result["results"][peer] = PEERS[peer](tensors, cfg, args)
-            gc.collect()
+            impls[peer] = PEERS[peer](tensors, cfg, args)
+        result["results"] = measure_interleaved(impls, args.steps)
+        del impls
+        gc.collect()
         if args.long_stream:
             result["long_stream"] = bench_long_stream(args.long_stream)
     text = json.dumps(result, indent=2)
@@ -66,21 +74,26 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def measure_interleaved(impls: dict[str, dict], rounds: int, warmup: int = 3) -> dict:
+    """Per implementation: its metadata plus a summary per case, all cases timed round-robin."""
+    cases = [(impl, name, case) for impl, info in impls.items() for name, case in info.get("cases", {}).items()]
+    times: dict[tuple[str, str], list[float]] = {(impl, name): [] for impl, name, _ in cases}
+    for r in range(-warmup, rounds):
+        for impl, name, (step, _) in cases:
+            t0 = time.perf_counter()
+            step(r + warmup)
+            if r >= 0:
+                times[impl, name].append(time.perf_counter() - t0)
+    results = {impl: {k: v for k, v in info.items() if k != "cases"} for impl, info in impls.items()}
+    for impl, name, (_, tokens) in cases:
+        results[impl][name] = summarize(times[impl, name], tokens)
+    return results
+
+
 def machine_info() -> dict:
     cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
                 if line.startswith("model name")), platform.processor())
     return {"cpu": cpu, "cores": os.cpu_count(), "torch": torch.__version__, "threads": torch.get_num_threads()}
-
-
-def timed(fn: Callable[[int], None], steps: int, warmup: int = 3) -> list[float]:
-    for i in range(warmup):
-        fn(i)
-    times = []
-    for i in range(steps):
-        t0 = time.perf_counter()
-        fn(i)
-        times.append(time.perf_counter() - t0)
-    return times
 
 
 def summarize(times: list[float], tokens_per_step: int) -> dict:
@@ -94,24 +107,27 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(round(q / 100 * (len(ordered) - 1))))]
 
 
-def bench_engine(model: Model, args: argparse.Namespace) -> dict:
-    vocab = model.config.vocab_size
+def engine_cases(model: Model, args: argparse.Namespace) -> dict[str, Case]:
+    vocab, n = model.config.vocab_size, args.streams
     state = [model.new_state()]
 
     def one(i: int) -> None:
         _, state[0] = model.forward([i % vocab], state[0])
 
-    pool = model.new_pool(args.streams)
-    slots = [pool.alloc() for _ in range(args.streams)]
-    batch = timed(lambda i: model.step(pool, slots, [[(i + s) % vocab] for s in range(args.streams)]), args.steps)
-    frag = timed(lambda i: model.step(pool, slots, [[(i + s + j) % vocab for j in range(args.fragment)]
-                                                    for s in range(args.streams)]), max(5, args.steps // 3))
-    hidden = timed(lambda i: model.step(pool, slots, [[(i + s) % vocab] for s in range(args.streams)],
-                                        logits="none"), args.steps)
-    return {"batch1": summarize(timed(one, args.steps), 1),
-            f"streams{args.streams}": summarize(batch, args.streams),
-            f"streams{args.streams}_hidden_only": summarize(hidden, args.streams),
-            f"streams{args.streams}_fragments{args.fragment}": summarize(frag, args.streams * args.fragment)}
+    pools = {case: model.new_pool(n) for case in ("streams", "hidden", "fragments")}  # a stream set per case
+    slots = {case: [pool.alloc() for _ in range(n)] for case, pool in pools.items()}
+
+    def step(case: str, tokens: list[list[int]], logits: LogitsMode = "all") -> StepOutput:
+        return model.step(pools[case], slots[case], tokens, logits=logits)
+
+    return {
+        "batch1": (one, 1),
+        f"streams{n}": (lambda i: step("streams", [[(i + s) % vocab] for s in range(n)]), n),
+        f"streams{n}_hidden_only": (lambda i: step("hidden", [[(i + s) % vocab] for s in range(n)], "none"), n),
+        f"streams{n}_fragments{args.fragment}": (
+            lambda i: step("fragments", [[(i + s + j) % vocab for j in range(args.fragment)] for s in range(n)]),
+            n * args.fragment),
+    }
 
 
 def bench_transformers(tensors: dict, cfg: ModelConfig, args: argparse.Namespace) -> dict:
@@ -135,8 +151,8 @@ def bench_transformers(tensors: dict, cfg: ModelConfig, args: argparse.Namespace
         ids = torch.tensor([[(i + s) % cfg.vocab_size] for s in range(args.streams)])
         bstate[0] = model(ids, state=bstate[0], use_cache=True).state
 
-    return {"version": __import__("transformers").__version__, "batch1": summarize(timed(one, args.steps), 1),
-            f"streams{args.streams}": summarize(timed(batch, max(5, args.steps // 2)), args.streams)}
+    return {"version": __import__("transformers").__version__,
+            "cases": {"batch1": (one, 1), f"streams{args.streams}": (batch, args.streams)}}
 
 
 def bench_rwkv_package(tensors: dict, cfg: ModelConfig, args: argparse.Namespace) -> dict:
@@ -160,8 +176,8 @@ def bench_rwkv_package(tensors: dict, cfg: ModelConfig, args: argparse.Namespace
         for s in range(args.streams):
             _, states[s] = model.forward([(i + s) % cfg.vocab_size], states[s])
 
-    return {"version": _version("rwkv"), "batch1": summarize(timed(one, args.steps), 1),
-            f"streams{args.streams}": summarize(timed(streams, max(3, args.steps // 6)), args.streams)}
+    return {"version": _version("rwkv"),
+            "cases": {"batch1": (one, 1), f"streams{args.streams}": (streams, args.streams)}}
 
 
 def _version(dist: str) -> str:

@@ -41,9 +41,8 @@ def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
     if isinstance(dtype, torch.dtype):
         if dtype in WEIGHT_DTYPES.values():
             return dtype
-        raise ValueError(f"unsupported weight dtype {dtype}; use one of {sorted(WEIGHT_DTYPES)} or int8 / w8a8")
+        raise ValueError(f"unsupported weight dtype {dtype}; use one of {WEIGHT_FORMATS}")
     try:
         return WEIGHT_DTYPES[dtype]
     except KeyError:
-        choices = f"{sorted(WEIGHT_DTYPES)} or int8 / w8a8"
-        raise ValueError(f"unsupported weight dtype {dtype!r}; use one of {choices}") from None
+        raise ValueError(f"unsupported weight dtype {dtype!r}; use one of {WEIGHT_FORMATS}") from None

@@ -9,7 +9,7 @@ fp32 ``mv``; 16 rows: 11 ms vs 20 ms bf16 GEMM, matrices alone). So:
 - ``DenseLinear`` (float formats): one row -> ``mv``; more rows -> ``F.linear`` (GEMM). On CUDA always GEMM.
 - ``Int8Linear`` (format ``int8``): weight-only int8 per output channel, bf16 activations, for up to
   ``INT8_MAX_ROWS`` rows (``torch._weight_int8pack_mm``); above that a bf16 copy of the weights (the format
-  holds both). Accuracy like bf16.
+  holds both). Accuracy between bf16 and w8a8 (see BENCHMARKS.md).
 - ``W8A8Linear`` (format ``w8a8``): int8 weights per output channel and activations quantized to int8 per row
   on the fly (symmetric, scale = row absmax / 127), exact int32 sums, both scales applied in fp32. The fastest
   CPU format at any row count; each row is quantized on its own and integer sums are exact, so a row's result

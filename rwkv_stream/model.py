@@ -14,6 +14,7 @@ import os
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Literal
 
@@ -74,12 +75,12 @@ class Ragged:
         shift_t = torch.tensor(shift, dtype=torch.long, device=device)
         return cls(lengths, starts_t, starts_t + lengths_t - 1, shift_t, all(n == 1 for n in lengths))
 
-    @property
+    @cached_property  # read by every layer's kernel launch: built once per step
     def offsets_i32(self) -> Tensor:
         ends = torch.tensor(self.lengths, dtype=torch.int32, device=self.starts.device).cumsum(0, dtype=torch.int32)
         return torch.cat((torch.zeros(1, dtype=torch.int32, device=ends.device), ends))
 
-    @property
+    @cached_property
     def slots_i32(self) -> Tensor:
         return torch.arange(len(self.lengths), dtype=torch.int32, device=self.starts.device)
 

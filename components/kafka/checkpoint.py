@@ -113,9 +113,12 @@ class Delivery:
         ``member`` is the group member id the work was polled under (None: no offsets to commit)."""
         raise NotImplementedError
 
-    def _check_member(self, member: str | None) -> None:
-        if member is not None and self.consumer.group_metadata().member_id != member:
+    def _group_metadata(self, member: str | None) -> Any:
+        """The consumer's group metadata, refused (:class:`StaleWork`) if its member id is no longer ``member``."""
+        metadata = self.consumer.group_metadata()
+        if member is not None and metadata.member_id != member:
             raise StaleWork(f"group member changed from {member!r} since this work was polled")
+        return metadata
 
     def abort(self) -> None:
         """Forget what was sent since the last checkpoint (exactly-once: abort the transaction)."""
@@ -131,7 +134,7 @@ class AtLeastOnce(Delivery):
                    known: Offsets, member: str | None) -> None:
         self.flush()
         self.faults.point("after_outputs_flush")
-        self._check_member(member)
+        self._group_metadata(member)
         self._probe(known)
         try:
             write_state(self.producer)
@@ -142,7 +145,7 @@ class AtLeastOnce(Delivery):
         commit = offsets()
         if commit:
             self.faults.point("before_commit")
-            self._check_member(member)
+            self._group_metadata(member)
             try:
                 self.faults.commit()
                 self.consumer.commit(commit)
@@ -187,10 +190,7 @@ class ExactlyOnce(Delivery):
         self.faults.point("after_state_write")
         commit = offsets()
         if commit:
-            metadata = self.consumer.group_metadata()
-            if member is not None and metadata.member_id != member:
-                raise StaleWork(f"group member changed from {member!r} since this work was polled")
-            self.producer.send_offsets_to_transaction(commit, metadata)
+            self.producer.send_offsets_to_transaction(commit, self._group_metadata(member))
         self.faults.point("before_commit")
         self.faults.commit()
         self.producer.commit_transaction()

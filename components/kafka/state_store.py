@@ -66,8 +66,9 @@ class _Record:
 
     write: _Pending
     key: str
-    value: bytes | None
+    value: bytes | None  # None: a tombstone, or a chunked state (its manifest is packed at send time)
     chunks: list[tuple[str, bytes]] = field(default_factory=list)  # (key, value) written and flushed first
+    manifest: dict[str, Any] | None = None  # chunked state: the manifest, without the chunks' offsets
 
 
 @dataclass
@@ -226,8 +227,7 @@ class StateStore:
             chunks.append((key, _pack({"kind": "chunk", "stream": w.stream, "applied": w.applied, "index": i,
                                        "data": part})))
         self._supersede_chunks(w, {k for k, _ in chunks})
-        manifest = _pack({**base, "size": len(payload), "digest": _digest(payload)})  # chunk offsets: at send
-        return _Record(w, w.stream, manifest, chunks)
+        return _Record(w, w.stream, None, chunks, manifest={**base, "size": len(payload), "digest": _digest(payload)})
 
     def _supersede_chunks(self, w: _Pending, keep: set[str]) -> None:
         entry = self.entry(w.partition, w.stream)
@@ -249,11 +249,7 @@ class StateStore:
         batch.chunk_offsets = [[(key, _offset_of(f)) for key, f in futures] for futures in chunk_futures]
         futures = []
         for r, chunks in zip(batch.records, batch.chunk_offsets, strict=True):
-            value = r.value
-            if chunks:
-                manifest = msgpack.unpackb(value, raw=False)
-                manifest["chunks"] = [list(c) for c in chunks]
-                value = msgpack.packb(manifest, use_bin_type=True)
+            value = _pack({**r.manifest, "chunks": [list(c) for c in chunks]}) if r.manifest is not None else r.value
             futures.append(producer.send(self.topic, key=r.key.encode(), value=value, partition=r.write.partition))
         _flush(producer, timeout_s)
         batch.offsets = [_offset_of(f) for f in futures]
@@ -277,13 +273,6 @@ class StateStore:
     def requeue(self, batch: WriteBatch) -> None:
         """Put the writes of a batch that was not sent back in front of the pending ones."""
         self._pending = [r.write for r in batch.records] + self._pending
-
-    def write(self, producer: Any, timeout_s: float = 60.0) -> int:
-        """take + send + apply in one go (the synchronous path). Returns the number of main records."""
-        batch = self.take()
-        self.send(producer, batch, timeout_s)
-        self.apply(batch)
-        return len(batch)
 
     # ----------------------------------------------------------------------------- restore
     def forget(self, partitions: list[int]) -> None:

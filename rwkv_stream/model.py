@@ -27,7 +27,7 @@ from .config import FP16_RESCALE_EVERY, QUANTIZED_FORMATS, ModelConfig, parse_dt
 from .linear import Linear, make_linear, project
 from .pool import StatePool
 from .state import State, StateError, empty_state_tensor
-from .wkv import wkv_ragged, wkv_step
+from .wkv import TimeMajor, wkv_ragged, wkv_step
 
 LogitsMode = Literal["all", "last", "none"]
 LN_EPS = 1e-5
@@ -79,6 +79,10 @@ class Ragged:
     def offsets_i32(self) -> Tensor:
         ends = torch.tensor(self.lengths, dtype=torch.int32, device=self.starts.device).cumsum(0, dtype=torch.int32)
         return torch.cat((torch.zeros(1, dtype=torch.int32, device=ends.device), ends))
+
+    @cached_property  # the CPU WKV loop's layout, shared by all layers
+    def time_major(self) -> TimeMajor:
+        return TimeMajor.of(self.starts, self.lengths)
 
     @cached_property
     def slots_i32(self) -> Tensor:
@@ -286,7 +290,7 @@ class Model:
         elif rag.single_token:
             wkv, st[:, 1], st[:, 2], st[:, 3] = wkv_step(k, v, layer.w, layer.u, st[:, 1], st[:, 2], st[:, 3])
         else:
-            wkv = wkv_ragged(k, v, layer.w, layer.u, st[:, 1:4], rag.starts, rag.lengths)
+            wkv = wkv_ragged(k, v, layer.w, layer.u, st[:, 1:4], rag.starts, rag.lengths, rag.time_major)
         return layer.att_output(r * wkv)
 
     def _channel_mix(self, layer: _Layer, xf: Tensor, st: Tensor, rag: Ragged) -> Tensor:

@@ -6,6 +6,9 @@ values, both scaled by ``exp(-pp)`` so that nothing overflows however long the s
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -41,28 +44,102 @@ def wkv_step(
     return (out, *wkv_update(k, v, w, aa, bb, pp))
 
 
+@dataclass(frozen=True)
+class TimeMajor:
+    """A ragged batch laid out time-major for the WKV loop (built once per step, shared by all layers).
+
+    Streams are ordered by decreasing length, so the streams still running at time ``t`` are a prefix of
+    that order; ``rows`` lists, for ``t = 0, 1, ...``, the flat rows of those streams, and ``active[t]`` is
+    the prefix length. Each time step is then a contiguous slice of the gathered inputs and of the state.
+    """
+
+    order: Tensor  # [B] stream indices by decreasing length
+    rows: Tensor  # [N] flat row of each time-major position
+    active: list[int]  # streams still running at each time step
+
+    @classmethod
+    def of(cls, starts: Tensor, lengths: list[int]) -> TimeMajor:
+        order = sorted(range(len(lengths)), key=lambda b: -lengths[b])
+        sorted_lengths = [lengths[b] for b in order]
+        steps = sorted_lengths[0] if order else 0
+        active = [sum(1 for n in sorted_lengths if n > t) for t in range(steps)]
+        device = starts.device
+        idx = torch.tensor(order, dtype=torch.long, device=device)
+        t = torch.arange(steps, device=device)[:, None]
+        grid = starts[idx][None, :] + t
+        rows = grid[t < torch.tensor(sorted_lengths, device=device)[None, :]]
+        return cls(idx, rows, active)
+
+
 def wkv_ragged(
-    k: Tensor, v: Tensor, w: Tensor, u: Tensor, abp: Tensor, starts: Tensor, lengths: list[int]
+    k: Tensor, v: Tensor, w: Tensor, u: Tensor, abp: Tensor, starts: Tensor, lengths: list[int],
+    layout: TimeMajor | None = None,
 ) -> Tensor:
     """WKV over a ragged batch: stream ``b`` owns rows ``starts[b] : starts[b] + lengths[b]`` of ``k``/``v``.
 
-    ``abp`` is ``[B, 3, C]`` (aa, bb, pp), updated in place. Streams are ordered by decreasing length so
-    the streams still active at time ``t`` are a prefix, and each step is one vector op over that prefix.
+    ``abp`` is ``[B, 3, C]`` (aa, bb, pp), updated in place; pass ``layout`` to reuse one built per step.
+    The arithmetic is :func:`wkv_step`'s, token after token. On the CPU the loop runs on NumPy views of the
+    same memory: for the short fragments of live streams the loop is all per-op overhead, and a NumPy op on
+    a few hundred floats costs about a third of a torch op. Every element is computed on its own in both,
+    so a stream's result never depends on the other streams of the batch.
     """
-    order = sorted(range(len(lengths)), key=lambda b: -lengths[b])
-    idx = torch.tensor(order, dtype=torch.long, device=k.device)
-    aa, bb, pp = (abp[idx, j].clone() for j in range(3))
-    rows0 = starts[idx]
-    sorted_lengths = [lengths[b] for b in order]
+    tm = layout if layout is not None else TimeMajor.of(starts, lengths)
     out = torch.empty_like(k)
-    active = len(order)
-    for t in range(sorted_lengths[0] if order else 0):
-        while sorted_lengths[active - 1] <= t:
-            active -= 1
-        rows = rows0[:active] + t
-        kt, vt = k[rows], v[rows]
-        o, a2, b2, p2 = wkv_step(kt, vt, w, u, aa[:active], bb[:active], pp[:active])
-        out[rows] = o
-        aa[:active], bb[:active], pp[:active] = a2, b2, p2
-    abp[idx] = torch.stack((aa, bb, pp), dim=1)
+    if not tm.active:
+        return out
+    kt, vt = k[tm.rows].float(), v[tm.rows].float()
+    state = abp[tm.order]  # a copy; streams without tokens keep their rows
+    if k.device.type == "cpu":
+        y = torch.empty_like(kt)
+        _wkv_loop_numpy(kt.numpy(), vt.numpy(), w.float().numpy(), u.float().numpy(), state.numpy(), tm.active,
+                        y.numpy())
+    else:
+        y = _wkv_loop_torch(kt, vt, w, u, state, tm.active)
+    out[tm.rows] = y.to(out.dtype)
+    abp[tm.order] = state
     return out
+
+
+def _wkv_loop_numpy(
+    k: np.ndarray, v: np.ndarray, w: np.ndarray, u: np.ndarray, state: np.ndarray, active: list[int],
+    y: np.ndarray,
+) -> None:
+    """The time-major loop: ``state`` ``[B, 3, C]`` is advanced in place and ``y`` ``[N, C]`` filled.
+
+    Output and update share each step's ops: a step works on ``[streams, 2, C]`` arrays whose first row is
+    the output (``pp`` against ``u + k``) and whose second is the update (``pp + w`` against ``k``).
+    """
+    targets = np.stack((u + k, k), axis=1)  # [N, 2, C]
+    values = v[:, None]
+    offsets = np.stack((np.zeros_like(w), w))  # [2, C]
+    aa, bb, pp = state[:, 0:1], state[:, 1:2], state[:, 2:3]
+    pos = 0
+    for t, n in enumerate(active):
+        s = slice(pos, pos + n)
+        e1 = pp[:n] + offsets
+        q = np.maximum(e1, targets[s])
+        np.exp(np.subtract(e1, q, out=e1), out=e1)
+        e2 = np.subtract(targets[s], q)
+        np.exp(e2, out=e2)
+        num = e1 * aa[:n]
+        num += e2 * values[s]
+        den = e1 * bb[:n]
+        den += e2
+        np.divide(num[:, 0], den[:, 0], out=y[s])
+        aa, bb, pp = num[:, 1:2], den[:, 1:2], q[:, 1:2]
+        done = active[t + 1] if t + 1 < len(active) else 0
+        if done < n:  # streams that end at this step keep their state
+            state[done:n] = np.concatenate((aa[done:], bb[done:], pp[done:]), axis=1)
+        pos += n
+
+
+def _wkv_loop_torch(k: Tensor, v: Tensor, w: Tensor, u: Tensor, state: Tensor, active: list[int]) -> Tensor:
+    """The same loop in torch, one :func:`wkv_step` per time step (devices without CUDA kernels)."""
+    y = torch.empty_like(k)
+    pos = 0
+    for n in active:
+        s = slice(pos, pos + n)
+        st = state[:n]
+        y[s], st[:, 0], st[:, 1], st[:, 2] = wkv_step(k[s], v[s], w, u, st[:, 0], st[:, 1], st[:, 2])
+        pos += n
+    return y

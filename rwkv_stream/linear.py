@@ -15,17 +15,25 @@ fp32 ``mv``; 16 rows: 11 ms vs 20 ms bf16 GEMM, matrices alone). So:
   CPU format at any row count; each row is quantized on its own and integer sums are exact, so a row's result
   is bitwise independent of the other rows in the product (its batch mates). Less accurate, since the
   activations are rounded too (see BENCHMARKS.md).
+
+Batch invariance (:func:`invariant_rows`): float GEMM libraries pick kernels by the number of rows, and a row
+computed by another kernel can differ in its last bits. No library promises which row counts share a kernel,
+so the engine probes it once per weight shape: the smallest row count from which every row of a product is
+bit-identical whatever the other rows (4 with MKL on the machine of BENCHMARKS.md). Products padded to at
+least that many rows give a stream the same bits whichever streams share its step.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Hashable, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 INT8_MAX_ROWS = 4
+PROBE_MAX_ROWS = 16  # a format that needs more rows than this for invariance is treated as variant
+PROBE_CHECK_ROWS = 32  # row counts checked up to this
 
 
 class DenseLinear:
@@ -42,6 +50,14 @@ class DenseLinear:
     @property
     def nbytes(self) -> int:
         return self.weight.numel() * self.weight.element_size()
+
+    @property
+    def in_features(self) -> int:
+        return self.weight.shape[1]
+
+    @property
+    def kernel_key(self) -> Hashable:
+        return ("dense", tuple(self.weight.shape), self.weight.dtype, self.weight.device.type)
 
 
 class Int8Linear:
@@ -61,6 +77,14 @@ class Int8Linear:
     @property
     def nbytes(self) -> int:
         return self.qweight.numel() + self.dense.nbytes
+
+    @property
+    def in_features(self) -> int:
+        return self.qweight.shape[1]
+
+    @property
+    def kernel_key(self) -> Hashable:
+        return ("int8", tuple(self.qweight.shape))
 
 
 class W8A8Linear:
@@ -83,6 +107,14 @@ class W8A8Linear:
     def nbytes(self) -> int:
         return self.qweight.numel() + self.scales.numel() * 4
 
+    @property
+    def in_features(self) -> int:
+        return self.qweight.shape[1]
+
+    @property
+    def kernel_key(self) -> Hashable:
+        return ("w8a8", tuple(self.qweight.shape))
+
 
 Linear = DenseLinear | Int8Linear | W8A8Linear
 
@@ -99,6 +131,45 @@ def project(linears: Sequence[Linear], xs: Tensor) -> list[Tensor]:
         qx, scales = quantize_rows(xs.float())
         return [lin.quantized(q, s) for lin, q, s in zip(linears, qx, scales, strict=True)]
     return [lin(x) for lin, x in zip(linears, xs, strict=True)]
+
+
+_probed: dict[Hashable, int | None] = {}
+
+
+def invariant_rows(fn: Callable[[Tensor], Tensor], in_features: int, key: Hashable, device: torch.device) -> int | None:
+    """Smallest row count from which ``fn`` gives each row the same bits whatever the other rows, or None.
+
+    Probed once per ``key`` (kernel family, weight shape, dtype; and the thread count) with random rows: the
+    products of every row count from 1 to ``PROBE_CHECK_ROWS``, at two offsets, against one product of all
+    the rows. None on CUDA (cuBLAS promises nothing) or when no count up to ``PROBE_MAX_ROWS`` works.
+    """
+    if device.type != "cpu":
+        return None
+    key = (key, torch.get_num_threads())
+    if key not in _probed:
+        _probed[key] = _probe(fn, in_features, device)
+    return _probed[key]
+
+
+@torch.no_grad()
+def _probe(fn: Callable[[Tensor], Tensor], in_features: int, device: torch.device) -> int | None:
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(PROBE_CHECK_ROWS + 5, in_features, generator=gen).to(device)
+    whole = fn(x)
+    counts = range(1, PROBE_CHECK_ROWS + 1)
+    same = [all(torch.equal(fn(x[s : s + n]), whole[s : s + n]) for s in (0, 5)) for n in counts]
+    for n in range(1, PROBE_MAX_ROWS + 1):
+        if all(same[n - 1 :]):
+            return n
+    return None
+
+
+def padded_call(fn: Callable[[Tensor], Tensor], x: Tensor, min_rows: int) -> Tensor:
+    """``fn(x)`` computed on at least ``min_rows`` rows (zero rows appended, their results dropped)."""
+    n = x.shape[0]
+    if n >= min_rows:
+        return fn(x)
+    return fn(torch.cat((x, x.new_zeros(min_rows - n, *x.shape[1:]))))[:n]
 
 
 def make_linear(weight: Tensor, dtype: torch.dtype, fmt: str | None = None) -> Linear:

@@ -24,10 +24,10 @@ from torch import Tensor
 
 from .checkpoint import CheckpointError, load_canonical
 from .config import FP16_RESCALE_EVERY, QUANTIZED_FORMATS, ModelConfig, parse_dtype
-from .linear import Linear, make_linear, project
+from .linear import Linear, invariant_rows, make_linear, padded_call, project
 from .pool import StatePool
 from .state import State, StateError, empty_state_tensor
-from .wkv import TimeMajor, wkv_ragged, wkv_step
+from .wkv import TimeMajor, wkv_ragged
 
 LogitsMode = Literal["all", "last", "none"]
 LN_EPS = 1e-5
@@ -192,6 +192,25 @@ class Model:
         """LM logits (fp32) for hidden vectors from :meth:`forward_hidden` or :meth:`step`."""
         return self.head_linear(hidden.to(self.device, torch.float32))
 
+    def linears(self) -> list[Linear]:
+        """Every matrix of the body (not the LM head)."""
+        return [lin for layer in self.layers for lin in (
+            layer.att_key, layer.att_value, layer.att_receptance, layer.att_output,
+            layer.ffn_key, layer.ffn_receptance, layer.ffn_value)]
+
+    @cached_property
+    def invariant_rows(self) -> int | None:
+        """Rows a step's matrix products need so that each stream's results are bit-identical whatever other
+        streams share the step (probed once per weight shape, see :func:`rwkv_stream.linear.invariant_rows`);
+        None where nothing can be promised (CUDA)."""
+        counts = [invariant_rows(lin, lin.in_features, lin.kernel_key, self.device) for lin in self.linears()]
+        return None if None in counts else max(counts)
+
+    @cached_property
+    def _head_invariant_rows(self) -> int | None:
+        lin = self.head_linear
+        return invariant_rows(lin, lin.in_features, lin.kernel_key, self.device)
+
     def step(
         self,
         pool: StatePool,
@@ -199,12 +218,16 @@ class Model:
         tokens: Sequence[Sequence[int]],
         *,
         logits: LogitsMode = "all",
+        batch_invariant: bool = False,
     ) -> StepOutput:
         """Advance many streams at once: ``tokens[i]`` are the new tokens of the stream in ``slots[i]``.
 
         Streams may bring different numbers of tokens (ragged); a stream with none is left unchanged.
-        States are read from and written back to ``pool``. A stream's results do not depend on which
-        other streams share the batch (up to fp32 rounding of differently sized matrix products).
+        States are read from and written back to ``pool``. A stream's results do not depend on which other
+        streams share the batch up to fp32 rounding of differently sized matrix products; with
+        ``batch_invariant`` (CPU) they do not depend on it at all, bit for bit: small steps are padded with
+        scratch one-token streams up to :attr:`invariant_rows` rows (a replay batched differently after a
+        crash then gives the same bits). On CUDA the flag changes nothing and promises nothing.
         """
         if pool.fingerprint != self.fingerprint:
             raise StateError(f"pool belongs to model {pool.fingerprint}, not {self.fingerprint}")
@@ -222,15 +245,27 @@ class Model:
             rag = Ragged.from_lengths([len(tokens[i]) for i in busy], self.device)
             index = torch.tensor(busy_slots, dtype=torch.long, device=pool.device)
             work = pool.data.index_select(0, index).to(self.device)
+            pad = self._padding(len(ids)) if batch_invariant else 0
+            if pad:  # scratch one-token streams: rows for the products, no extra WKV time steps
+                scratch = empty_state_tensor(self.config, self.device).expand(pad, -1, -1, -1)
+                work = torch.cat((work, scratch))
+                ids = torch.cat((ids, ids.new_zeros(pad)))
+                rag = Ragged.from_lengths([*rag.lengths, *[1] * pad], self.device)
             flat = self._run(ids, work, rag)
-            pool.data.index_copy_(0, index, work.to(pool.device))
-            for i, rows in zip(busy, flat.split(rag.lengths), strict=True):
+            pool.data.index_copy_(0, index, work[: len(busy)].to(pool.device))
+            for i, rows in zip(busy, flat.split(rag.lengths), strict=False):  # scratch streams come last
                 hidden[i] = rows
-            for slot, n in zip(busy_slots, rag.lengths, strict=True):
+            for slot, n in zip(busy_slots, rag.lengths, strict=False):
                 pool.n_tokens[slot] += n
-        return StepOutput(hidden, self._step_logits(hidden, logits))
+        return StepOutput(hidden, self._step_logits(hidden, logits, batch_invariant))
 
-    def _step_logits(self, hidden: list[Tensor], mode: LogitsMode) -> list[Tensor] | None:
+    def _padding(self, rows: int) -> int:
+        need = self.invariant_rows
+        return 0 if need is None else max(0, need - rows)
+
+    def _step_logits(
+        self, hidden: list[Tensor], mode: LogitsMode, batch_invariant: bool = False
+    ) -> list[Tensor] | None:
         if mode == "none":
             return None
         if mode not in ("all", "last"):
@@ -239,7 +274,10 @@ class Model:
         counts = [len(r) for r in rows]
         if sum(counts) == 0:
             return [torch.empty(0, self.config.vocab_size) for _ in rows]
-        return list(self.head(torch.cat(rows)).split(counts))
+        x = torch.cat(rows).to(self.device, torch.float32)
+        need = self._head_invariant_rows if batch_invariant else None
+        logits = padded_call(self.head_linear, x, need) if need else self.head_linear(x)
+        return list(logits.split(counts))
 
     def check_state(self, state: State) -> None:
         if state.fingerprint != self.fingerprint:
@@ -287,8 +325,6 @@ class Model:
         if self._kernels is not None:  # CUDA: one kernel over all streams and tokens, state updated in place
             states, index = where
             wkv = self._kernels.wkv_ragged(k, v, layer.w, layer.u, states, rag.slots_i32, rag.offsets_i32, index)
-        elif rag.single_token:
-            wkv, st[:, 1], st[:, 2], st[:, 3] = wkv_step(k, v, layer.w, layer.u, st[:, 1], st[:, 2], st[:, 3])
         else:
             wkv = wkv_ragged(k, v, layer.w, layer.u, st[:, 1:4], rag.starts, rag.lengths, rag.time_major)
         return layer.att_output(r * wkv)

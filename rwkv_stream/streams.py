@@ -91,11 +91,15 @@ class StreamTable(Generic[K]):
             self.on_evict(key, state)
         return key
 
-    def step(self, keys: Sequence[K], tokens: Sequence[Sequence[int]], *, logits: LogitsMode = "all") -> StepOutput:
-        """Advance the given streams together (opening new ones as needed). Keys must be distinct."""
+    def step(
+        self, keys: Sequence[K], tokens: Sequence[Sequence[int]], *, logits: LogitsMode = "all",
+        batch_invariant: bool = False,
+    ) -> StepOutput:
+        """Advance the given streams together (opening new ones as needed). Keys must be distinct.
+        ``batch_invariant``: see :meth:`Model.step`."""
         if len(set(keys)) != len(keys):
             raise ValueError("a stream appears twice in one step; concatenate its tokens instead")
         if len(keys) > self.max_streams:
             raise ValueError(f"{len(keys)} streams in one step exceed max_streams={self.max_streams}")
         slots = [self.slot(k) for k in keys]
-        return self.model.step(self.pool, slots, tokens, logits=logits)
+        return self.model.step(self.pool, slots, tokens, logits=logits, batch_invariant=batch_invariant)

@@ -137,6 +137,38 @@ def test_w8a8_stream_is_bitwise_independent_of_batch_mates(tiny_pth):
     assert torch.equal(pool.read(alone).tensor, pool.read(crowd[1]).tensor)
 
 
+@pytest.mark.parametrize("fmt", ["float32", "bfloat16", "int8", "w8a8"])
+@pytest.mark.parametrize("mates", [[], [[5]], [[7, 8, 9], [1, 2]], [[4]] * 20, [list(range(30))]])
+def test_batch_invariant_steps_are_bit_identical_whoever_shares_them(tiny_pth, one_torch_thread, fmt, mates):
+    model = load(tiny_pth, dtype=fmt)
+    assert model.invariant_rows is not None
+    pool = model.new_pool(32)
+    mine, *others = [pool.alloc() for _ in range(1 + len(mates))]
+    solo = model.new_pool(2)
+    alone = solo.alloc()
+    for chunk in (TEXT[:6], TEXT[6:7], TEXT[7:10]):  # a ragged step, a one-token step, another ragged one
+        shared = model.step(pool, [mine, *others], [chunk, *mates], batch_invariant=True)
+        single = model.step(solo, [alone], [chunk], batch_invariant=True)
+        assert torch.equal(shared.hidden[0], single.hidden[0])
+        assert torch.equal(shared.logits[0], single.logits[0])
+        assert torch.equal(pool.read(mine).tensor, solo.read(alone).tensor)
+
+
+def test_invariance_probe_finds_the_row_count_a_kernel_needs():
+    from rwkv_stream.linear import invariant_rows, padded_call
+
+    cpu = torch.device("cpu")
+
+    def from_three(x):  # another "kernel" below three rows
+        return x * (1.0 if len(x) >= 3 else 1.0 + 2**-20)
+
+    assert invariant_rows(from_three, 8, "test-from-three", cpu) == 3
+    assert invariant_rows(lambda x: x * len(x), 8, "test-never", cpu) is None
+    assert invariant_rows(lambda x: x * 2, 8, "test-always", torch.device("cuda")) is None  # no promise on GPUs
+    x = torch.randn(1, 8)
+    assert torch.equal(padded_call(from_three, x, 3), x)
+
+
 def test_w8a8_products_quantize_each_row_on_its_own():
     from rwkv_stream.linear import W8A8Linear
 

@@ -7,12 +7,10 @@ it into one :class:`~rwkv_stream.state.State` (the extras in ``State.meta``) so 
 snapshot continues exactly as if it had never left memory.
 
 Batch invariance: a stream's results must not depend on which other streams share its step, or a replay after
-a crash (batched differently) would produce different bits. CPU GEMMs in torch give a row the same bits
-whatever the other rows once a product has at least 16 rows, and the ragged WKV path is per stream; the
-single-token WKV path and small products take other code paths. So every step carries padding streams (one
-of 2 tokens, the rest of 1, up to 16 rows in all; see :func:`_pad_lengths`), and head products are padded to
-16 rows. (Checked bitwise on CPU by the tests;
-on GPUs cuBLAS gives no such promise and duplicates may differ in the last bits of ``cats``.)
+a crash (batched differently) would produce different bits. Steps run with ``batch_invariant=True`` (see
+:meth:`rwkv_stream.model.Model.step`: small steps padded to the row count from which the CPU's products give each
+row the same bits) and head products are padded the same way. Checked bitwise on CPU by the tests; on GPUs
+cuBLAS gives no such promise and duplicates may differ in the last bits of ``cats``.
 """
 
 from __future__ import annotations
@@ -31,6 +29,7 @@ from torch import Tensor
 from rwkv_stream.bundle import Bundle
 from rwkv_stream.generate import SamplingConfig, decode_until_stop, generate_ids
 from rwkv_stream.heads import Head
+from rwkv_stream.linear import invariant_rows, padded_call
 from rwkv_stream.state import State
 from rwkv_stream.streams import StreamTable
 from rwkv_stream.tokenizer import StreamingEncoder
@@ -38,7 +37,6 @@ from rwkv_stream.tokenizer import StreamingEncoder
 from .schema import GenerationRequest, TokenOut
 
 StreamKey = tuple[int, str]  # (input partition, stream id)
-MIN_ROWS = 16
 META_FORMAT = "rwkv-stream/kafka-stream"
 META_VERSION = 1
 
@@ -104,7 +102,7 @@ class StreamEngine:
         self.taggers = {n: h for n, h in self.heads.items() if h.kind == "tagger"}
         self.classifiers = {n: h for n, h in self.heads.items() if h.kind == "classifier"}
         self.max_streams = max_streams
-        self.table: StreamTable[StreamKey] = StreamTable(self.model, max_streams=max_streams + MIN_ROWS)
+        self.table: StreamTable[StreamKey] = StreamTable(self.model, max_streams=max_streams)
         self._ctx: OrderedDict[StreamKey, StreamCtx] = OrderedDict()
 
     @property
@@ -216,18 +214,15 @@ class StreamEngine:
         return ids
 
     def _run(self, keys: list[StreamKey], ids: list[list[int]]) -> list[Tensor]:
-        """Hidden vectors per stream; a padding stream makes the result independent of the batch."""
-        total = sum(len(t) for t in ids)
-        if total == 0:
+        """Hidden vectors per stream, bit-identical whatever else shares the step (see the module doc)."""
+        if not any(ids):
             return [torch.empty(0, self.model.config.n_embd) for _ in keys]
-        pads = _pad_lengths(total)
-        pad_keys = [(-1 - i, "") for i in range(len(pads))]
-        for key in pad_keys:
-            if key not in self.table:
-                self.table.slot(key)
-            self.table.reset(key)
-        out = self.table.step([*keys, *pad_keys], [*ids, *([0] * n for n in pads)], logits="none")
-        return [h.float().cpu() for h in out.hidden[: len(keys)]]
+        out = self.table.step(keys, ids, logits="none", batch_invariant=True)
+        return [h.float().cpu() for h in out.hidden]
+
+    def _head(self, head: Head, rows: Tensor) -> Tensor:
+        need = invariant_rows(head, rows.shape[1], ("head", id(head)), rows.device)
+        return padded_call(head, rows, need) if need else head(rows)
 
     def _tags(self, hidden: list[Tensor]) -> list[list[dict[str, str]]]:
         counts = [len(h) for h in hidden]
@@ -235,7 +230,7 @@ class StreamEngine:
         if per_row and self.taggers:
             rows = torch.cat(hidden)
             for name, head in self.taggers.items():
-                best = _padded(head, rows).argmax(dim=-1).tolist()
+                best = self._head(head, rows).argmax(dim=-1).tolist()
                 for row, label in zip(per_row, best, strict=True):
                     row[name] = head.labels[label]
         out, pos = [], 0
@@ -253,7 +248,7 @@ class StreamEngine:
         for i in present:
             out[i] = {}
         for name, head in self.classifiers.items():
-            scores = _padded(head, rows).float()
+            scores = self._head(head, rows).float()
             probs = torch.sigmoid(scores) if head.multi_label else torch.softmax(scores, dim=-1)
             for row, i in zip(probs.tolist(), present, strict=True):
                 out[i][name] = dict(zip(head.labels, row, strict=True))  # type: ignore[index]
@@ -296,20 +291,6 @@ class StreamEngine:
         logits = self.model.head(ctx.hidden[None])[0]
         ids = generate_ids(self.model, self.table.state(key), logits, cfg)
         return "".join(decode_until_stop(self.tokenizer, ids, cfg.stop))
-
-
-def _pad_lengths(total: int) -> list[int]:
-    """Token counts of the padding streams for a step of ``total`` tokens: one stream of 2 (so the step never
-    takes the all-single-token path) plus 1-token streams up to ``MIN_ROWS`` rows, so padding adds rows to
-    the matrix products but no sequential WKV steps."""
-    return [2] + [1] * max(0, MIN_ROWS - total - 2)
-
-
-def _padded(head: Head, rows: Tensor) -> Tensor:
-    n = len(rows)
-    if n < MIN_ROWS:
-        rows = torch.cat([rows, rows.new_zeros(MIN_ROWS - n, rows.shape[1])])
-    return head(rows)[:n]
 
 
 def _derived_seed(key: StreamKey, offset: int) -> int:

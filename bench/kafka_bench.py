@@ -230,7 +230,9 @@ class Bench:
                         self.seen.add(key)
                     if sent is not None and first:
                         inner = out.get("latency_ms")
-                        self.received.append((now, now - sent, len(out["tokens"]), inner and inner / 1000))
+                        # the output's CreateTime: when the processor handed it to its producer (ms)
+                        self.received.append((now, now - sent, len(out["tokens"]), inner and inner / 1000,
+                                              now - rec.timestamp / 1000))
             if self.stop.is_set():
                 idle_since = idle_since or now
                 if batch:
@@ -247,7 +249,7 @@ class Bench:
         restarted = self._start_consumer()
         time.sleep(self.args.after_kill)
         with self.lock:
-            after = [(t, lat) for t, lat, _, _ in self.received if t > killed_at]
+            after = [(t, lat) for t, lat, *_ in self.received if t > killed_at]
         first = min((t for t, _ in after), default=None)
         caught_up = next((t for t, lat in sorted(after) if lat < 0.1), None)
         return {
@@ -258,9 +260,11 @@ class Bench:
 
     # ---------------------------------------------------------------------------------------------- report
     def _report(self, t0: float, t1: float, recovery: dict) -> dict:
-        window = [(lat, tok, inner) for t, lat, tok, inner in self.received if t0 <= t < t1]
-        lat = sorted(x for x, _, _ in window)
-        inner = sorted(x for _, _, x in window if x is not None)
+        window = [(lat, tok, inner, out) for t, lat, tok, inner, out in self.received if t0 <= t < t1]
+        lat = sorted(x[0] for x in window)
+        inner = sorted(x[2] for x in window if x[2] is not None)
+        out_path = sorted(x[3] for x in window)
+        in_path = sorted(x[0] - x[3] - x[2] for x in window if x[2] is not None)
 
         def pct(q: float, values: list[float] = lat) -> float | None:
             return round(1000 * values[min(len(values) - 1, int(q * len(values)))], 2) if values else None
@@ -279,11 +283,15 @@ class Bench:
             "measured_s": seconds,
             "fragments": len(window),
             "fragments_per_s": round(len(window) / seconds, 1),
-            "tokens_per_s": round(sum(tok for _, tok, _ in window) / seconds, 1),
+            "tokens_per_s": round(sum(x[1] for x in window) / seconds, 1),
             "latency_ms": {"p50": pct(0.5), "p90": pct(0.9), "p99": pct(0.99), "max": pct(1.0),
                            "mean": round(1000 * statistics.fmean(lat), 2) if lat else None},
             # inside the processor, from polled to the output handed to the producer
             "processor_latency_ms": {"p50": pct(0.5, inner), "p90": pct(0.9, inner), "p99": pct(0.99, inner)},
+            # the two Kafka hops around it (ms clock resolution of the output's CreateTime): producer.send ->
+            # polled by the processor (includes waiting while it is busy), output handed over -> read
+            "input_hop_ms": {"p50": pct(0.5, in_path), "p90": pct(0.9, in_path), "p99": pct(0.99, in_path)},
+            "output_hop_ms": {"p50": pct(0.5, out_path), "p90": pct(0.9, out_path), "p99": pct(0.99, out_path)},
             "recovery": recovery,
             "consumer_after_restart": self.consumer_metrics,
             "logs": str(self.log_dir),

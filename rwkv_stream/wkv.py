@@ -1,4 +1,7 @@
-"""The RWKV-4 WKV recurrence in plain torch: the CPU path and the reference for the CUDA kernels.
+"""The RWKV-4 WKV recurrence: :func:`wkv_step` in plain torch is the reference (token by token, as the
+equations read); :func:`wkv_ragged` runs it over a ragged batch, on the CPU as a NumPy loop over time steps
+(tested against the reference in ``tests/test_wkv.py``). The CUDA kernels are checked against
+:mod:`rwkv_stream.kernels_ref`, which follows the same equations.
 
 State per channel is ``(aa, bb, pp)``: the numerator and denominator of the decayed weighted average of past
 values, both scaled by ``exp(-pp)`` so that nothing overflows however long the stream runs. All math is fp32.

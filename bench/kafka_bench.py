@@ -260,7 +260,7 @@ class Bench:
 
     # ---------------------------------------------------------------------------------------------- report
     def _report(self, t0: float, t1: float, recovery: dict) -> dict:
-        window = [(lat, tok, inner, out) for t, lat, tok, inner, out in self.received if t0 <= t < t1]
+        window = [(lat, tok, inner, out, t) for t, lat, tok, inner, out in self.received if t0 <= t < t1]
         lat = sorted(x[0] for x in window)
         inner = sorted(x[2] for x in window if x[2] is not None)
         out_path = sorted(x[3] for x in window)
@@ -292,10 +292,28 @@ class Bench:
             # polled by the processor (includes waiting while it is busy), output handed over -> read
             "input_hop_ms": {"p50": pct(0.5, in_path), "p90": pct(0.9, in_path), "p99": pct(0.99, in_path)},
             "output_hop_ms": {"p50": pct(0.5, out_path), "p90": pct(0.9, out_path), "p99": pct(0.99, out_path)},
+            "slowest_1pct": _slowest(window, t0),
             "recovery": recovery,
             "consumer_after_restart": self.consumer_metrics,
             "logs": str(self.log_dir),
         }
+
+
+def _slowest(window: list[tuple], t0: float) -> dict:
+    """Where the slowest 1% of fragments spent their time, and when they arrived (do they come in bursts?)."""
+    slow = sorted(window, key=lambda x: -x[0])[: max(1, len(window) // 100)] if window else []
+    timed = [x for x in slow if x[2] is not None]
+
+    def mean_ms(values: list[float]) -> float | None:
+        return round(1000 * statistics.fmean(values), 1) if values else None
+
+    return {
+        "n": len(slow),
+        "mean_ms": {"end_to_end": mean_ms([x[0] for x in slow]),
+                    "input_hop": mean_ms([x[0] - x[3] - x[2] for x in timed]),
+                    "processor": mean_ms([x[2] for x in timed]), "output_hop": mean_ms([x[3] for x in slow])},
+        "read_at_s": sorted(round(x[4] - t0, 2) for x in slow),
+    }
 
 
 def echo_worker(argv: list[str]) -> int:

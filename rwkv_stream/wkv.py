@@ -59,6 +59,7 @@ class TimeMajor:
     order: Tensor  # [B] stream indices by decreasing length
     rows: Tensor  # [N] flat row of each time-major position
     active: list[int]  # streams still running at each time step
+    one_token_each: bool  # every stream brings one token: order and rows are the identity
 
     @classmethod
     def of(cls, starts: Tensor, lengths: list[int]) -> TimeMajor:
@@ -71,7 +72,7 @@ class TimeMajor:
         t = torch.arange(steps, device=device)[:, None]
         grid = starts[idx][None, :] + t
         rows = grid[t < torch.tensor(sorted_lengths, device=device)[None, :]]
-        return cls(idx, rows, active)
+        return cls(idx, rows, active, all(n == 1 for n in lengths))
 
 
 def wkv_ragged(
@@ -89,6 +90,11 @@ def wkv_ragged(
     tm = layout if layout is not None else TimeMajor.of(starts, lengths)
     out = torch.empty_like(k)
     if not tm.active:
+        return out
+    if k.device.type == "cpu" and tm.one_token_each and k.dtype == v.dtype == torch.float32:
+        # already time-major and in order: the loop reads and writes the caller's memory, no gathers
+        _wkv_loop_numpy(k.numpy(), v.numpy(), w.float().numpy(), u.float().numpy(), abp.numpy(), tm.active,
+                        out.numpy())
         return out
     kt, vt = k[tm.rows].float(), v[tm.rows].float()
     state = abp[tm.order]  # a copy; streams without tokens keep their rows

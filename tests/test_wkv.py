@@ -74,3 +74,18 @@ def test_time_major_layout():
     assert tm.order.tolist() == [2, 0, 1]
     assert tm.active == [2, 2, 1]
     assert tm.rows.tolist() == [2, 0, 3, 1, 4]  # t=0: streams 2, 0; t=1: 2, 0; t=2: 2
+
+
+def test_one_token_steps_write_through_a_strided_state_view():
+    """The engine passes ``states[:, 1:4]`` of its ``[B, 5, C]`` work tensor; one-token steps update it in place."""
+    lengths = [1, 1, 1]
+    k, v, w, u, abp, starts = inputs(lengths, 3)
+    work = torch.randn(3, 5, C)
+    work[:, 1:4] = abp
+    before = work.clone()
+    want_state = abp.clone()
+    want = token_by_token(k, v, w, u, want_state, starts, lengths)
+    got = wkv.wkv_ragged(k, v, w, u, work[:, 1:4], starts, lengths)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(work[:, 1:4], want_state, rtol=1e-4, atol=1e-5)
+    assert torch.equal(work[:, 0], before[:, 0]) and torch.equal(work[:, 4], before[:, 4])

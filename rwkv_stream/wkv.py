@@ -67,12 +67,12 @@ class TimeMajor:
         sorted_lengths = [lengths[b] for b in order]
         steps = sorted_lengths[0] if order else 0
         active = [sum(1 for n in sorted_lengths if n > t) for t in range(steps)]
+        first = starts.tolist()
+        rows = [first[b] + t for t, n in enumerate(active) for b in order[:n]]  # built in Python: small, per step
         device = starts.device
         idx = torch.tensor(order, dtype=torch.long, device=device)
-        t = torch.arange(steps, device=device)[:, None]
-        grid = starts[idx][None, :] + t
-        rows = grid[t < torch.tensor(sorted_lengths, device=device)[None, :]]
-        return cls(idx, rows, active, all(n == 1 for n in lengths))
+        rows_t = torch.tensor(rows, dtype=torch.long, device=device)
+        return cls(idx, rows_t, active, all(n == 1 for n in lengths))
 
 
 def wkv_ragged(
@@ -118,9 +118,12 @@ def _wkv_loop_numpy(
     Output and update share each step's ops: a step works on ``[streams, 2, C]`` arrays whose first row is
     the output (``pp`` against ``u + k``) and whose second is the update (``pp + w`` against ``k``).
     """
-    targets = np.stack((u + k, k), axis=1)  # [N, 2, C]
+    targets = np.empty((k.shape[0], 2, k.shape[1]), dtype=np.float32)  # [N, 2, C]
+    np.add(u, k, out=targets[:, 0])
+    targets[:, 1] = k
     values = v[:, None]
-    offsets = np.stack((np.zeros_like(w), w))  # [2, C]
+    offsets = np.zeros((2, w.shape[0]), dtype=np.float32)  # [2, C]
+    offsets[1] = w
     aa, bb, pp = state[:, 0:1], state[:, 1:2], state[:, 2:3]
     pos = 0
     for t, n in enumerate(active):

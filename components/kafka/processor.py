@@ -668,15 +668,18 @@ class Processor:
                if k not in ("group_id", "isolation_level", "auto_offset_reset")},
         }
 
-    def _make_producer(self) -> KafkaProducer:
+    def _make_producer(self, role: str) -> KafkaProducer:
+        """The output producer ("out": outputs, dead letters; in exactly-once also the snapshots) or the
+        at-least-once snapshot producer ("state", batching snapshots up to 1 MiB per partition)."""
         cfg = self.cfg
         options: dict[str, Any] = {
             "bootstrap_servers": cfg.bootstrap_servers,
-            "client_id": f"rwkv-stream-{cfg.resolved_instance_id}-out",
+            "client_id": f"rwkv-stream-{cfg.resolved_instance_id}-{role}",
             "acks": "all",
             "linger_ms": 2,
             "enable_idempotence": True,
             "max_request_size": max(1 << 20, cfg.state_chunk_bytes + (64 << 10)),
+            **({"batch_size": 1 << 20} if role == "state" else {}),
             **self._client_options(KafkaProducer.DEFAULT_CONFIG),
         }
         if cfg.exactly_once:

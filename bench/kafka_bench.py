@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import gc
 import json
 import os
 import platform
@@ -121,10 +122,20 @@ class Bench:
         self.log_dir = Path(args.log_dir or tempfile.mkdtemp(prefix="rwkv-kafka-bench-logs-"))
         self.metrics_port = _free_port()
         self.consumer_metrics: dict = {}
+        self.gc_pauses: list[tuple[float, float]] = []  # (end time, seconds) of this process's collections
+        self._gc_started = 0.0
+
+    def _on_gc(self, phase: str, info: dict) -> None:
+        """The load generator's own GC pauses stall its reader too: recorded, to tell them from the processor's."""
+        now = time.perf_counter()
+        if phase == "start":
+            self._gc_started = now
+        else:
+            self.gc_pauses.append((time.time(), now - self._gc_started))
 
     # ---------------------------------------------------------------------------------------------- run
     def run(self) -> dict:
-
+        gc.callbacks.append(self._on_gc)
         self._create_topic()
         consumer = self._start_consumer()
         assert consumer.wait_for_log('"state restored"', 120), f"consumer did not start: {self.log_dir}"
@@ -293,10 +304,16 @@ class Bench:
             "input_hop_ms": {"p50": pct(0.5, in_path), "p90": pct(0.9, in_path), "p99": pct(0.99, in_path)},
             "output_hop_ms": {"p50": pct(0.5, out_path), "p90": pct(0.9, out_path), "p99": pct(0.99, out_path)},
             "slowest_1pct": _slowest(window, t0),
+            "load_generator_gc_ms": _gc_summary([p for t, p in self.gc_pauses if t0 <= t < t1]),
             "recovery": recovery,
             "consumer_after_restart": self.consumer_metrics,
             "logs": str(self.log_dir),
         }
+
+
+def _gc_summary(pauses: list[float]) -> dict:
+    return {"collections": len(pauses), "max": round(1000 * max(pauses, default=0.0), 2),
+            "total": round(1000 * sum(pauses), 1)}
 
 
 def _slowest(window: list[tuple], t0: float) -> dict:

@@ -221,7 +221,8 @@ class StreamEngine:
         return [h.float().cpu() for h in out.hidden]
 
     def _head(self, head: Head, rows: Tensor) -> Tensor:
-        need = invariant_rows(head, rows.shape[1], ("head", id(head)), rows.device)
+        key = ("head", head.n_embd, head.hidden_dim, len(head.labels), next(head.parameters()).dtype)
+        need = invariant_rows(head, rows.shape[1], key, rows.device)
         return padded_call(head, rows, need) if need else head(rows)
 
     def _tags(self, hidden: list[Tensor]) -> list[list[dict[str, str]]]:

@@ -60,12 +60,35 @@ class DenseLinear:
         return ("dense", tuple(self.weight.shape), self.weight.dtype, self.weight.device.type)
 
 
-class Int8Linear:
+class _RowQuantized:
+    """int8 weights quantized per output row (CPU), what both int8 formats keep."""
+
+    fmt = ""
+
+    qweight: Tensor
+
+    def _quantize(self, weight: Tensor) -> Tensor:
+        """Sets ``qweight``; returns the per-row scales ``[out, 1]``."""
+        _require_cpu(weight, self.fmt)
+        self.qweight, scales = quantize_rows(weight.float())
+        return scales
+
+    @property
+    def in_features(self) -> int:
+        return self.qweight.shape[1]
+
+    @property
+    def kernel_key(self) -> Hashable:
+        return (self.fmt, tuple(self.qweight.shape))
+
+
+class Int8Linear(_RowQuantized):
     """Weight-only int8 (CPU). Error: per-row absmax/254 of each weight, i.e. ~0.4% of the row's largest."""
 
+    fmt = "int8"
+
     def __init__(self, weight: Tensor) -> None:
-        _require_cpu(weight, "int8")
-        self.qweight, scales = quantize_rows(weight.float())
+        scales = self._quantize(weight)
         self.scales = scales.reshape(-1).to(torch.bfloat16)
         self.dense = DenseLinear(self.qweight.float() * scales, torch.bfloat16)
 
@@ -78,22 +101,14 @@ class Int8Linear:
     def nbytes(self) -> int:
         return self.qweight.numel() + self.dense.nbytes
 
-    @property
-    def in_features(self) -> int:
-        return self.qweight.shape[1]
 
-    @property
-    def kernel_key(self) -> Hashable:
-        return ("int8", tuple(self.qweight.shape))
-
-
-class W8A8Linear:
+class W8A8Linear(_RowQuantized):
     """int8 weights and activations (CPU). Error: per-row absmax/254 of each weight row and of each input row."""
 
+    fmt = "w8a8"
+
     def __init__(self, weight: Tensor) -> None:
-        _require_cpu(weight, "w8a8")
-        self.qweight, scales = quantize_rows(weight.float())
-        self.scales = scales.reshape(-1)  # per output column of the product
+        self.scales = self._quantize(weight).reshape(-1)  # per output column of the product
 
     def __call__(self, x: Tensor) -> Tensor:
         return self.quantized(*quantize_rows(x.float()))
@@ -106,14 +121,6 @@ class W8A8Linear:
     @property
     def nbytes(self) -> int:
         return self.qweight.numel() + self.scales.numel() * 4
-
-    @property
-    def in_features(self) -> int:
-        return self.qweight.shape[1]
-
-    @property
-    def kernel_key(self) -> Hashable:
-        return ("w8a8", tuple(self.qweight.shape))
 
 
 Linear = DenseLinear | Int8Linear | W8A8Linear

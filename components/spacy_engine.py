@@ -311,7 +311,7 @@ class StreamRunner:
         book.chars = int(meta.get("chars", 0))
         ids = book.push(bytes(meta.get("pending", b"")))
         if ids:
-            out = self.table.step([key], [ids], logits="none")
+            out = self.table.step([key], [ids], logits="none", batch_invariant=True)
             book.last_hidden = out.hidden[0][-1]
 
     def _evicted(self, key: Hashable, state: State) -> None:
@@ -330,14 +330,15 @@ class StreamRunner:
             raise ValueError("a stream appears twice in one run")
         prepared = [self._prepare(j) for j in jobs]
         by_key = {p.job.key: p for p in prepared if p.job.key is not None}
-        step = self.table.step(list(by_key), [p.final for p in by_key.values()], logits="none")
+        step = self.table.step(list(by_key), [p.final for p in by_key.values()], logits="none",
+                               batch_invariant=True)
         final_hidden = dict(zip(by_key, step.hidden, strict=True))
         pool, forks = self.table.pool, []
         try:
             for p in prepared:
                 key = p.job.key
                 forks.append(pool.alloc() if key is None else pool.fork(self.table.slot(key)))
-            tails = self.model.step(pool, forks, [p.tail for p in prepared], logits="none").hidden
+            tails = self.model.step(pool, forks, [p.tail for p in prepared], logits="none", batch_invariant=True).hidden
             hidden = [self._joined(final_hidden.get(p.job.key), t) for p, t in zip(prepared, tails, strict=True)]
             lasts = [self._last_hidden(p, h) for p, h in zip(prepared, hidden, strict=True)]
             zero_shot = self._zero_shot(forks, lasts) if self._prompts else [{} for _ in prepared]
@@ -378,7 +379,7 @@ class StreamRunner:
                 for label in labels:
                     slots.append(pool.fork(fork))
                     tokens.append(self._prompts[label])
-            logits = self.model.step(pool, slots, tokens, logits="all").logits or []
+            logits = self.model.step(pool, slots, tokens, logits="all", batch_invariant=True).logits or []
         finally:
             for slot in slots:
                 pool.free(slot)

@@ -490,6 +490,21 @@ def test_prompts_are_encoded_as_continuations(engine):
     assert tok.decode(encode_continuation(tok, "vote")) == "vote"  # a prompt continues the stream as written
 
 
+def test_a_docs_outputs_do_not_depend_on_its_batch_mates(bundle):
+    """Steps run batch-invariant: tags, cats (head and zero-shot) and vectors are bit-identical alone or batched."""
+    nlp = make_nlp(bundle, zero_shot=ZERO_SHOT)
+    others = ["the quick brown fox jumps over it", "Alice and Bob vote on the weather today"]
+
+    def outputs(doc):
+        return [t.tag_ for t in doc], doc.cats, doc._.rwkv_vector
+
+    for text in ("ok", "so we'll meet on Monday"):  # a one-token doc takes other kernels when alone
+        alone = outputs(nlp(text))
+        for batch in ([text, *others], [*others, text]):
+            docs = list(nlp.pipe(batch, batch_size=len(batch)))
+            assert outputs(docs[batch.index(text)]) == alone, (text, batch)
+
+
 def test_vector_extension_is_mean_hidden_of_the_doc(bundle, engine, raw_tokenizer):
     nlp = make_nlp(bundle)
     text = "the quick brown fox"

@@ -171,6 +171,12 @@ def _probe(fn: Callable[[Tensor], Tensor], in_features: int, device: torch.devic
     return None
 
 
+def invariant_call(fn: Callable[[Tensor], Tensor], x: Tensor, key: Hashable) -> Tensor:
+    """``fn(x)`` with each row's bits independent of the other rows: padded to :func:`invariant_rows`."""
+    need = invariant_rows(fn, x.shape[1], key, x.device)
+    return padded_call(fn, x, need) if need else fn(x)
+
+
 def padded_call(fn: Callable[[Tensor], Tensor], x: Tensor, min_rows: int) -> Tensor:
     """``fn(x)`` computed on at least ``min_rows`` rows (zero rows appended, their results dropped)."""
     n = x.shape[0]

@@ -24,7 +24,7 @@ from torch import Tensor
 
 from .checkpoint import CheckpointError, load_canonical
 from .config import FP16_RESCALE_EVERY, QUANTIZED_FORMATS, ModelConfig, parse_dtype
-from .linear import Linear, invariant_rows, make_linear, padded_call, project
+from .linear import Linear, invariant_call, invariant_rows, make_linear, project
 from .pool import StatePool
 from .state import State, StateError, empty_state_tensor
 from .wkv import TimeMajor, wkv_ragged
@@ -206,11 +206,6 @@ class Model:
         counts = [invariant_rows(lin, lin.in_features, lin.kernel_key, self.device) for lin in self.linears()]
         return None if None in counts else max(counts)
 
-    @cached_property
-    def _head_invariant_rows(self) -> int | None:
-        lin = self.head_linear
-        return invariant_rows(lin, lin.in_features, lin.kernel_key, self.device)
-
     def step(
         self,
         pool: StatePool,
@@ -274,9 +269,8 @@ class Model:
         counts = [len(r) for r in rows]
         if sum(counts) == 0:
             return [torch.empty(0, self.config.vocab_size) for _ in rows]
-        x = torch.cat(rows).to(self.device, torch.float32)
-        need = self._head_invariant_rows if batch_invariant else None
-        logits = padded_call(self.head_linear, x, need) if need else self.head_linear(x)
+        x = torch.cat(rows)
+        logits = invariant_call(self.head, x, self.head_linear.kernel_key) if batch_invariant else self.head(x)
         return list(logits.split(counts))
 
     def check_state(self, state: State) -> None:

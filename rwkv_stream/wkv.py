@@ -59,7 +59,11 @@ class TimeMajor:
     order: Tensor  # [B] stream indices by decreasing length
     rows: Tensor  # [N] flat row of each time-major position
     active: list[int]  # streams still running at each time step
-    one_token_each: bool  # every stream brings one token: order and rows are the identity
+
+    @property
+    def one_token_each(self) -> bool:
+        """Every stream brings one token: ``order`` and ``rows`` are the identity."""
+        return self.active == [len(self.order)]
 
     @classmethod
     def of(cls, starts: Tensor, lengths: list[int]) -> TimeMajor:
@@ -72,7 +76,7 @@ class TimeMajor:
         device = starts.device
         idx = torch.tensor(order, dtype=torch.long, device=device)
         rows_t = torch.tensor(rows, dtype=torch.long, device=device)
-        return cls(idx, rows_t, active, all(n == 1 for n in lengths))
+        return cls(idx, rows_t, active)
 
 
 def wkv_ragged(
@@ -88,22 +92,20 @@ def wkv_ragged(
     so a stream's result never depends on the other streams of the batch.
     """
     tm = layout if layout is not None else TimeMajor.of(starts, lengths)
-    out = torch.empty_like(k)
     if not tm.active:
-        return out
-    if k.device.type == "cpu" and tm.one_token_each and k.dtype == v.dtype == torch.float32:
-        # already time-major and in order: the loop reads and writes the caller's memory, no gathers
-        _wkv_loop_numpy(k.numpy(), v.numpy(), w.float().numpy(), u.float().numpy(), abp.numpy(), tm.active,
-                        out.numpy())
-        return out
-    kt, vt = k[tm.rows].float(), v[tm.rows].float()
-    state = abp[tm.order]  # a copy; streams without tokens keep their rows
+        return torch.empty_like(k)
+    in_place = tm.one_token_each  # already time-major and in order: work on the caller's memory, no gathers
+    kt, vt = (k.float(), v.float()) if in_place else (k[tm.rows].float(), v[tm.rows].float())
+    state = abp if in_place else abp[tm.order]  # a copy when gathered; streams without tokens keep their rows
     if k.device.type == "cpu":
         y = torch.empty_like(kt)
         _wkv_loop_numpy(kt.numpy(), vt.numpy(), w.float().numpy(), u.float().numpy(), state.numpy(), tm.active,
                         y.numpy())
     else:
         y = _wkv_loop_torch(kt, vt, w, u, state, tm.active)
+    if in_place:
+        return y.to(k.dtype)
+    out = torch.empty_like(k)
     out[tm.rows] = y.to(out.dtype)
     abp[tm.order] = state
     return out

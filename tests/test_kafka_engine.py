@@ -6,7 +6,7 @@ import random
 
 import pytest
 import torch
-from rwkv_stream.components.kafka.engine import StepItem, StreamEngine, encoder_state, restore_encoder
+from rwkv_stream.components.kafka.engine import StepItem, StreamEngine, restore_encoder
 from rwkv_stream.components.kafka.schema import GenerationRequest
 from rwkv_stream.components.kafka.testing import WORDS
 
@@ -95,7 +95,7 @@ def test_snapshot_restore_continues_exactly(bundle):
 def test_encoder_state_round_trip(bundle):
     enc = StreamingEncoder(bundle.tokenizer)
     ids = enc.push("well you kno")
-    copy = restore_encoder(bundle.tokenizer, encoder_state(enc))
+    copy = restore_encoder(bundle.tokenizer, enc.export_state())
     assert copy.held_back == enc.held_back > 0
     assert ids + copy.push("w the order") + copy.flush() == bundle.tokenizer.encode("well you know the order")
 

@@ -29,7 +29,7 @@ from torch import Tensor
 from rwkv_stream.bundle import Bundle
 from rwkv_stream.generate import SamplingConfig, decode_until_stop, generate_ids
 from rwkv_stream.heads import Head
-from rwkv_stream.linear import invariant_rows, padded_call
+from rwkv_stream.linear import invariant_call
 from rwkv_stream.state import State
 from rwkv_stream.streams import StreamTable
 from rwkv_stream.tokenizer import StreamingEncoder
@@ -42,11 +42,6 @@ META_VERSION = 1
 
 
 # ------------------------------------------------------------------------------------------ tokenizer state
-def encoder_state(encoder: StreamingEncoder) -> dict[str, Any]:
-    """What a :class:`StreamingEncoder` holds back, as msgpack-able values."""
-    return encoder.export_state()
-
-
 def restore_encoder(tokenizer: Any, state: dict[str, Any] | None) -> StreamingEncoder:
     encoder = StreamingEncoder(tokenizer)
     if state:
@@ -155,7 +150,7 @@ class StreamEngine:
         hidden = None if ctx.hidden is None else ctx.hidden.detach().cpu().numpy().astype("<f4").tobytes()
         state.meta = {
             "format": META_FORMAT, "version": META_VERSION, "applied": ctx.applied, "chars": ctx.chars,
-            "fragments": ctx.fragments, "encoder": encoder_state(ctx.encoder), "utf8": [bytes(pending), int(flag)],
+            "fragments": ctx.fragments, "encoder": ctx.encoder.export_state(), "utf8": [bytes(pending), int(flag)],
             "hidden": hidden,
         }
         return state.to_bytes()
@@ -222,8 +217,7 @@ class StreamEngine:
 
     def _head(self, head: Head, rows: Tensor) -> Tensor:
         key = ("head", head.n_embd, head.hidden_dim, len(head.labels), next(head.parameters()).dtype)
-        need = invariant_rows(head, rows.shape[1], key, rows.device)
-        return padded_call(head, rows, need) if need else head(rows)
+        return invariant_call(head, rows, key)
 
     def _tags(self, hidden: list[Tensor]) -> list[list[dict[str, str]]]:
         counts = [len(h) for h in hidden]

@@ -204,7 +204,12 @@ class Model:
         streams share the step (probed once per weight shape, see :func:`rwkv_stream.linear.invariant_rows`);
         None where nothing can be promised (CUDA)."""
         counts = [invariant_rows(lin, lin.in_features, lin.kernel_key, self.device) for lin in self.linears()]
-        return None if None in counts else max(counts)
+        if None not in counts:
+            return max(counts)
+        if self.device.type == "cpu":
+            warnings.warn(f"{self.weight_format} products on this CPU depend on the row count beyond "
+                          "the probed range: batch_invariant steps cannot promise bit-identical results", stacklevel=2)
+        return None
 
     def step(
         self,

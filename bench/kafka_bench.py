@@ -27,6 +27,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -117,8 +118,8 @@ class Bench:
         # (receive time, latency s, tokens, processor's own latency s: polled -> output sent)
         self.received: list[tuple[float, float, int, float | None]] = []
         self.seen: set[tuple[int, int]] = set()
+        self.early: dict[tuple[int, int], tuple[float, dict, int]] = {}  # outputs read before their input's ack
         self.lock = threading.Lock()
-        self.stop = threading.Event()
         self.log_dir = Path(args.log_dir or tempfile.mkdtemp(prefix="rwkv-kafka-bench-logs-"))
         self.metrics_port = _free_port()
         self.consumer_metrics: dict = {}
@@ -139,11 +140,8 @@ class Bench:
         self._create_topic()
         consumer = self._start_consumer()
         assert consumer.wait_for_log('"state restored"', 120), f"consumer did not start: {self.log_dir}"
-        reader = threading.Thread(target=self._read_outputs, daemon=True)
-        reader.start()
-        producer = threading.Thread(target=self._produce, daemon=True)
-        t0 = time.time()
-        producer.start()
+        traffic = Traffic(self)
+        t0 = traffic.start()
         measure_from = t0 + self.args.warmup
         measure_to = measure_from + self.args.duration
         time.sleep(max(0.0, measure_to - time.time()))
@@ -151,12 +149,11 @@ class Bench:
         if not self.args.no_kill:
             recovery = self._kill_and_restart(consumer)
             consumer = recovery.pop("consumer")
-        self.stop.set()
-        producer.join(30)
+        traffic.stop_producing()
         time.sleep(3.0)
         self.consumer_metrics = _scrape(self.metrics_port)
         consumer.terminate(60)
-        reader.join(10)
+        traffic.close()
         return self._report(measure_from, measure_to, recovery)
 
     def _start_consumer(self):
@@ -189,68 +186,47 @@ class Bench:
         admin.close()
 
     # ---------------------------------------------------------------------------------------------- traffic
-    def _produce(self) -> None:
-        from kafka import KafkaProducer
-        from rwkv_stream.components.kafka.schema import encode_input
+    def on_sent(self, partition: int, offset: int, sent_at: float) -> None:
+        """An input record was acknowledged; an output already read for it is counted now."""
+        with self.lock:
+            self.sent[(partition, offset)] = sent_at
+            early = self.early.pop((partition, offset), None)
+        if early is not None:
+            self._count(sent_at, *early)
 
-        producer = KafkaProducer(bootstrap_servers=self.bootstrap, acks="all", linger_ms=0)
-        topic = f"{self.name}.in"
+    def on_output(self, now: float, value: bytes, create_ms: int) -> None:
+        """An output read at ``now``; its latency counts once, from the send of the input it answers."""
+        from rwkv_stream.components.kafka.schema import decode_output
+
+        out = decode_output(value)
+        key = (out["partition"], out["offset"])
+        with self.lock:
+            if key in self.seen:  # an at-least-once duplicate after the kill
+                return
+            self.seen.add(key)
+            sent = self.sent.get(key)
+            if sent is None:  # read before the producer saw the acknowledgement
+                self.early[key] = (now, out, create_ms)
+                return
+        self._count(sent, now, out, create_ms)
+
+    def _count(self, sent: float, now: float, out: dict, create_ms: int) -> None:
+        inner = out.get("latency_ms")
+        # create_ms, the output's CreateTime: when the processor handed it to its producer (ms)
+        self.received.append((now, now - sent, len(out["tokens"]), inner and inner / 1000, now - create_ms / 1000))
+
+    def fragments(self) -> Iterator[tuple[str, str]]:
+        """(stream, text) at each stream's next due time: ``rate_per_stream`` each, jittered +-20%."""
         interval = 1.0 / self.args.rate_per_stream
         next_at = {f"call-{i:03d}": time.time() + self.rng.uniform(0, interval) for i in range(self.args.streams)}
-        while not self.stop.is_set():
+        while True:
             stream, due = min(next_at.items(), key=lambda kv: kv[1])
             delay = due - time.time()
             if delay > 0:
                 time.sleep(min(delay, 0.05))
                 continue
-            text = " " + " ".join(self.rng.choice(self.words) for _ in range(self.args.words_per_fragment))
-            sent_at = time.time()
-            future = producer.send(topic, key=stream.encode(), value=encode_input(text, ts_ms=sent_at * 1000))
-            future.add_callback(self._on_sent, sent_at)
+            yield stream, " " + " ".join(self.rng.choice(self.words) for _ in range(self.args.words_per_fragment))
             next_at[stream] = due + interval * self.rng.uniform(0.8, 1.2)
-        producer.flush(30)
-        producer.close(10)
-
-    def _on_sent(self, sent_at: float, meta) -> None:
-        with self.lock:
-            self.sent[(meta.partition, meta.offset)] = sent_at
-
-    def _read_outputs(self) -> None:
-        from kafka import KafkaConsumer, TopicPartition
-        from rwkv_stream.components.kafka.schema import decode_output
-
-        topic = f"{self.name}.out"
-        consumer = KafkaConsumer(bootstrap_servers=self.bootstrap, group_id=None, enable_auto_commit=False,
-                                 isolation_level="read_committed", fetch_max_wait_ms=10)
-        while not consumer.partitions_for_topic(topic):
-            time.sleep(0.05)
-        tps = [TopicPartition(topic, p) for p in consumer.partitions_for_topic(topic)]
-        consumer.assign(tps)
-        consumer.seek_to_beginning(*tps)
-        idle_since = None
-        while True:
-            batch = consumer.poll(timeout_ms=20)
-            now = time.time()
-            for records in batch.values():
-                for rec in records:
-                    out = decode_output(rec.value)
-                    key = (out["partition"], out["offset"])
-                    with self.lock:
-                        sent = self.sent.get(key)
-                        first = key not in self.seen
-                        self.seen.add(key)
-                    if sent is not None and first:
-                        inner = out.get("latency_ms")
-                        # the output's CreateTime: when the processor handed it to its producer (ms)
-                        self.received.append((now, now - sent, len(out["tokens"]), inner and inner / 1000,
-                                              now - rec.timestamp / 1000))
-            if self.stop.is_set():
-                idle_since = idle_since or now
-                if batch:
-                    idle_since = now
-                if now - idle_since > 5.0:
-                    break
-        consumer.close()
 
     # ---------------------------------------------------------------------------------------------- faults
     def _kill_and_restart(self, consumer) -> dict:
@@ -309,6 +285,72 @@ class Bench:
             "consumer_after_restart": self.consumer_metrics,
             "logs": str(self.log_dir),
         }
+
+
+class Traffic:
+    """The load generator: a producer and an output reader in this process (kafka-python, two threads).
+
+    kafka-python's own metrics are off in both: they cost CPU on every request and record, on the 2 cores the
+    processor and the broker share (the processor turns them off too)."""
+
+    def __init__(self, bench: Bench) -> None:
+        self.bench = bench
+        self.stop = threading.Event()
+        self.threads = [threading.Thread(target=self._read_outputs, daemon=True),
+                        threading.Thread(target=self._produce, daemon=True)]
+
+    def start(self) -> float:
+        for thread in self.threads:
+            thread.start()
+        return time.time()
+
+    def stop_producing(self) -> None:
+        self.stop.set()
+        self.threads[1].join(30)
+
+    def close(self) -> None:
+        self.threads[0].join(10)
+
+    def _produce(self) -> None:
+        from kafka import KafkaProducer
+        from rwkv_stream.components.kafka.schema import encode_input
+
+        b = self.bench
+        producer = KafkaProducer(bootstrap_servers=b.bootstrap, acks="all", linger_ms=0, metrics_enabled=False)
+        for stream, text in b.fragments():
+            if self.stop.is_set():
+                break
+            sent_at = time.time()
+            future = producer.send(f"{b.name}.in", key=stream.encode(), value=encode_input(text, ts_ms=sent_at * 1000))
+            future.add_callback(lambda meta, sent_at=sent_at: b.on_sent(meta.partition, meta.offset, sent_at))
+        producer.flush(30)
+        producer.close(10)
+
+    def _read_outputs(self) -> None:
+        from kafka import KafkaConsumer, TopicPartition
+
+        topic = f"{self.bench.name}.out"
+        consumer = KafkaConsumer(bootstrap_servers=self.bench.bootstrap, group_id=None, enable_auto_commit=False,
+                                 isolation_level="read_committed", fetch_max_wait_ms=10, metrics_enabled=False)
+        while not consumer.partitions_for_topic(topic):
+            time.sleep(0.05)
+        tps = [TopicPartition(topic, p) for p in consumer.partitions_for_topic(topic)]
+        consumer.assign(tps)
+        consumer.seek_to_beginning(*tps)
+        idle_since = None
+        while True:
+            batch = consumer.poll(timeout_ms=20)
+            now = time.time()
+            for records in batch.values():
+                for rec in records:
+                    self.bench.on_output(now, rec.value, rec.timestamp)
+            if self.stop.is_set():
+                idle_since = idle_since or now
+                if batch:
+                    idle_since = now
+                if now - idle_since > 5.0:
+                    break
+        consumer.close()
 
 
 def _gc_summary(pauses: list[float]) -> dict:

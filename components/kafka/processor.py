@@ -648,6 +648,7 @@ class Processor:
             "max_poll_interval_ms": cfg.max_poll_interval_ms,
             "partition_assignment_strategy": (assignor,),
             "group_instance_id": cfg.resolved_instance_id if cfg.static_membership else None,
+            "metrics_enabled": False,  # kafka-python's own sensors (see _make_producer)
             **self._client_options(KafkaConsumer.DEFAULT_CONFIG),
         }
 
@@ -676,6 +677,9 @@ class Processor:
             "bootstrap_servers": cfg.bootstrap_servers,
             "client_id": f"rwkv-stream-{cfg.resolved_instance_id}-{role}",
             "acks": "all",
+            # kafka-python's own sensors cost CPU per request and per record and nobody reads them (the
+            # processor's metrics are its own); a client option can turn them back on
+            "metrics_enabled": False,
             "linger_ms": 2,
             "enable_idempotence": True,
             "max_request_size": max(1 << 20, cfg.state_chunk_bytes + (64 << 10)),

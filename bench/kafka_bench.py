@@ -67,7 +67,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--streams", type=int, default=100)
     p.add_argument("--rate-per-stream", type=float, default=2.0, help="fragments per second per stream")
     p.add_argument("--words-per-fragment", type=int, default=4)
-    p.add_argument("--warmup", type=float, default=5.0)
+    p.add_argument("--warmup", type=float, default=20.0,
+                   help="seconds of traffic before measuring (a fresh broker JVM compiles for the first ~20 s)")
     p.add_argument("--duration", type=float, default=30.0, help="measured seconds before the kill")
     p.add_argument("--after-kill", type=float, default=20.0, help="seconds of streaming after the SIGKILL")
     p.add_argument("--no-kill", action="store_true")

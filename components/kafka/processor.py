@@ -665,6 +665,7 @@ class Processor:
             # kafka-python checks CRC32C in pure Python unless the crc32c package is installed; snapshots carry
             # their own checksums (State bytes, chunk digests), so the restore scan skips it.
             "check_crcs": False,
+            "metrics_enabled": False,
             **{k: v for k, v in self._client_options(KafkaConsumer.DEFAULT_CONFIG).items()
                if k not in ("group_id", "isolation_level", "auto_offset_reset")},
         }

@@ -126,6 +126,7 @@ class Bench:
         self.consumer_metrics: dict = {}
         self.gc_pauses: list[tuple[float, float]] = []  # (end time, seconds) of this process's collections
         self._gc_started = 0.0
+        self.host = HostCpu()
 
     def _on_gc(self, phase: str, info: dict) -> None:
         """The load generator's own GC pauses stall its reader too: recorded, to tell them from the processor's."""
@@ -138,6 +139,7 @@ class Bench:
     # ---------------------------------------------------------------------------------------------- run
     def run(self) -> dict:
         gc.callbacks.append(self._on_gc)
+        self.host.start()
         self._create_topic()
         consumer = self._start_consumer()
         assert consumer.wait_for_log('"state restored"', 120), f"consumer did not start: {self.log_dir}"
@@ -155,6 +157,7 @@ class Bench:
         self.consumer_metrics = _scrape(self.metrics_port)
         consumer.terminate(60)
         traffic.close()
+        self.host.stop()
         return self._report(measure_from, measure_to, recovery)
 
     def _start_consumer(self):
@@ -231,13 +234,12 @@ class Bench:
 
     # ---------------------------------------------------------------------------------------------- faults
     def _kill_and_restart(self, consumer) -> dict:
-
         killed_at = time.time()
         consumer.kill()
         restarted = self._start_consumer()
         time.sleep(self.args.after_kill)
-        with self.lock:
-            after = [(t, lat) for t, lat, *_ in self.received if t > killed_at]
+        with self.lock:  # outputs of the new process: created after the kill (outputs in flight then do not count)
+            after = [(t, lat) for t, lat, _, _, out_hop in self.received if t - out_hop > killed_at]
         first = min((t for t, _ in after), default=None)
         caught_up = next((t for t, lat in sorted(after) if lat < 0.1), None)
         return {
@@ -269,6 +271,8 @@ class Bench:
             "checkpoint_interval_ms": self.args.checkpoint_interval_ms or "default",
             "static_membership": self.args.static_membership,
             "measured_s": seconds,
+            "measured_from_unix": round(t0, 3),
+            "host_cpu": self.host.summary(t0, t1),
             "fragments": len(window),
             "fragments_per_s": round(len(window) / seconds, 1),
             "tokens_per_s": round(sum(x[1] for x in window) / seconds, 1),
@@ -352,6 +356,51 @@ class Traffic:
                 if now - idle_since > 5.0:
                     break
         consumer.close()
+
+
+class HostCpu:
+    """All cores' use while the bench runs (/proc/stat every 0.5 s): how busy they were and how much time the
+    hypervisor gave to others (steal), to tell a noisy run from a slow processor."""
+
+    def __init__(self, every_s: float = 0.5) -> None:
+        self.every_s = every_s
+        self.samples: list[tuple[float, float, float]] = []  # (time, busy share, steal share) of the interval
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(5)
+
+    def summary(self, t0: float, t1: float) -> dict:
+        window = [(busy, steal) for t, busy, steal in self.samples if t0 <= t < t1]
+        if not window:
+            return {}
+        return {"busy_pct_mean": round(100 * statistics.fmean(b for b, _ in window), 1),
+                "busy_pct_max": round(100 * max(b for b, _ in window), 1),
+                "steal_pct_mean": round(100 * statistics.fmean(s for _, s in window), 2),
+                "steal_pct_max": round(100 * max(s for _, s in window), 1)}
+
+    def _sample(self) -> None:
+        last = _cpu_times()
+        while last is not None and not self._stop.wait(self.every_s):
+            now = _cpu_times()
+            total = sum(now) - sum(last)
+            if total > 0:
+                idle = (now[3] - last[3]) + (now[4] - last[4])  # idle + iowait
+                steal = now[7] - last[7] if len(now) > 7 else 0
+                self.samples.append((time.time(), (total - idle - steal) / total, steal / total))
+            last = now
+
+
+def _cpu_times() -> list[int] | None:
+    try:
+        return [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    except OSError:
+        return None
 
 
 def _gc_summary(pauses: list[float]) -> dict:

@@ -231,3 +231,16 @@ def test_backpressure_and_metrics_endpoint(kafka_bootstrap, bundle_dir, bundle):
         assert metric in text, metric
     tokens = [line for line in text.splitlines() if line.startswith("rwkv_stream_tokens_total")]
     assert float(tokens[0].split()[-1]) > 0
+
+
+def test_kafka_python_client_metrics_are_off_unless_asked_for(bundle_dir, bundle):
+    """kafka-python's own sensors cost CPU per request and record; off by default, a client option turns them on."""
+    quiet = Processor(_config("127.0.0.1:1", "m", bundle_dir), bundle=bundle)
+    assert quiet._consumer_config()["metrics_enabled"] is False
+    assert quiet._reader_config()["metrics_enabled"] is False
+    assert quiet._producer_config("out")["metrics_enabled"] is False
+    assert quiet._producer_config("state")["metrics_enabled"] is False
+    asked = Processor(_config("127.0.0.1:1", "m", bundle_dir, client={"metrics_enabled": True}), bundle=bundle)
+    assert asked._consumer_config()["metrics_enabled"] is True
+    assert asked._reader_config()["metrics_enabled"] is True
+    assert asked._producer_config("out")["metrics_enabled"] is True

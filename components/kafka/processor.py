@@ -673,6 +673,9 @@ class Processor:
     def _make_producer(self, role: str) -> KafkaProducer:
         """The output producer ("out": outputs, dead letters; in exactly-once also the snapshots) or the
         at-least-once snapshot producer ("state", batching snapshots up to 1 MiB per partition)."""
+        return KafkaProducer(**self._producer_config(role))
+
+    def _producer_config(self, role: str) -> dict[str, Any]:
         cfg = self.cfg
         options: dict[str, Any] = {
             "bootstrap_servers": cfg.bootstrap_servers,
@@ -690,7 +693,7 @@ class Processor:
         if cfg.exactly_once:
             options["transactional_id"] = cfg.resolved_transactional_id
             options["transaction_timeout_ms"] = cfg.transaction_timeout_ms
-        return KafkaProducer(**options)
+        return options
 
     def _ensure_topics(self) -> None:
         cfg = self.cfg

@@ -59,11 +59,7 @@ class TimeMajor:
     order: Tensor  # [B] stream indices by decreasing length
     rows: Tensor  # [N] flat row of each time-major position
     active: list[int]  # streams still running at each time step
-
-    @property
-    def one_token_each(self) -> bool:
-        """Every stream brings one token: ``order`` and ``rows`` are the identity."""
-        return self.active == [len(self.order)]
+    in_order: bool = False  # order and rows are the identity (one stream, or one token per stream)
 
     @classmethod
     def of(cls, starts: Tensor, lengths: list[int]) -> TimeMajor:
@@ -76,7 +72,8 @@ class TimeMajor:
         device = starts.device
         idx = torch.tensor(order, dtype=torch.long, device=device)
         rows_t = torch.tensor(rows, dtype=torch.long, device=device)
-        return cls(idx, rows_t, active)
+        in_order = order == list(range(len(order))) and rows == list(range(len(rows)))
+        return cls(idx, rows_t, active, in_order)
 
 
 def wkv_ragged(
@@ -94,7 +91,7 @@ def wkv_ragged(
     tm = layout if layout is not None else TimeMajor.of(starts, lengths)
     if not tm.active:
         return torch.empty_like(k)
-    in_place = tm.one_token_each  # already time-major and in order: work on the caller's memory, no gathers
+    in_place = tm.in_order  # already time-major (the common live cases): work on the caller's memory, no gathers
     kt, vt = (k.float(), v.float()) if in_place else (k[tm.rows].float(), v[tm.rows].float())
     state = abp if in_place else abp[tm.order]  # a copy when gathered; streams without tokens keep their rows
     if k.device.type == "cpu":

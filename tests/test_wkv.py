@@ -74,13 +74,17 @@ def test_time_major_layout():
     assert tm.order.tolist() == [2, 0, 1]
     assert tm.active == [2, 2, 1]
     assert tm.rows.tolist() == [2, 0, 3, 1, 4]  # t=0: streams 2, 0; t=1: 2, 0; t=2: 2
+    assert not tm.in_order
+    assert wkv.TimeMajor.of(torch.tensor([0]), [4]).in_order  # one stream
+    assert wkv.TimeMajor.of(torch.tensor([0, 1, 2]), [1, 1, 1]).in_order  # one token each
 
 
-def test_one_token_steps_write_through_a_strided_state_view():
-    """The engine passes ``states[:, 1:4]`` of its ``[B, 5, C]`` work tensor; one-token steps update it in place."""
-    lengths = [1, 1, 1]
+@pytest.mark.parametrize("lengths", [[1, 1, 1], [5]], ids=["one-token-each", "one-stream"])
+def test_in_order_steps_write_through_a_strided_state_view(lengths):
+    """The engine passes ``states[:, 1:4]`` of its ``[B, 5, C]`` work tensor; steps already in time-major order
+    (one token per stream, or a single stream) update it in place."""
     k, v, w, u, abp, starts = inputs(lengths, 3)
-    work = torch.randn(3, 5, C)
+    work = torch.randn(len(lengths), 5, C)
     work[:, 1:4] = abp
     before = work.clone()
     want_state = abp.clone()

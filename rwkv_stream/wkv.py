@@ -59,7 +59,12 @@ class TimeMajor:
     order: Tensor  # [B] stream indices by decreasing length
     rows: Tensor  # [N] flat row of each time-major position
     active: list[int]  # streams still running at each time step
-    in_order: bool = False  # order and rows are the identity (one stream, or one token per stream)
+
+    @property
+    def in_order(self) -> bool:
+        """``order`` and ``rows`` are the identity (rows packed in stream order, as :func:`wkv_ragged` takes
+        them): one stream, or one token per stream."""
+        return len(self.order) == 1 or self.active == [len(self.order)]
 
     @classmethod
     def of(cls, starts: Tensor, lengths: list[int]) -> TimeMajor:
@@ -71,16 +76,16 @@ class TimeMajor:
         rows = [first[b] + t for t, n in enumerate(active) for b in order[:n]]  # built in Python: small, per step
         device = starts.device
         idx = torch.tensor(order, dtype=torch.long, device=device)
-        rows_t = torch.tensor(rows, dtype=torch.long, device=device)
-        in_order = order == list(range(len(order))) and rows == list(range(len(rows)))
-        return cls(idx, rows_t, active, in_order)
+        return cls(idx, torch.tensor(rows, dtype=torch.long, device=device), active)
 
 
 def wkv_ragged(
     k: Tensor, v: Tensor, w: Tensor, u: Tensor, abp: Tensor, starts: Tensor, lengths: list[int],
     layout: TimeMajor | None = None,
 ) -> Tensor:
-    """WKV over a ragged batch: stream ``b`` owns rows ``starts[b] : starts[b] + lengths[b]`` of ``k``/``v``.
+    """WKV over a ragged batch: stream ``b`` owns rows ``starts[b] : starts[b] + lengths[b]`` of ``k``/``v``,
+    packed in stream order (``starts`` are the running sums of ``lengths``, as :class:`~rwkv_stream.model.Ragged`
+    lays them out).
 
     ``abp`` is ``[B, 3, C]`` (aa, bb, pp), updated in place; pass ``layout`` to reuse one built per step.
     The arithmetic is :func:`wkv_step`'s, token after token. On the CPU the loop runs on NumPy views of the

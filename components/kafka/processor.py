@@ -648,7 +648,7 @@ class Processor:
             "max_poll_interval_ms": cfg.max_poll_interval_ms,
             "partition_assignment_strategy": (assignor,),
             "group_instance_id": cfg.resolved_instance_id if cfg.static_membership else None,
-            "metrics_enabled": False,  # kafka-python's own sensors (see _make_producer)
+            "metrics_enabled": False,  # kafka-python's own sensors (see _producer_config)
             **self._client_options(KafkaConsumer.DEFAULT_CONFIG),
         }
 

@@ -32,6 +32,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "tests"))  # the test harness (tests/kafka_harness.py) is not part of the package
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -39,11 +40,11 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] == ["--echo-worker"]:
         return echo_worker(argv[1:])
     args = parse_args(argv)
-    from rwkv_stream.components.kafka.testing import WORDS
+    from kafka_harness import WORDS
 
     print(f"seed {args.seed}", file=sys.stderr)
     if args.synthetic:
-        from rwkv_stream.components.kafka.testing import make_tiny_bundle
+        from kafka_harness import make_tiny_bundle
 
         layers, embd = (int(x) for x in args.synthetic.lower().split("x"))
         args.bundle = str(make_tiny_bundle(Path(tempfile.mkdtemp(prefix="rwkv-bench-bundle-")) / "bundle",
@@ -161,7 +162,7 @@ class Bench:
         return self._report(measure_from, measure_to, recovery)
 
     def _start_consumer(self):
-        from rwkv_stream.components.kafka.testing import ConsumerProc
+        from kafka_harness import ConsumerProc
 
         if self.args.echo:
             command = [sys.executable, __file__, "--echo-worker"]

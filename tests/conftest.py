@@ -48,6 +48,6 @@ def one_torch_thread():
 @pytest.fixture(scope="session")
 def tiny_bundle_dir(tmp_path_factory) -> Path:
     """A tiny bundle with tagger, classifier and zero-shot heads (what the Kafka tests run)."""
-    from rwkv_stream.components.kafka.testing import make_tiny_bundle
+    from kafka_harness import make_tiny_bundle
 
     return make_tiny_bundle(tmp_path_factory.mktemp("bundle") / "tiny")

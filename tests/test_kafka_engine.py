@@ -6,9 +6,9 @@ import random
 
 import pytest
 import torch
+from kafka_harness import WORDS
 from rwkv_stream.components.kafka.engine import StepItem, StreamEngine, restore_encoder
 from rwkv_stream.components.kafka.schema import GenerationRequest
-from rwkv_stream.components.kafka.testing import WORDS
 
 from rwkv_stream.bundle import Bundle
 from rwkv_stream.tokenizer import StreamingEncoder

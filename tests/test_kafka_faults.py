@@ -19,7 +19,7 @@ import pytest
 pytest.importorskip("kafka", reason="kafka-python not installed (pip install -e .[kafka])")
 
 from kafka_broker import KafkaBroker, create_topic, unique_name  # noqa: E402  (fixtures: conftest plugin)
-from rwkv_stream.components.kafka.testing import (  # noqa: E402
+from kafka_harness import (  # noqa: E402
     ConsumerProc,
     Pacer,
     check_outputs,

@@ -17,10 +17,7 @@ import pytest
 pytest.importorskip("kafka", reason="kafka-python not installed (pip install -e .[kafka])")
 
 from kafka_broker import create_topic, unique_name  # noqa: E402  (fixtures: conftest plugin)
-from rwkv_stream.components.kafka import schema  # noqa: E402
-from rwkv_stream.components.kafka.config import ConsumerConfig  # noqa: E402
-from rwkv_stream.components.kafka.processor import Processor  # noqa: E402
-from rwkv_stream.components.kafka.testing import (  # noqa: E402
+from kafka_harness import (  # noqa: E402
     Planned,
     check_outputs,
     interleave,
@@ -30,6 +27,9 @@ from rwkv_stream.components.kafka.testing import (  # noqa: E402
     stream_script,
     wait_for_outputs,
 )
+from rwkv_stream.components.kafka import schema  # noqa: E402
+from rwkv_stream.components.kafka.config import ConsumerConfig  # noqa: E402
+from rwkv_stream.components.kafka.processor import Processor  # noqa: E402
 
 from rwkv_stream.bundle import Bundle  # noqa: E402
 

@@ -1,4 +1,4 @@
-"""Helpers for tests and the benchmark: a tiny model bundle, input scripts and the reference outputs.
+"""Test harness (tests and bench/ only, not installed): a tiny model bundle, input scripts, reference outputs.
 
 The reference feeds every stream alone, fragment by fragment, through a fresh :class:`StreamEngine`: that is
 what the processor must reproduce however it batches, crashes, restarts or rebalances.
@@ -13,14 +13,21 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from rwkv_stream.components.kafka.engine import StepItem, StreamEngine
+from rwkv_stream.components.kafka.schema import (
+    BadInput,
+    GenerationRequest,
+    decode_output,
+    encode_input,
+    encode_output,
+    parse_input,
+    without_timing,
+)
 
 from rwkv_stream.bundle import Bundle, write_bundle
 from rwkv_stream.config import ModelConfig
 from rwkv_stream.heads import Head, HeadSet
 from rwkv_stream.random_checkpoint import random_tensors
-
-from .engine import StepItem, StreamEngine
-from .schema import BadInput, GenerationRequest, decode_output, encode_input, encode_output, parse_input, without_timing
 
 _TEXT = (
     "the so um and yes we can of course I think that is right well you know it was really good okay "

@@ -18,8 +18,10 @@ Config (``[components.rwkv]``):
   ``[initialize.components.rwkv]``. ``tokenizer`` (``"world"`` or a ``tokenizer.json``) is for bare
   checkpoints; ``heads_path`` adds heads (``heads.json`` + ``heads.safetensors``) to those of the source.
 * ``device``, ``dtype`` (``float32``/``bfloat16``/``float16``, or ``int8``/``w8a8`` on the CPU),
-  ``max_streams`` (live states; the least recently used stream is evicted past it), ``stream_id_attr`` (the
-  Doc extension holding the stream id).
+  ``max_streams`` (resident states; past it the least recently used stream is evicted to the session store and
+  comes back transparently when its id does), ``state_dir`` (evicted streams as files in this directory, so
+  memory stays bounded; ``null``: kept in memory), ``ttl_s`` (evict streams idle this long; ``null``: never),
+  ``stream_id_attr`` (the Doc extension holding the stream id).
 * ``tag_head`` / ``cats_head``: a head name, ``"auto"`` (the model's only head of that kind, if any) or
   ``null``. ``tag_labels`` / ``cats_labels`` optionally pin the labels the heads must have.
   ``tag_attr``: where tags go (``"tag_"``, another token attribute, ``"_.name"`` or ``null``);
@@ -61,8 +63,9 @@ from .spacy_align import ALIGNMENTS, align, bio_spans
 
 if TYPE_CHECKING:
     from rwkv_stream.heads import Head
+    from rwkv_stream.sessions import SessionTable
 
-    from .spacy_engine import JobResult, LoadedModel, StreamRunner
+    from .spacy_engine import DocResult, LoadedModel
 
 COMPONENT_FILE = "rwkv_component.json"
 BYTES_FORMAT = "rwkv-stream/spacy-component"
@@ -83,6 +86,8 @@ device = "cpu"
 dtype = "float32"
 stream_id_attr = "stream_id"
 max_streams = 1024
+state_dir = null
+ttl_s = null
 tag_head = "auto"
 tag_attr = "tag_"
 tag_labels = null
@@ -143,6 +148,8 @@ class Settings:
     dtype: str = "float32"
     stream_id_attr: str = "stream_id"
     max_streams: int = 1024
+    state_dir: str | None = None
+    ttl_s: float | None = None
     tag_head: str | None = "auto"
     tag_attr: str | None = "tag_"
     tag_labels: list[str] | None = None
@@ -159,6 +166,8 @@ class Settings:
             raise ValueError(f"rwkv: dtype must be one of {WEIGHT_FORMATS}, got {self.dtype!r}")
         if self.max_streams < 1:
             raise ValueError(f"rwkv: max_streams must be at least 1, got {self.max_streams}")
+        if self.ttl_s is not None and self.ttl_s <= 0:
+            raise ValueError(f"rwkv: ttl_s must be positive or null, got {self.ttl_s}")
         if self.tag_alignment not in ALIGNMENTS:
             raise ValueError(f"rwkv: tag_alignment must be one of {ALIGNMENTS}, got {self.tag_alignment!r}")
         if not self.stream_id_attr.isidentifier():
@@ -186,6 +195,8 @@ def make_rwkv_component(
     dtype: str,
     stream_id_attr: str,
     max_streams: int,
+    state_dir: str | None,
+    ttl_s: float | None,
     tag_head: str | None,
     tag_attr: str | None,
     tag_labels: list[str] | None,
@@ -198,7 +209,7 @@ def make_rwkv_component(
     generation: dict[str, Any],
 ) -> RWKVComponent:
     settings = Settings(
-        model, tokenizer, heads_path, device, dtype, stream_id_attr, max_streams, tag_head, tag_attr,
+        model, tokenizer, heads_path, device, dtype, stream_id_attr, max_streams, state_dir, ttl_s, tag_head, tag_attr,
         tag_labels, tag_alignment, ents_from_tags, cats_head, cats_labels, dict(zero_shot), vector,
         {**DEFAULT_CONFIG["generation"], **generation},
     )
@@ -243,9 +254,11 @@ class RWKVComponent(Pipe):
         self.name = name
         self.vocab = nlp.vocab
         self.settings = settings
-        self.on_evict: Callable[[Hashable, bytes], None] | None = None  # gets (stream id, state bytes)
-        self._runner: StreamRunner | None = None
+        self._sessions: SessionTable | None = None
+        self._loaded: LoadedModel | None = None
         self._tagger: Head | None = None
+        self._classifier: Head | None = None
+        self._zone: set[Hashable] | None = None  # streams fed inside an open memory zone
         self._heads: dict[str, str | None] = {"tagger": None, "classifier": None}
         self._pid = os.getpid()
         self.uid = uuid.uuid4().hex
@@ -255,7 +268,7 @@ class RWKVComponent(Pipe):
     # -------------------------------------------------------------- loading
     @property
     def is_loaded(self) -> bool:
-        return self._runner is not None
+        return self._sessions is not None
 
     def initialize(
         self, get_examples: Callable[[], Iterable[Example]] | None = None, *, nlp: Language | None = None,
@@ -264,14 +277,19 @@ class RWKVComponent(Pipe):
         """Load the model now (else it loads on first use); ``model`` overrides the configured source."""
         if model is not None:
             self.settings.model = model
-            self._runner = None
+            self._sessions = None
         self._ensure_loaded()
 
-    def _ensure_loaded(self) -> StreamRunner:
-        if self._runner is None:
+    def _ensure_loaded(self) -> SessionTable:
+        if self._sessions is None:
             self._install(self._load_configured())
-        assert self._runner is not None
-        return self._runner
+        assert self._sessions is not None
+        return self._sessions
+
+    @property
+    def sessions(self) -> SessionTable:
+        """The engine's session table behind this component (the model loads on first access)."""
+        return self._ensure_loaded()
 
     def _load_configured(self) -> LoadedModel:
         from .spacy_engine import load_source
@@ -283,7 +301,9 @@ class RWKVComponent(Pipe):
         return load_source(source.path, source.tokenizer, source.heads_path, s.device, s.dtype)
 
     def _install(self, loaded: LoadedModel) -> None:
-        from .spacy_engine import RunnerSettings, StreamRunner
+        from rwkv_stream.sessions import DirectoryStore, MemoryStore, SessionStore, SessionTable
+
+        from .spacy_engine import CLASSIFIER, TAGGER
 
         s = self.settings
         tagger = self._pick_head(loaded, s.tag_head, "tagger", s.tag_labels, "tag")
@@ -291,9 +311,11 @@ class RWKVComponent(Pipe):
         clash = set(s.zero_shot) & set(classifier.labels if classifier else [])
         if clash:
             raise ValueError(f"rwkv: zero-shot labels {sorted(clash)} clash with the classifier head's labels")
-        self._tagger = tagger
-        settings = RunnerSettings(tagger, classifier, dict(s.zero_shot), s.vector)
-        self._runner = StreamRunner(loaded, settings, s.max_streams, on_evict=self._evicted)
+        self._tagger, self._classifier, self._loaded = tagger, classifier, loaded
+        heads = {role: h for role, h in ((TAGGER, tagger), (CLASSIFIER, classifier)) if h is not None}
+        store: SessionStore = DirectoryStore(s.state_dir) if s.state_dir else MemoryStore()
+        self._sessions = SessionTable(loaded.model, loaded.tokenizer, heads=heads, probes=s.zero_shot,
+                                      max_streams=s.max_streams, store=store, ttl_s=s.ttl_s)
 
     def _pick_head(
         self, loaded: LoadedModel, want: str | None, kind: str, labels: list[str] | None, what: str
@@ -320,18 +342,16 @@ class RWKVComponent(Pipe):
 
     @property
     def labels(self) -> tuple[str, ...]:
-        if self._runner is None:
+        if self._sessions is None:
             return ()
-        s = self._runner.settings
-        heads = [h for h in (s.tagger, s.classifier) if h is not None]
-        return tuple(dict.fromkeys([lab for h in heads for lab in h.labels] + list(s.zero_shot)))
+        heads = [h for h in (self._tagger, self._classifier) if h is not None]
+        return tuple(dict.fromkeys([lab for h in heads for lab in h.labels] + list(self.settings.zero_shot)))
 
     @property
     def cats_labels(self) -> list[str]:
-        if self._runner is None:
+        if self._sessions is None:
             return []
-        s = self._runner.settings
-        return (s.classifier.labels if s.classifier else []) + list(s.zero_shot)
+        return (self._classifier.labels if self._classifier else []) + list(self.settings.zero_shot)
 
     # -------------------------------------------------------------- processing
     def __call__(self, doc: Doc) -> Doc:
@@ -350,15 +370,20 @@ class RWKVComponent(Pipe):
             yield from done
 
     def _process(self, docs: list[Doc]) -> list[Doc]:
-        from .spacy_engine import Job
+        """All Docs of a batch in one session-layer call: each stream's Docs in order, streams batched
+        (in waves when they outnumber ``max_streams``: no stream with Docs pending is evicted)."""
+        from rwkv_stream.sessions import Fragment
+
+        from .spacy_engine import doc_result
 
         self._refuse_other_process()
-        runner = self._ensure_loaded()
+        sessions = self._ensure_loaded()
         keys = [self.stream_key(doc) for doc in docs]
-        for chunk in schedule(keys, self.settings.max_streams):
-            results = runner.run([Job(keys[i], docs[i].text) for i in chunk])
-            for i, result in zip(chunk, results, strict=True):
-                self._annotate(docs[i], result)
+        if self._zone is not None:
+            self._zone.update(k for k in set(keys) if k is not None and not sessions.exists(k))
+        results = sessions.feed([Fragment(k, d.text) for k, d in zip(keys, docs, strict=True)], provisional=True)
+        for doc, res in zip(docs, results, strict=True):
+            self._annotate(doc, doc_result(sessions.tokenizer, res, doc.text, self.settings.vector))
         return docs
 
     def _refuse_other_process(self) -> None:
@@ -369,7 +394,7 @@ class RWKVComponent(Pipe):
         """The Doc's stream id (``None``: process it alone); raises ``TypeError`` for a wrong type."""
         return check_stream_id(doc._.get(self.settings.stream_id_attr), self.settings.stream_id_attr)
 
-    def _annotate(self, doc: Doc, result: JobResult) -> None:
+    def _annotate(self, doc: Doc, result: DocResult) -> None:
         if self._tagger is not None and result.tag_ids is not None:
             spans = [(t.idx, t.idx + len(t.text)) for t in doc]
             index = align(spans, doc.text, result.ends, result.doc_start, self.settings.tag_alignment)  # type: ignore[arg-type]
@@ -413,34 +438,49 @@ class RWKVComponent(Pipe):
             int(cfg["max_new_tokens"]), float(cfg["temperature"]), float(cfg["top_p"]), cfg["seed"],
             tuple(cfg["stop"] or ()),
         )
-        return self._ensure_loaded().generate(self.stream_key(doc), doc.text, sampling)
+        sessions, key = self._ensure_loaded(), self.stream_key(doc)
+        if key is None:
+            return sessions.generate_from(doc.text, sampling)
+        if not sessions.exists(key):
+            raise KeyError(f"stream {key!r} is not live (ended, or never processed)")
+        return sessions.generate(key, sampling)
 
     # -------------------------------------------------------------- stream lifecycle
     @property
     def streams(self) -> list[Hashable]:
-        """Ids of the live streams, least recently used first."""
-        return [] if self._runner is None else self._runner.keys()
+        """Ids of the resident streams, least recently used first (evicted ones wait in the store)."""
+        return [] if self._sessions is None else self._sessions.keys()
 
     def reset_stream(self, stream_id: Hashable) -> bool:
         """Back to an empty state (the id stays live). Returns whether the stream was live."""
-        return self._runner is not None and self._runner.reset(self._key(stream_id))
+        key = self._key(stream_id)
+        if self._sessions is None or not self._sessions.exists(key):
+            return False
+        self._sessions.reset(key)
+        return True
 
     def end_stream(self, stream_id: Hashable) -> bool:
-        """Forget the stream and free its slot. Returns whether it was live."""
-        return self._runner is not None and self._runner.end(self._key(stream_id))
+        """Forget the stream (resident or evicted) and free its slot. Returns whether it was live."""
+        key = self._key(stream_id)
+        if self._sessions is None or not self._sessions.exists(key):
+            return False
+        self._sessions.end(key)
+        return True
 
     def export_stream(self, stream_id: Hashable) -> bytes:
-        """The stream's state as engine state bytes (with the tokenizer's held-back text in its meta)."""
-        return self._ensure_loaded().export(self._key(stream_id)).to_bytes()
+        """The stream's complete session as bytes (model state, tokenizer carry, counters; versioned,
+        checksummed, tied to the model): :meth:`import_stream` continues it exactly, in any process."""
+        sessions, key = self._ensure_loaded(), self._key(stream_id)
+        if not sessions.exists(key):
+            raise KeyError(f"stream {key!r} is not live (ended, or never processed)")
+        return sessions.export(key)
 
     def import_stream(self, stream_id: Hashable, data: bytes) -> None:
         """Continue a stream from :meth:`export_stream` bytes (replacing a live stream of that id)."""
-        from rwkv_stream.state import State
-
-        runner = self._ensure_loaded()
-        runner.restore(self._key(stream_id), State.from_bytes(data, expected_fingerprint=runner.model.fingerprint))
+        self._ensure_loaded().restore(self._key(stream_id), data)
 
     def export_streams(self) -> dict[Hashable, bytes]:
+        """Every resident stream's :meth:`export_stream` bytes."""
         return {key: self.export_stream(key) for key in self.streams}
 
     def import_streams(self, states: dict[Hashable, bytes]) -> None:
@@ -453,20 +493,16 @@ class RWKVComponent(Pipe):
             raise TypeError("a stream id is needed, not None")
         return key
 
-    def _evicted(self, key: Hashable, state: Any) -> None:
-        if self.on_evict is not None:
-            self.on_evict(key, state.to_bytes())
-
     @contextmanager
     def memory_zone(self, mem: Any = None) -> Iterator[Any]:
         """spaCy's ``nlp.memory_zone()`` hook: streams opened inside the zone are ended when it closes."""
-        before = set(self.streams)
+        outer, self._zone = self._zone, set()
         try:
             yield mem
         finally:
-            for key in self.streams:
-                if key not in before:
-                    self.end_stream(key)
+            opened, self._zone = self._zone, outer
+            for key in opened:
+                self.end_stream(key)
 
     # -------------------------------------------------------------- scoring
     def score(self, examples: Iterable[Example], **kwargs: Any) -> dict[str, Any]:
@@ -482,7 +518,7 @@ class RWKVComponent(Pipe):
                 scores.update(Scorer.score_token_attr(examples, attr.rstrip("_"), **kwargs))
         labels = self.cats_labels
         if labels:
-            classifier = self._runner.settings.classifier if self._runner else None
+            classifier = self._classifier
             multi = bool(classifier and (classifier.multi_label or self.settings.zero_shot))
             scores.update(Scorer.score_cats(examples, "cats", labels=labels, multi_label=multi, **kwargs))
         if self.settings.ents_from_tags:
@@ -491,25 +527,33 @@ class RWKVComponent(Pipe):
 
     # -------------------------------------------------------------- serialization
     def to_disk(self, path: str | Path, *, exclude: Iterable[str] = ()) -> None:
-        """A bundle directory (safetensors weights, tokenizer, heads, manifest) plus the resolved settings."""
+        """A bundle directory (safetensors weights, tokenizer, heads, manifest) plus the resolved settings.
+        ``exclude``: ``"model"`` skips the bundle, ``"cfg"`` the settings record."""
         from .spacy_engine import save_bundle
 
-        runner = self._ensure_loaded()
-        path = Path(path)
-        save_bundle(runner.loaded, path)
-        srsly.write_json(path / COMPONENT_FILE, self._record())
+        self._ensure_loaded()
+        assert self._loaded is not None
+        path, skip = Path(path), _fields(exclude)
+        if "model" not in skip:
+            save_bundle(self._loaded, path)
+        if "cfg" not in skip:
+            path.mkdir(parents=True, exist_ok=True)
+            srsly.write_json(path / COMPONENT_FILE, self._record())
 
     def from_disk(self, path: str | Path, *, exclude: Iterable[str] = ()) -> RWKVComponent:
         from rwkv_stream.checkpoint import CheckpointError
 
         from .spacy_engine import load_source
 
-        path = Path(path)
-        if not (path / "bundle.json").is_file():
+        path, skip = Path(path), _fields(exclude)
+        if "model" in skip:
+            self._ensure_loaded()
+        elif not (path / "bundle.json").is_file():
             raise CheckpointError(f"{path} holds no saved rwkv component (no bundle.json)")
-        self._install(load_source(path, device=self.settings.device, dtype=self.settings.dtype))
+        else:
+            self._install(load_source(path, device=self.settings.device, dtype=self.settings.dtype))
         record_file = path / COMPONENT_FILE
-        if record_file.is_file():
+        if "cfg" not in skip and record_file.is_file():
             self._check_record(srsly.read_json(record_file))
         return self
 
@@ -517,7 +561,7 @@ class RWKVComponent(Pipe):
         from .spacy_engine import read_dir_files
 
         with tempfile.TemporaryDirectory() as tmp:
-            self.to_disk(Path(tmp) / "rwkv")
+            self.to_disk(Path(tmp) / "rwkv", exclude=exclude)
             files = read_dir_files(Path(tmp) / "rwkv")
         return srsly.msgpack_dumps({"format": BYTES_FORMAT, "files": files})
 
@@ -529,30 +573,36 @@ class RWKVComponent(Pipe):
             raise ValueError("bytes are not a serialized rwkv component")
         with tempfile.TemporaryDirectory() as tmp:
             write_dir_files(Path(tmp) / "rwkv", obj["files"])
-            return self.from_disk(Path(tmp) / "rwkv")
+            return self.from_disk(Path(tmp) / "rwkv", exclude=exclude)
 
     def _record(self) -> dict[str, Any]:
-        runner = self._ensure_loaded()
-        s = runner.settings
+        sessions = self._ensure_loaded()
         settings = asdict(self.settings)
         settings["model"] = settings["model"] if isinstance(settings["model"], str) else repr(settings["model"])
         return {
             "version": 1,
-            "fingerprint": runner.model.fingerprint,
+            "fingerprint": sessions.fingerprint,
             "tag_head": self._heads["tagger"],
-            "tag_labels": s.tagger.labels if s.tagger else None,
+            "tag_labels": self._tagger.labels if self._tagger else None,
             "cats_head": self._heads["classifier"],
             "cats_labels": self.cats_labels,
             "settings": settings,
         }
 
     def _check_record(self, record: dict[str, Any]) -> None:
-        runner = self._ensure_loaded()
-        if record.get("fingerprint") not in (None, runner.model.fingerprint):
+        if record.get("fingerprint") not in (None, self._ensure_loaded().fingerprint):
             raise ValueError("rwkv: the saved component record belongs to other weights than the saved bundle")
 
 
 # ------------------------------------------------------------------------------------------ helpers
+SERIALIZATION_FIELDS = ("model", "cfg")
+
+
+def _fields(exclude: Iterable[str]) -> set[str]:
+    """The component's fields named in ``exclude`` (spaCy passes other components' names too)."""
+    return set(exclude) & set(SERIALIZATION_FIELDS)
+
+
 def check_stream_id(value: Any, attr: str = "stream_id") -> Hashable | None:
     """A valid stream key (``str`` or ``int``) or ``None``; anything else is a ``TypeError``."""
     if value is None or isinstance(value, str):
@@ -563,18 +613,3 @@ def check_stream_id(value: Any, attr: str = "stream_id") -> Hashable | None:
         f"doc._.{attr} must be a str or an int (or None to process the Doc alone), "
         f"got {type(value).__name__}: {value!r}"
     )
-
-
-def schedule(keys: list[Hashable | None], limit: int) -> list[list[int]]:
-    """Indices of a batch in runs the engine can step at once: the n-th fragment of every stream goes in
-    round n (so one stream's fragments keep their order), each round cut into chunks of ``limit`` streams."""
-    rounds: list[list[int]] = []
-    seen: dict[Hashable, int] = {}
-    for i, key in enumerate(keys):
-        n = 0 if key is None else seen.get(key, 0)
-        if key is not None:
-            seen[key] = n + 1
-        while len(rounds) <= n:
-            rounds.append([])
-        rounds[n].append(i)
-    return [r[j : j + limit] for r in rounds for j in range(0, len(r), limit)]

@@ -497,6 +497,10 @@ class _WorldStream:
     def held_back(self) -> int:
         return len(self._buffer)
 
+    @property
+    def held_bytes(self) -> bytes:
+        return bytes(self._buffer)
+
     def push(self, fragment: str | bytes) -> list[int]:
         data = fragment.encode("utf-8") if isinstance(fragment, str) else fragment
         return self._advance(self._buffer + data, final=False)
@@ -558,6 +562,10 @@ class _TextStream:
     @property
     def held_back(self) -> int:
         return len(self._pending)
+
+    @property
+    def held_bytes(self) -> bytes:
+        return self._pending.encode("utf-8") + bytes(self._utf8.getstate()[0])
 
     def push(self, fragment: str | bytes) -> list[int]:
         if isinstance(fragment, str) and not self._utf8.getstate()[0]:
@@ -694,6 +702,11 @@ class StreamingEncoder:
         """Units pushed but not yet returned as ids."""
         return self._impl.held_back
 
+    @property
+    def held_bytes(self) -> bytes:
+        """The UTF-8 bytes of the input pushed but not yet returned as ids (a split character included)."""
+        return self._impl.held_bytes
+
     def push(self, fragment: str | bytes) -> list[int]:
         return self._impl.push(fragment)
 
@@ -731,3 +744,10 @@ class StreamingDecoder:
         text = self._utf8.decode(b"", final=True)
         self._utf8.reset()
         return text
+
+
+def encode_continuation(tokenizer: Tokenizer, text: str) -> list[int]:
+    """Ids of ``text`` appended to a stream: without start-of-input effects such as a prefix space."""
+    if isinstance(tokenizer, HFTokenizer):
+        return list(tokenizer.encode_words(text, bare=True).ids)
+    return tokenizer.encode(text)

@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 from rwkv_stream.components.spacy_align import align, bio_spans, byte_offsets, overlapping, token_ends
-from rwkv_stream.components.spacy_component import check_stream_id, schedule
+from rwkv_stream.components.spacy_component import check_stream_id
 
 
 def test_byte_offsets_ascii_and_multibyte():
@@ -65,13 +65,6 @@ def test_overlapping_tokens():
 )
 def test_bio_spans(tags, spans):
     assert bio_spans(tags) == spans
-
-
-def test_schedule_keeps_stream_order_and_chunks():
-    keys = ["a", "b", "a", None, "c", "a", None]
-    chunks = schedule(keys, limit=10)
-    assert chunks == [[0, 1, 3, 4, 6], [2], [5]]
-    assert schedule(keys, limit=2) == [[0, 1], [3, 4], [6], [2], [5]]
 
 
 def test_check_stream_id_types():

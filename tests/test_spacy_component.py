@@ -380,15 +380,15 @@ def test_pipe_interleaved_streams_keeps_order_and_batches_streams(bundle, monkey
         solo = make_nlp(bundle)
         reference[sid] = [outputs(solo(d)) for d in stream_docs(solo, parts, sid)]
     nlp = make_nlp(bundle)
-    runner = nlp.get_pipe("rwkv")._ensure_loaded()
+    sessions = nlp.get_pipe("rwkv").sessions
     steps = []
-    real_step = runner.table.step
+    real_round = sessions._round
 
-    def spy(keys, tokens, **kw):
-        steps.append(list(keys))
-        return real_step(keys, tokens, **kw)
+    def spy(batch, *args, **kw):
+        steps.append([key for key, _ in batch])
+        return real_round(batch, *args, **kw)
 
-    monkeypatch.setattr(runner.table, "step", spy)
+    monkeypatch.setattr(sessions, "_round", spy)
     docs = []
     for sid, i in interleaved:
         docs.extend(stream_docs(nlp, [streams[sid][i]], sid))
@@ -483,7 +483,7 @@ def test_zero_shot_scores_prompts_on_a_fork(bundle, engine, raw_tokenizer):
 
 
 def test_prompts_are_encoded_as_continuations(engine):
-    from rwkv_stream.components.spacy_engine import encode_continuation
+    from rwkv_stream.tokenizer import encode_continuation
 
     tok = engine.tokenizer
     assert tok.decode(tok.encode("vote")) == " vote"  # this tokenizer adds a prefix space at a text's start
@@ -577,7 +577,7 @@ def test_reset_and_end_stream(bundle):
     nlp = make_nlp(bundle)
     rwkv = nlp.get_pipe("rwkv")
     list(nlp.pipe(stream_docs(nlp, ["Alice and Bob vote"], "x")))
-    pool = rwkv._ensure_loaded().table.pool
+    pool = rwkv.sessions.pool
     assert rwkv.streams == ["x"] and pool.live == 1
     assert rwkv.reset_stream("x")
     (doc,) = nlp.pipe(stream_docs(nlp, ["the weather"], "x"))
@@ -587,20 +587,21 @@ def test_reset_and_end_stream(bundle):
     assert rwkv.streams == [] and pool.live == 0
 
 
-def test_lru_eviction_hands_out_states_that_resume(bundle):
-    nlp = make_nlp(bundle, max_streams=2)
+@pytest.mark.parametrize("on_disk", [False, True])
+def test_lru_eviction_to_the_store_and_back_is_transparent(bundle, tmp_path, on_disk):
+    nlp = make_nlp(bundle, max_streams=2, state_dir=str(tmp_path / "states") if on_disk else None)
     rwkv = nlp.get_pipe("rwkv")
-    evicted = {}
-    rwkv.on_evict = lambda key, data: evicted.__setitem__(key, data)
     list(nlp.pipe(stream_docs(nlp, ["Alice and Bo"], "a") + stream_docs(nlp, ["so we"], "b")))
     list(nlp.pipe(stream_docs(nlp, ["don't"], "c")))
-    assert rwkv.streams == ["b", "c"] and list(evicted) == ["a"]
-    assert State.from_bytes(evicted["a"]).meta["pending"].endswith(b"Bo")
-    rwkv.import_stream("a", evicted["a"])  # evicts "b" in turn
-    assert rwkv.streams == ["c", "a"] and list(evicted) == ["a", "b"]
-    (doc,) = nlp.pipe(stream_docs(nlp, ["b vote"], "a"))
-    whole = nlp("Alice and Bob vote")
-    assert [t.tag_ for t in doc][-1] == [t.tag_ for t in whole][-1] and cats_close(doc.cats, whole.cats)
+    assert rwkv.streams == ["b", "c"] and rwkv.sessions.evictions == 1
+    if on_disk:
+        assert len(list((tmp_path / "states").glob("*.session"))) == 1
+    (doc,) = nlp.pipe(stream_docs(nlp, ["b vote"], "a"))  # "a" comes back from the store, "b" goes
+    assert rwkv.streams == ["c", "a"] and rwkv.sessions.evictions == 2
+    solo = make_nlp(bundle)
+    want = [outputs(d) for d in solo.pipe(stream_docs(solo, ["Alice and Bo", "b vote"], "a"))][-1]
+    got = outputs(doc)
+    assert got["tags"] == want["tags"] and got["cats"] == want["cats"] and got["vector"] == want["vector"]
 
 
 def test_memory_zone_ends_the_streams_it_opened(bundle):
@@ -611,7 +612,7 @@ def test_memory_zone_ends_the_streams_it_opened(bundle):
         list(nlp.pipe(stream_docs(nlp, ["inside", " zone"], "new") + stream_docs(nlp, [" more"], "old")))
         assert set(rwkv.streams) == {"old", "new"}
     assert rwkv.streams == ["old"]
-    assert rwkv._ensure_loaded().table.pool.live == 1
+    assert rwkv.sessions.pool.live == 1
 
 
 def test_export_import_mid_word_into_a_fresh_pipeline(bundle):
@@ -620,8 +621,7 @@ def test_export_import_mid_word_into_a_fresh_pipeline(bundle):
     list(nlp.pipe(stream_docs(nlp, ["Alice and B"], "t")))
     data = nlp.get_pipe("rwkv").export_streams()
     meta = State.from_bytes(data["t"]).meta
-    assert meta["pending"].endswith(b" B")
-    assert meta["chars"] == len("Alice and B")
+    assert meta["format"] == "rwkv-stream/session" and meta["chars_in"] == len("Alice and B")
     fresh = make_nlp(bundle, zero_shot=ZERO_SHOT)
     fresh.get_pipe("rwkv").import_streams(data)
     (doc,) = fresh.pipe(stream_docs(fresh, ["ob vote on the weather"], "t"))

@@ -74,6 +74,8 @@ class MembershipLost(RuntimeError):
 
 
 Offsets = dict[TopicPartition, OffsetAndMetadata]
+Headers = list[tuple[str, bytes]]
+Transform = Callable[[str, bytes, "Headers | None"], tuple[bytes, "Headers | None"]]
 
 
 class Delivery:
@@ -82,8 +84,9 @@ class Delivery:
     exactly_once = False
 
     def __init__(self, make_producer: Callable[[str], KafkaProducer], consumer: Any, faults: Faults,
-                 flush_timeout_s: float = 60.0) -> None:
+                 flush_timeout_s: float = 60.0, transform: Transform | None = None) -> None:
         self._make_producer = make_producer  # role ("out", "state") -> a producer
+        self.transform = transform  # (topic, value, headers) -> (value, headers): output encoding, kept headers
         self.producer = make_producer("out")
         self.state_producer = self.producer
         self.consumer = consumer
@@ -92,8 +95,11 @@ class Delivery:
         self._send_error: BaseException | None = None
         self._epoch = 0  # bumped by abort(): failures of records sent before it are expected, not errors
 
-    def send(self, topic: str, key: bytes | None, value: bytes, partition: int | None = None) -> None:
-        future = self.producer.send(topic, key=key, value=value, partition=partition)
+    def send(self, topic: str, key: bytes | None, value: bytes, partition: int | None = None,
+             headers: Headers | None = None) -> None:
+        if self.transform is not None:
+            value, headers = self.transform(topic, value, headers)
+        future = self.producer.send(topic, key=key, value=value, partition=partition, headers=headers)
         future.add_errback(self._on_error, self._epoch)
 
     def _on_error(self, epoch: int, exc: BaseException) -> None:
@@ -117,10 +123,13 @@ class Delivery:
         raise NotImplementedError
 
     def _group_metadata(self, member: str | None) -> Any:
-        """The consumer's group metadata, refused (:class:`StaleWork`) if its member id is no longer ``member``."""
+        """The consumer's group metadata, refused (:class:`StaleWork`) if its member id is no longer ``member``
+        or if the consumer is not a group member right now (see :func:`check_membership`)."""
         metadata = self.consumer.group_metadata()
         if member is not None and metadata.member_id != member:
             raise StaleWork(f"group member changed from {member!r} since this work was polled")
+        if member is not None:
+            check_membership(metadata)
         return metadata
 
     def abort(self) -> None:
@@ -132,6 +141,17 @@ class Delivery:
         self.producer.close(timeout=timeout_s)
         if self.state_producer is not self.producer:
             self.state_producer.close(timeout=timeout_s)
+
+
+def check_membership(metadata: Any) -> None:
+    """Refuse to commit for a consumer that is not a group member right now (generation -1 or no member id:
+    kafka-python resets both when the coordinator fences it out, e.g. after a freeze past the session timeout,
+    until it has rejoined). Its transactional offset commit would carry generation -1 and an empty member id,
+    which the group coordinator accepts without any membership check (only non-transactional commits are
+    refused then): the zombie's transaction would commit. See docs/kafka.md, "Zombie fencing"."""
+    if metadata.generation_id < 0 or not metadata.member_id:
+        raise StaleWork(f"not a group member now (generation {metadata.generation_id}, member "
+                        f"{metadata.member_id!r}): the group may have given the partitions to another member")
 
 
 class AtLeastOnce(Delivery):
@@ -178,14 +198,19 @@ class ExactlyOnce(Delivery):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        self.needs_init = False
         self.producer.init_transactions()
         self.in_transaction = False
 
-    def send(self, topic: str, key: bytes | None, value: bytes, partition: int | None = None) -> None:
+    def send(self, topic: str, key: bytes | None, value: bytes, partition: int | None = None,
+             headers: Headers | None = None) -> None:
         self.begin()
-        super().send(topic, key, value, partition)
+        super().send(topic, key, value, partition, headers)
 
     def begin(self) -> None:
+        if self.needs_init:  # re-creating the producer failed earlier (broker unreachable): try again
+            self.producer.init_transactions()
+            self.needs_init = False
         if not self.in_transaction:
             self.producer.begin_transaction()
             self.in_transaction = True
@@ -220,4 +245,6 @@ class ExactlyOnce(Delivery):
         with contextlib.suppress(Exception):  # the old producer is discarded anyway
             self.producer.close(timeout=5)
         self.producer = self.state_producer = self._make_producer("out")
+        self.needs_init = True
         self.producer.init_transactions()
+        self.needs_init = False

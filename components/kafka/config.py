@@ -26,6 +26,11 @@ ENV_PREFIX = "RWKV_STREAM_CONSUME_"
 CLIENT_ENV_PREFIX = "RWKV_STREAM_CONSUME_CLIENT_"
 DELIVERY_MODES = ("at-least-once", "exactly-once")
 ASSIGNORS = ("cooperative-sticky", "range", "roundrobin")
+OUTPUT_FORMATS = ("msgpack", "json")
+
+
+class ConfigError(ValueError):
+    """An invalid configuration (a setting, or topics that do not fit it): the processor exits (code 2)."""
 
 
 @dataclass
@@ -65,6 +70,7 @@ class ConsumerConfig:
     max_buffered_records: int = 5000
     max_fragment_chars: int = 16384
     max_generate_tokens: int = 256
+    output_format: str = "msgpack"  # or "json" (outputs and dead letters); inputs may be either, per record
     idle_ttl_s: float = 600.0
     # Checkpoints and state
     checkpoint_interval_ms: int = 0  # 0: 5000 at-least-once (replay cost), 200 exactly-once (output latency)
@@ -77,11 +83,25 @@ class ConsumerConfig:
     metrics_port: int = 0  # 0: no Prometheus endpoint
     metrics_addr: str = "0.0.0.0"
     log_level: str = "INFO"
+    readiness_file: str = ""  # exists (one JSON line) exactly while the processor is ready
+    broker_retry_max_s: float = 30.0  # cap of the exponential backoff while the broker is unreachable
 
     def __post_init__(self) -> None:
         self.validate()
 
     def validate(self) -> None:
+        try:
+            self._validate()
+        except ConfigError:
+            raise
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+
+    def _validate(self) -> None:
+        if self.output_format not in OUTPUT_FORMATS:
+            raise ValueError(f"output_format must be one of {OUTPUT_FORMATS}, not {self.output_format!r}")
+        if self.broker_retry_max_s <= 0:
+            raise ValueError("broker_retry_max_s must be positive")
         if self.dtype not in WEIGHT_FORMATS:
             raise ValueError(f"dtype must be one of {WEIGHT_FORMATS}, not {self.dtype!r}")
         if self.delivery not in DELIVERY_MODES:

@@ -6,10 +6,12 @@ Rules, separated by ``;``:
 * ``kill@POINT~P``: SIGKILL with probability P each time it reaches POINT.
 * ``commit_fail~P``: each offset commit (or transaction commit) fails with probability P, raising before
   anything is sent, as a commit refused by the broker would.
+* ``hold@POINT=PATH``: the first time it reaches POINT, log "fault injection: holding" and wait until the file
+  PATH exists (a test does something meanwhile, e.g. stops the broker, then creates the file).
 * ``seed=N``: seed of the random choices (default 0).
 
 Points: ``batch_mid`` (half of a batch's outputs sent), ``after_outputs_flush``, ``after_state_write``,
-``before_commit``, ``after_commit``, ``after_restore``.
+``before_commit``, ``after_commit``, ``before_restore_scan``, ``after_restore``.
 """
 
 from __future__ import annotations
@@ -19,9 +21,11 @@ import os
 import random
 import signal
 import sys
+import time
 
 ENV = "RWKV_STREAM_KAFKA_FAULTS"
-POINTS = ("batch_mid", "after_outputs_flush", "after_state_write", "before_commit", "after_commit", "after_restore")
+POINTS = ("batch_mid", "after_outputs_flush", "after_state_write", "before_commit", "after_commit",
+          "before_restore_scan", "after_restore")
 log = logging.getLogger("rwkv_stream.kafka.faults")
 
 
@@ -35,12 +39,16 @@ class Faults:
         self.kill_at: dict[str, int] = {}
         self.kill_p: dict[str, float] = {}
         self.commit_fail_p = 0.0
+        self.hold_at: dict[str, str] = {}
         seed = 0
         for rule in filter(None, (r.strip() for r in spec.split(";"))):
             if rule.startswith("seed="):
                 seed = int(rule[5:])
             elif rule.startswith("commit_fail~"):
                 self.commit_fail_p = float(rule[len("commit_fail~"):])
+            elif rule.startswith("hold@") and "=" in rule:
+                point, path = rule[5:].split("=", 1)
+                self.hold_at[self._point(point)] = path
             elif rule.startswith("kill@") and "=" in rule:
                 point, n = rule[5:].split("=")
                 self.kill_at[self._point(point)] = int(n)
@@ -49,7 +57,7 @@ class Faults:
                 self.kill_p[self._point(point)] = float(p)
             else:
                 raise ValueError(f"{ENV}: cannot parse rule {rule!r}")
-        self.enabled = bool(self.kill_at or self.kill_p or self.commit_fail_p)
+        self.enabled = bool(self.kill_at or self.kill_p or self.commit_fail_p or self.hold_at)
         self._rng = random.Random(seed)
         self._count: dict[str, int] = {}
 
@@ -67,6 +75,15 @@ class Faults:
             log.warning("fault injection: SIGKILL", extra={"point": name, "count": n})
             sys.stderr.flush()
             os.kill(os.getpid(), signal.SIGKILL)
+        if name in self.hold_at:
+            self._hold(name, self.hold_at.pop(name))
+
+    @staticmethod
+    def _hold(name: str, path: str) -> None:
+        log.warning("fault injection: holding", extra={"point": name, "until": path})
+        while not os.path.exists(path):
+            time.sleep(0.05)
+        log.warning("fault injection: released", extra={"point": name})
 
     def commit(self) -> None:
         if self.commit_fail_p and self._rng.random() < self.commit_fail_p:

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import sys
 import time
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Enum, Gauge, Histogram, start_http_server
+
+from .readiness import READINESS_STATES
 
 LATENCY_BUCKETS = (0.002, 0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0)
 _STANDARD_ATTRS = set(vars(logging.LogRecord("", 0, "", 0, "", (), None))) | {"message", "asctime"}
@@ -47,6 +50,17 @@ class Metrics:
         self.paused = Gauge("rwkv_stream_paused_partitions", "Partitions paused for backpressure", registry=r)
         self.buffered = Gauge("rwkv_stream_buffered_records", "Polled records waiting for processing", registry=r)
         self.commit_failures = Counter("rwkv_stream_commit_failures", "Offset commits that failed", registry=r)
+        self.readiness = Enum("rwkv_stream_readiness", "Processor state (1 for the current one)",
+                              states=list(READINESS_STATES), registry=r)
+        self.broker_errors = Counter("rwkv_stream_broker_unavailable", "Times the broker could not be reached "
+                                     "(each followed by a backoff and a retry)", ["during"], registry=r)
+        self.consumer_lag = Gauge("rwkv_stream_consumer_lag", "Input records not processed yet: the partition's "
+                                  "high watermark minus the next offset to process", ["partition"], registry=r)
+
+    def forget_partition(self, partition: int) -> None:
+        """A partition left this member: its lag is no longer ours to report."""
+        with contextlib.suppress(KeyError):
+            self.consumer_lag.remove(str(partition))
 
     def serve(self, port: int, addr: str = "0.0.0.0") -> None:
         start_http_server(port, addr=addr, registry=self.registry)

@@ -27,11 +27,12 @@ from typing import Any
 
 from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer
 from kafka.consumer.subscription_state import AsyncConsumerRebalanceListener
-from kafka.structs import OffsetAndMetadata, TopicPartition
+from kafka.errors import KafkaError
+from kafka.structs import MemberState, OffsetAndMetadata, TopicPartition
 
 from rwkv_stream.bundle import Bundle
-from rwkv_stream.state import StateError
 
+from . import client_compat
 from .checkpoint import (
     AtLeastOnce,
     CheckpointPolicy,
@@ -42,15 +43,22 @@ from .checkpoint import (
     Offsets,
     StaleWork,
 )
-from .config import ConsumerConfig
-from .engine import StepItem, StreamEngine, StreamKey
+from .config import ConfigError, ConsumerConfig
+from .engine import StepItem, StreamEngine
 from .faults import Faults
 from .metrics import Metrics
+from .readiness import Backoff, Readiness
+from .records import OutputCodec, header_items
 from .schema import BadInput, Fragment, encode_dead_letter, encode_output, parse_input
-from .state_store import SnapshotCodec, StateStore, WriteBatch
+from .session_store import StateTopicSessions
+from .state_store import SnapshotCodec, StateStore, StateStoreError, WriteBatch
+from .topics import ensure_topics
 
 log = logging.getLogger("rwkv_stream.kafka")
 IDLE_SCAN_S = 1.0
+LAG_SCAN_S = 1.0
+# Broker trouble the processor waits out (retrying with backoff) instead of exiting.
+BROKER_ERRORS = (KafkaError, StateStoreError, OSError)
 
 
 @dataclass
@@ -101,7 +109,7 @@ class _Listener(AsyncConsumerRebalanceListener):
 
         worker = threading.Thread(target=target, name="rwkv-rebalance", daemon=True)
         worker.start()
-        sleep = self.p.consumer._net.sleep  # kafka-python 3.0's event loop
+        sleep = client_compat.event_loop_sleep(self.p.consumer)
         while worker.is_alive():
             await sleep(0.005)
         if error:
@@ -132,8 +140,6 @@ class Processor:
         self.processed: dict[int, int] = {}  # partition -> next offset to commit
         self.committed: dict[int, int] = {}  # partition -> offset committed by the group
         self.first_seen: dict[int, int] = {}  # partition without a committed offset -> first offset polled
-        self.dirty: set[StreamKey] = set()
-        self.last_seen: dict[StreamKey, float] = {}
         self._last_idle_scan = time.monotonic()
         self.consumer: KafkaConsumer | None = None
         self.delivery: Delivery | None = None
@@ -142,6 +148,12 @@ class Processor:
         self._job: _Job | None = None
         self._work_member: str | None = None  # member id when the uncommitted work started
         self._co_partitioned = False  # output topic has the input's partitions: output partition = input's
+        self._dlq_co_partitioned = False  # the same for the dead-letter topic
+        self.readiness = Readiness(self.metrics.readiness, cfg.readiness_file or None)
+        self.backoff = Backoff(0.5, cfg.broker_retry_max_s)
+        self._restore_retry_at = 0.0
+        self._last_lag_scan = 0.0
+        self.codec = OutputCodec(cfg.output_format, cfg.output_topic, cfg.dead_letter_topic)
 
     # ================================================================================ lifecycle
     def stop(self) -> None:
@@ -149,30 +161,79 @@ class Processor:
         self._stop.set()
 
     def run(self) -> int:
-        self.setup()
-        _calm_garbage_collector()
+        """Until stop(): broker outages are waited out (backoff, readiness ``waiting_for_broker``); only an
+        invalid configuration (:class:`ConfigError`) or a bug ends it otherwise."""
         try:
+            if self.cfg.metrics_port:
+                self.metrics.serve(self.cfg.metrics_port, self.cfg.metrics_addr)
+            if not self.connect():
+                return 0
+            _calm_garbage_collector()
             while not self._stop.is_set():
-                self.iteration()
+                try:
+                    self.iteration()
+                except BROKER_ERRORS as exc:
+                    self._recover(exc)
             self.shutdown()
         except BaseException:
             log.exception("processor failed")
             self._close_clients()
             raise
+        finally:
+            self.readiness.close()
         return 0
+
+    def connect(self) -> bool:
+        """setup(), retried with capped exponential backoff while the broker cannot be reached. False: stopped
+        while waiting."""
+        while not self._stop.is_set():
+            try:
+                self.setup()
+                self.backoff.reset()
+                return True
+            except ConfigError:
+                raise
+            except BROKER_ERRORS as exc:
+                self._close_clients()
+                self._closing = False
+                if self._wait_for_broker("start-up", exc):
+                    return False
+        return False
+
+    def _wait_for_broker(self, during: str, exc: BaseException) -> bool:
+        """Log, set the readiness state, sleep the next backoff delay (cut short by stop()). True: stopped."""
+        delay = self.backoff.next_delay()
+        self.metrics.broker_errors.labels(during).inc()
+        self.readiness.set("waiting_for_broker", during=during)
+        log.warning("broker unavailable: retrying", extra={"during": during, "error": repr(exc),
+                                                           "retry_in_s": round(delay, 2),
+                                                           "attempt": self.backoff.attempt})
+        return self._stop.wait(delay)
+
+    def _recover(self, exc: BaseException) -> None:
+        """Broker trouble outside a checkpoint (a send, a lazy state fetch, re-creating the transactional
+        producer): throw away the uncommitted work like a failed checkpoint does, wait, go on."""
+        try:
+            self._await_job()
+            self.delivery.abort()
+        except BROKER_ERRORS as again:
+            log.warning("abort failed during recovery", extra={"error": repr(again)})
+        self.rollback()
+        self._wait_for_broker("processing", exc)
 
     def setup(self) -> None:
         cfg = self.cfg
-        if cfg.metrics_port:
-            self.metrics.serve(cfg.metrics_port, cfg.metrics_addr)
+        self.readiness.set("starting")
         self._ensure_topics()
         self.consumer = KafkaConsumer(**self._consumer_config())
+        client_compat.check(self.consumer)
         mode = ExactlyOnce if cfg.exactly_once else AtLeastOnce
-        self.delivery = mode(self._make_producer, self.consumer, self.faults)
+        self.delivery = mode(self._make_producer, self.consumer, self.faults, transform=self.codec.transform)
         reader = KafkaConsumer(**self._reader_config())
         codec = SnapshotCodec(cfg.state_chunk_bytes, cfg.state_compress_over)
         self.store = StateStore(cfg.state_topic, reader, self.engine.fingerprint, codec=codec,
                                 cache_bytes=cfg.state_cache_bytes, restore_timeout_s=cfg.restore_timeout_s)
+        self.engine.sessions.store = StateTopicSessions(self.store, self.engine.fingerprint)
         self.consumer.subscribe([cfg.input_topic], listener=_Listener(self))
         _prime_metadata(self.consumer, cfg.input_topic)
         log.info("consumer started", extra={"group": cfg.group_id, "input": cfg.input_topic, "delivery": cfg.delivery,
@@ -181,6 +242,7 @@ class Processor:
         self.started.set()
 
     def shutdown(self) -> None:
+        self.readiness.set("stopping")
         log.info("stopping: final checkpoint", extra={"buffered": self._buffered()})
         self.checkpoint()
         self._closing = True
@@ -189,22 +251,28 @@ class Processor:
 
     def _close_clients(self) -> None:
         self._closing = True
-        for close in (lambda: self.consumer.close(autocommit=False), lambda: self.delivery.close(),
-                      lambda: self.store.reader.close(autocommit=False)):
+        for client, close in ((self.consumer, lambda: self.consumer.close(autocommit=False)),
+                              (self.delivery, lambda: self.delivery.close()),
+                              (self.store, lambda: self.store.reader.close(autocommit=False))):
+            if client is None:
+                continue
             try:
                 close()
             except Exception as exc:  # closing after a failure: report, go on
                 log.warning("close failed", extra={"error": repr(exc)})
+        self.consumer = self.delivery = self.store = None
 
     # ================================================================================ the loop
     def iteration(self) -> None:
         timeout = 0 if self._ready_records() else self.cfg.poll_timeout_ms
-        _unpark_fetched_records(self.consumer)
+        client_compat.unpark_fetched_records(self.consumer)
         polled = self.consumer.poll(timeout_ms=timeout, max_records=self.cfg.max_poll_records)
-        if self.to_restore:
-            repositioned = self.restore()
+        if self.to_restore and time.monotonic() >= self._restore_retry_at:
+            repositioned = self._try_restore()
             polled = {tp: records for tp, records in polled.items() if tp not in repositioned}  # re-fetched
+        self._update_readiness()
         self._enqueue(polled)
+        self._update_lag()
         self._backpressure()
         batch = self._take_batch()
         if batch:
@@ -212,10 +280,35 @@ class Processor:
         self._evict_idle()
         self.maybe_checkpoint()
 
+    def _update_readiness(self) -> None:
+        if self.to_restore:
+            return  # restoring, or waiting for the broker to restore
+        stable = self.consumer.group_metadata().state == MemberState.STABLE
+        self.readiness.set("ready" if stable else "starting")
+
+    def _update_lag(self) -> None:
+        """Per assigned partition: the partition's high watermark minus the next offset to process."""
+        now = time.monotonic()
+        if now - self._last_lag_scan < LAG_SCAN_S:
+            return
+        self._last_lag_scan = now
+        for tp in self.assigned:
+            high = self.consumer.highwater(tp)
+            nxt = self._next_offset(tp)
+            if high is not None and nxt is not None:
+                self.metrics.consumer_lag.labels(str(tp.partition)).set(max(0, high - nxt))
+
+    def _next_offset(self, tp: TopicPartition) -> int | None:
+        queue = self.queues.get(tp)
+        if queue:
+            return queue[0][0].offset
+        return self.processed.get(tp.partition, self.committed.get(tp.partition))
+
     def _enqueue(self, polled: dict[TopicPartition, list[Any]]) -> None:
         now = time.time()
         for tp, records in polled.items():
             if tp in self.assigned or tp in self.to_restore:
+                self.codec.note_inputs(tp.partition, records)
                 self.queues.setdefault(tp, deque()).extend((r, now) for r in records)
                 if records and tp.partition not in self.committed:
                     self.first_seen.setdefault(tp.partition, records[0].offset)
@@ -280,56 +373,35 @@ class Processor:
                 continue
             work.append(_Work(tp.partition, rec, frag, received))
         self.policy.note(len(batch))
-        per_key: dict[StreamKey, deque[_Work]] = {}
-        for w in work:
-            per_key.setdefault((w.partition, w.frag.stream), deque()).append(w)
-        self._make_live(list(per_key))
-        sent = 0
-        while per_key:
-            items, works = self._next_round(per_key)
-            if items:
-                sent = self._step(items, works, sent, len(work))
+        if work:
+            self._apply(work)
         self.metrics.live_streams.set(len(self.engine))
         self.metrics.state_bytes.set(self.engine.state_bytes())
 
-    def _next_round(self, per_key: dict[StreamKey, deque[_Work]]) -> tuple[list[StepItem], list[_Work]]:
-        """The next fragment of every stream with work left (skipping input its state already covers)."""
-        items, works = [], []
-        for key in list(per_key):
-            w = per_key[key].popleft()
-            if not per_key[key]:
-                del per_key[key]
-            if w.rec.offset <= self.engine.ctx(key).applied:
+    def _apply(self, work: list[_Work]) -> None:
+        """All fragments of a batch through the session layer (each stream's in offset order; input its
+        state already covers is skipped there), then their outputs."""
+        sessions = self.engine.sessions
+        evicted = sessions.evictions
+        items = [StepItem((w.partition, w.frag.stream), w.frag.text, w.frag.end, w.rec.offset, w.frag.generate)
+                 for w in work]
+        results = self.engine.step(items)
+        self.metrics.evictions.labels("lru").inc(sessions.evictions - evicted)
+        now, sent = time.time(), 0
+        for w, res in zip(work, results, strict=True):
+            if res.skipped:
                 self.metrics.records.labels("skipped").inc()
                 continue
-            items.append(StepItem(key, w.frag.text, w.frag.end))
-            works.append(w)
-        return items, works
-
-    def _step(self, items: list[StepItem], works: list[_Work], sent: int, total: int) -> int:
-        """One engine step for one fragment of each of several streams, then their outputs (sent together)."""
-        results = self.engine.step(items)
-        generated = [self.engine.generate(item.key, w.frag.generate, w.rec.offset) if w.frag.generate else None
-                     for item, w in zip(items, works, strict=True)]
-        now, now_mono = time.time(), time.monotonic()
-        values = [encode_output(stream=w.frag.stream, partition=w.partition, offset=w.rec.offset, tokens=res.tokens,
-                                cats=res.cats, generated=gen, end=w.frag.end, held_back=res.held_back,
-                                fingerprint=self.engine.fingerprint, latency_ms=(now - w.received) * 1000)
-                  for w, res, gen in zip(works, results, generated, strict=True)]
-        for item, w, res, value in zip(items, works, results, values, strict=True):
-            self.engine.ctx(item.key).applied = w.rec.offset
+            value = encode_output(stream=w.frag.stream, partition=w.partition, offset=w.rec.offset,
+                                  tokens=res.tokens, cats=res.cats, generated=res.generated, end=w.frag.end,
+                                  held_back=res.held_back, fingerprint=self.engine.fingerprint,
+                                  latency_ms=(now - w.received) * 1000)
             self.delivery.send(self.cfg.output_topic, w.rec.key, value,
                                partition=w.partition if self._co_partitioned else None)
             self._observe(w, res.n_tokens, now)
-            self.last_seen[item.key] = now_mono
-            if item.end:
-                self._end_stream(item.key, w.rec.offset)
-            else:
-                self.dirty.add(item.key)
             sent += 1
-            if sent == max(1, total // 2):
+            if sent == max(1, len(work) // 2):
                 self.faults.point("batch_mid")
-        return sent
 
     def _observe(self, w: _Work, n_tokens: int, now: float) -> None:
         self.metrics.records.labels("processed").inc()
@@ -339,62 +411,25 @@ class Processor:
             self.metrics.fragment_latency.observe(max(0.0, now - produced_ms / 1000))
         self.metrics.processing_latency.observe(max(0.0, now - w.received))
 
-    def _end_stream(self, key: StreamKey, offset: int) -> None:
-        self.engine.drop(key)
-        self.dirty.discard(key)
-        self.last_seen.pop(key, None)
-        self.store.stage_ended(key[0], key[1], offset)
-
     def _dead_letter(self, tp: TopicPartition, rec: Any, exc: BadInput) -> None:
         value = encode_dead_letter(reason=exc.reason, detail=exc.detail, topic=tp.topic, partition=tp.partition,
                                    offset=rec.offset, key=rec.key, value=rec.value, timestamp_ms=rec.timestamp)
-        self.delivery.send(self.cfg.dead_letter_topic, rec.key, value)
+        self.delivery.send(self.cfg.dead_letter_topic, rec.key, value,
+                           partition=tp.partition if self._dlq_co_partitioned else None,
+                           headers=header_items(rec))
         self.metrics.dead_letters.labels(exc.reason).inc()
         self.metrics.records.labels("dead_letter").inc()
         log.warning("dead letter", extra={"reason": exc.reason, "detail": exc.detail, "partition": tp.partition,
                                           "offset": rec.offset})
 
     # ================================================================================ live streams
-    def _make_live(self, keys: list[StreamKey]) -> None:
-        """Bring the streams of a batch into memory: evict others if needed, then restore or open."""
-        missing = [k for k in keys if k not in self.engine]
-        for victim in self.engine.lru_victims(len(missing), set(keys)):
-            self._evict(victim, "lru")
-        for key in missing:
-            self._load(key)
-
-    def _load(self, key: StreamKey) -> None:
-        entry = self.store.entry(*key)
-        if entry is None:
-            self.engine.open(key)
-            return
-        if entry.ended:
-            self.engine.open(key, applied=entry.applied)
-            return
-        data = self.store.load_bytes(*key)
-        try:
-            self.engine.load(key, data)
-        except (StateError, ValueError) as exc:
-            log.error("cannot restore a stream's state; starting it afresh", extra={"stream": key[1],
-                      "partition": key[0], "error": str(exc)})
-            self.engine.open(key, applied=entry.applied)
-
-    def _evict(self, key: StreamKey, reason: str) -> None:
-        if key in self.dirty:
-            self.store.stage_state(key[0], key[1], self.engine.ctx(key).applied, self.engine.snapshot(key))
-            self.dirty.discard(key)
-        self.engine.drop(key)
-        self.last_seen.pop(key, None)
-        self.metrics.evictions.labels(reason).inc()
-
     def _evict_idle(self) -> None:
         now = time.monotonic()
         if now - self._last_idle_scan < IDLE_SCAN_S:
             return
         self._last_idle_scan = now
-        idle = [k for k in self.engine.live_keys() if now - self.last_seen.get(k, now) > self.cfg.idle_ttl_s]
-        for key in idle:
-            self._evict(key, "idle")
+        idle = self.engine.sessions.expire_idle(ttl_s=self.cfg.idle_ttl_s)
+        self.metrics.evictions.labels("idle").inc(len(idle))
         if idle:
             log.info("evicted idle streams", extra={"streams": len(idle)})
             self.metrics.live_streams.set(len(self.engine))
@@ -444,17 +479,16 @@ class Processor:
 
     def _begin_checkpoint(self) -> _Job | None:
         """Main thread: snapshot the streams touched since the last checkpoint and fix the offsets to commit."""
-        if not (self.processed or self.dirty or self.store.has_pending()):
+        if not (self.processed or self.engine.sessions.has_changes() or self.store.has_pending()):
             self.policy.done()
             return None
         member, self._work_member = self._work_member, None
         if member is not None and member != self._member_id():
             self._discard_stale_work(member)
             return None
-        for key in sorted(self.dirty):
-            self.store.stage_state(key[0], key[1], self.engine.ctx(key).applied, self.engine.snapshot(key))
+        for key, position, data in self.engine.sessions.dirty():
+            self.store.stage_state(key[0], key[1], position, data)  # type: ignore[index]
             self.metrics.snapshots.inc()
-        self.dirty.clear()
         job = _Job(dict(self.processed), self._known_offsets(), self.store.take(), dict(self.store.state_end),
                    member)
         self.processed.clear()
@@ -580,10 +614,10 @@ class Processor:
         parts = {tp.partition for tp in tps}
         for key in [k for k in self.engine.live_keys() if k[0] in parts]:
             self.engine.drop(key)
-            self.last_seen.pop(key, None)
-        self.dirty = {k for k in self.dirty if k[0] not in parts}
         for tp in tps:
             self.queues.pop(tp, None)
+            self.codec.forget(tp.partition)
+            self.metrics.forget_partition(tp.partition)
             self.processed.pop(tp.partition, None)
             self.first_seen.pop(tp.partition, None)
             self.paused.discard(tp)
@@ -593,6 +627,22 @@ class Processor:
         if self.paused:
             self.consumer.resume(*(tps & self.paused))
         self.metrics.live_streams.set(len(self.engine))
+
+    def _try_restore(self) -> set[TopicPartition]:
+        """restore(), or (broker unreachable) a retry after the next backoff delay while polling goes on."""
+        self.readiness.set("restoring", partitions=sorted(tp.partition for tp in self.to_restore))
+        try:
+            repositioned = self.restore()
+        except BROKER_ERRORS as exc:
+            self._restore_retry_at = time.monotonic() + self.backoff.next_delay()
+            self.metrics.broker_errors.labels("restore").inc()
+            self.readiness.set("waiting_for_broker", during="restore")
+            log.warning("broker unavailable: retrying", extra={
+                "during": "restore", "error": repr(exc), "attempt": self.backoff.attempt,
+                "retry_in_s": round(self._restore_retry_at - time.monotonic(), 2)})
+            return set()
+        self.backoff.reset()
+        return repositioned
 
     def restore(self) -> set[TopicPartition]:
         """Main thread: rebuild the state index of newly assigned partitions before processing them, and
@@ -612,6 +662,7 @@ class Processor:
                 repositioned.add(tp)
             else:
                 self.committed.pop(tp.partition, None)
+        self.faults.point("before_restore_scan")
         stats = self.store.restore(targets)
         self.to_restore -= set(tps)
         self.assigned |= set(tps)
@@ -701,25 +752,11 @@ class Processor:
                                  client_id=f"rwkv-stream-{cfg.resolved_instance_id}-admin",
                                  **self._client_options(KafkaAdminClient.DEFAULT_CONFIG))
         try:
-            partitions = _partition_count(admin, cfg.input_topic)
-            if partitions is None:
-                raise RuntimeError(f"input topic {cfg.input_topic!r} does not exist")
-            self._co_partitioned = _partition_count(admin, cfg.output_topic) in (None, partitions)
-            wanted = {cfg.output_topic: {}, cfg.dead_letter_topic: {},
-                      # Short segments: the log cleaner compacts all but the active segment, and a restore
-                      # reads everything not yet compacted.
-                      cfg.state_topic: {"cleanup.policy": "compact", "min.cleanable.dirty.ratio": "0.1",
-                                        "segment.ms": "60000"}}
-            for topic, configs in wanted.items():
-                have = _partition_count(admin, topic)
-                if have is None and cfg.create_topics:
-                    _create_topic(admin, topic, partitions, cfg.replication_factor, configs)
-                elif have is None:
-                    raise RuntimeError(f"topic {topic!r} does not exist (and create_topics is off)")
-                elif topic == cfg.state_topic and have < partitions:
-                    raise RuntimeError(f"state topic {topic!r} has {have} partitions, input has {partitions}")
+            co_partitioned = ensure_topics(admin, cfg)
         finally:
             admin.close()
+        self._co_partitioned = "output" in co_partitioned
+        self._dlq_co_partitioned = "dead_letter" in co_partitioned
 
 
 def load_bundle(source: str, device: str = "cpu", dtype: str = "float32") -> Bundle:
@@ -737,42 +774,6 @@ def _state_target(committed: OffsetAndMetadata | None) -> int:
         if part.startswith("s="):
             return int(part[2:])
     return 0
-
-
-def _partition_count(admin: KafkaAdminClient, topic: str) -> int | None:
-    from kafka.errors import UnknownTopicOrPartitionError
-
-    try:
-        meta = admin.describe_topics([topic])
-    except UnknownTopicOrPartitionError:
-        return None
-    if not meta or meta[0].get("error_code", 0) != 0:
-        return None
-    return len(meta[0]["partitions"])
-
-
-def _create_topic(admin: KafkaAdminClient, topic: str, partitions: int, replication: int,
-                  configs: dict[str, str]) -> None:
-    from kafka.errors import TopicAlreadyExistsError
-
-    try:
-        admin.create_topics({topic: {"num_partitions": partitions, "replication_factor": replication,
-                                     "configs": configs}})
-        log.info("created topic", extra={"topic": topic, "partitions": partitions})
-    except TopicAlreadyExistsError:
-        pass
-    admin.wait_for_topics([topic], timeout_ms=30000)
-
-
-def _unpark_fetched_records(consumer: KafkaConsumer) -> None:
-    """Work around a kafka-python 3.0.12 stall (called before every poll): records fetched for a partition that
-    was then paused are parked, and after its resume they are put back only when the fetcher's in-line slot is
-    ``None``; an exhausted (empty) slot blocks that, and a partition with parked records is never fetched again,
-    so it would stay stuck for good."""
-    fetcher = getattr(consumer, "_fetcher", None)
-    current = getattr(fetcher, "_next_partition_records", None)
-    if current is not None and not current and getattr(fetcher, "_paused_partition_records", None):
-        fetcher._next_partition_records = None
 
 
 def _prime_metadata(consumer: KafkaConsumer, topic: str, timeout_s: float = 10.0) -> None:

@@ -1,10 +1,13 @@
 """Record formats of the Kafka stream processor: input fragments, outputs, dead letters, state snapshots.
 
-Every value is a msgpack map with a schema version ``v``. Keys are stream ids (UTF-8). See docs/kafka.md.
+Every value is a map with a schema version ``v``, msgpack or JSON (the same fields; inputs may use either,
+told apart by their first byte). Keys are stream ids (UTF-8). See docs/kafka.md.
 """
 
 from __future__ import annotations
 
+import base64
+import json
 import math
 from dataclasses import dataclass, field
 from typing import Any
@@ -16,6 +19,7 @@ ACTIONS = ("append", "end")
 
 # Dead-letter reasons (the ``reason`` field of a dead-letter record).
 NOT_MSGPACK = "not_msgpack"
+BAD_JSON = "bad_json"
 BAD_SCHEMA = "bad_schema"
 SCHEMA_VERSION_MISMATCH = "schema_version"
 INVALID_UTF8 = "invalid_utf8"
@@ -24,7 +28,7 @@ UNKNOWN_ACTION = "unknown_action"
 MISSING_KEY = "missing_key"
 BAD_GENERATION = "bad_generation_request"
 DEAD_LETTER_REASONS = (
-    NOT_MSGPACK, BAD_SCHEMA, SCHEMA_VERSION_MISMATCH, INVALID_UTF8, FRAGMENT_TOO_LARGE, UNKNOWN_ACTION,
+    NOT_MSGPACK, BAD_JSON, BAD_SCHEMA, SCHEMA_VERSION_MISMATCH, INVALID_UTF8, FRAGMENT_TOO_LARGE, UNKNOWN_ACTION,
     MISSING_KEY, BAD_GENERATION,
 )
 
@@ -120,6 +124,8 @@ def _parse_key(key: bytes | None) -> str:
 def _unpack_map(value: bytes | None) -> dict[str, Any]:
     if value is None:
         raise BadInput(NOT_MSGPACK, "record has no value")
+    if _looks_like_json(value):
+        return _json_map(value)
     try:
         obj = msgpack.unpackb(value, raw=False, strict_map_key=False)
     except UnicodeDecodeError as exc:
@@ -129,6 +135,29 @@ def _unpack_map(value: bytes | None) -> dict[str, Any]:
     if not isinstance(obj, dict):
         raise BadInput(BAD_SCHEMA, f"value must be a msgpack map, got {type(obj).__name__}")
     return obj
+
+
+def _looks_like_json(value: bytes) -> bool:
+    """A JSON object starts with ``{`` (after whitespace); in msgpack those bytes are small integers, never a
+    map, so a valid input of either encoding is never mistaken for the other."""
+    return bytes(value[:64]).lstrip(b" \t\r\n")[:1] == b"{"
+
+
+def _json_map(value: bytes) -> dict[str, Any]:
+    try:
+        obj = json.loads(bytes(value).decode("utf-8"))
+    except UnicodeDecodeError as exc:
+        raise BadInput(INVALID_UTF8, f"JSON value is not UTF-8: {exc}") from None
+    except ValueError as exc:
+        raise BadInput(BAD_JSON, f"value is not valid JSON: {exc}") from None
+    if not isinstance(obj, dict):
+        raise BadInput(BAD_SCHEMA, f"value must be a map, got {type(obj).__name__}")
+    return obj
+
+
+def encode_input_json(text: str, **fields: Any) -> bytes:
+    """The JSON form of an input value (same fields as :func:`encode_input`)."""
+    return json.dumps(msgpack.unpackb(encode_input(text, **fields), raw=False)).encode()
 
 
 def _text_field(text: Any) -> str:
@@ -225,6 +254,9 @@ def encode_output(
 
 
 def decode_output(value: bytes) -> dict[str, Any]:
+    """An output value, msgpack or JSON."""
+    if _looks_like_json(value):
+        return json.loads(value)
     return msgpack.unpackb(value, raw=False)
 
 
@@ -255,4 +287,11 @@ def encode_dead_letter(
 
 
 def decode_dead_letter(value: bytes) -> dict[str, Any]:
-    return msgpack.unpackb(value, raw=False)
+    """A dead letter, msgpack or JSON (whose ``key`` and ``value`` are base64: decoded back to bytes here)."""
+    if not _looks_like_json(value):
+        return msgpack.unpackb(value, raw=False)
+    letter = json.loads(value)
+    for name in ("key", "value"):
+        if isinstance(letter.get(name), str):
+            letter[name] = base64.b64decode(letter[name])
+    return letter

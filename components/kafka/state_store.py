@@ -306,6 +306,12 @@ class StateStore:
         return {"streams": streams, "records": n, "seconds": time.monotonic() - t0}
 
     def _scan(self, goal: dict[Any, int], chunks: dict[int, dict[str, tuple[int, bytes | None]]]) -> int:
+        try:
+            return self._scan_to(goal, chunks)
+        finally:  # also when the broker went away mid-scan: the retry starts from a clean reader
+            self.reader.resume(*self.reader.paused())
+
+    def _scan_to(self, goal: dict[Any, int], chunks: dict[int, dict[str, tuple[int, bytes | None]]]) -> int:
         deadline = time.monotonic() + self.restore_timeout_s
         n = 0
         todo = {tp for tp, end in goal.items() if end > 0}
@@ -321,7 +327,6 @@ class StateStore:
             if done:  # finished partitions would make every fetch wait fetch_max_wait_ms for more data
                 self.reader.pause(*done)
                 todo -= done
-        self.reader.resume(*self.reader.paused())
         return n
 
     def _apply(self, partition: int, rec: Any, chunks: dict[str, tuple[int, bytes | None]]) -> None:

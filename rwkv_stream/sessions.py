@@ -540,7 +540,7 @@ class SessionTable:
         another model, another format or a corrupt copy."""
         state = State.from_bytes(data, expected_fingerprint=self.fingerprint)
         self.model.check_state(state)
-        meta = _check_meta(state.meta)
+        meta = check_session_meta(state.meta)
         encoder = StreamingEncoder(self.tokenizer)
         try:
             encoder.import_state(meta["encoder"])
@@ -573,19 +573,24 @@ class SessionTable:
             self.pool.free(session.slot)
         return session is not None
 
-    def expire_idle(self, now: float | None = None) -> list[Hashable]:
-        """Evict the streams idle for longer than ``ttl_s``; returns their keys."""
-        if self.ttl_s is None:
+    def expire_idle(self, now: float | None = None, ttl_s: float | None = None) -> list[Hashable]:
+        """Evict the streams idle for longer than ``ttl_s`` (default: the table's); returns their keys."""
+        ttl_s = self.ttl_s if ttl_s is None else ttl_s
+        if ttl_s is None:
             return []
         now = self.clock() if now is None else now
         idle = []
         for key, session in self._resident.items():  # least recently used first
-            if now - session.last_used <= self.ttl_s:
+            if now - session.last_used <= ttl_s:
                 break
             idle.append(key)
         for key in idle:
             self.evict(key)
         return idle
+
+    def has_changes(self) -> bool:
+        """Whether a resident stream changed since the store last saw it."""
+        return any(s.dirty for s in self._resident.values())
 
     def dirty(self) -> Iterator[tuple[Hashable, int, bytes]]:
         """``(key, position, export bytes)`` of every resident stream changed since the store last saw
@@ -624,7 +629,7 @@ class SessionTable:
             self._resident[key].dirty = False
             return
         session = _Session(StreamingEncoder(self.tokenizer), _utf8_decoder(), self.pool.alloc(),
-                           last_used=self.clock())
+                           dirty=False, last_used=self.clock())  # nothing to save until it is fed
         if isinstance(stored, Ended):
             session.position = stored.position
         self._resident[key] = session
@@ -683,7 +688,12 @@ def _bytes_tensor(data: bytes | None, device: torch.device) -> Tensor | None:
     return torch.from_numpy(np.frombuffer(data, dtype="<f4").copy()).to(device)
 
 
-def _check_meta(meta: dict[str, Any]) -> dict[str, Any]:
+def check_session_bytes(data: bytes, fingerprint: str) -> None:
+    """Raise :class:`StateError` unless ``data`` is a session exported by a model with ``fingerprint``."""
+    check_session_meta(State.from_bytes(data, expected_fingerprint=fingerprint).meta)
+
+
+def check_session_meta(meta: dict[str, Any]) -> dict[str, Any]:
     if meta.get("format") != SESSION_FORMAT:
         raise StateError(f"bytes are not an rwkv-stream session (format {meta.get('format')!r})")
     if meta.get("version") != SESSION_VERSION:

@@ -137,17 +137,12 @@ def reference_outputs(bundle: Bundle | str | Path, records: Iterable[InputRecord
             ref.dead[(rec.partition, rec.offset)] = exc.reason
             continue
         key = (rec.partition, frag.stream)
-        if key not in engine:
-            engine.open(key)
-        result = engine.step([StepItem(key, frag.text, frag.end)])[0]
-        generated = engine.generate(key, frag.generate, rec.offset) if frag.generate else None
+        result = engine.step([StepItem(key, frag.text, frag.end, rec.offset, frag.generate)])[0]
         value = encode_output(stream=frag.stream, partition=rec.partition, offset=rec.offset, tokens=result.tokens,
-                              cats=result.cats, generated=generated, end=frag.end, held_back=result.held_back,
+                              cats=result.cats, generated=result.generated, end=frag.end, held_back=result.held_back,
                               fingerprint=engine.fingerprint, latency_ms=0.0)
         ref.outputs[(rec.partition, rec.offset)] = without_timing(decode_output(value))
         ref.streams.setdefault(key, []).append(rec.offset)
-        if frag.end:
-            engine.drop(key)
     return ref
 
 
@@ -263,6 +258,9 @@ class ConsumerProc:
         import sys
 
         self.log_path = Path(log_path)
+        self.ready_path = self.log_path.with_suffix(".ready")
+        if command is None:  # the processor writes this file while it is ready
+            args = {**args, "readiness_file": self.ready_path}
         cmd = command or [sys.executable, "-m", "rwkv_stream.components.kafka"]
         for name, value in args.items():
             cmd += [f"--{name.replace('_', '-')}", str(value)]
@@ -299,6 +297,48 @@ class ConsumerProc:
                 return needle in self.log_text()
             time.sleep(0.05)
         return False
+
+    def wait_until(self, probe: Any, what: str, timeout_s: float = 120.0) -> None:
+        """Wait for ``probe()`` to be true (a readiness signal, never a fixed time); fail if the process exits."""
+        import time
+
+        deadline = time.monotonic() + timeout_s
+        while not probe():
+            if not self.alive():
+                raise AssertionError(f"processor exited (rc {self.proc.returncode}) waiting for {what}; "
+                                     f"log {self.log_path}")
+            if time.monotonic() > deadline:
+                raise AssertionError(f"no {what} after {timeout_s:.0f} s; log {self.log_path}")
+            time.sleep(0.05)
+
+    def wait_ready(self, timeout_s: float = 120.0) -> None:
+        """Until the readiness file exists: a stable group member, every assigned partition restored."""
+        self.wait_until(self.ready_path.exists, "readiness file", timeout_s)
+
+    def events(self, msg: str) -> list[dict[str, Any]]:
+        """This run's JSON log lines with this message."""
+        import json
+
+        out = []
+        for line in self.log_text().splitlines():
+            if line.startswith("{") and f'"msg": "{msg}"' in line:
+                out.append(json.loads(line))
+        return out
+
+    def owned_partitions(self) -> set[int]:
+        """Input partitions this member holds now, from its assignment/revocation log lines."""
+        import json
+
+        owned: set[int] = set()
+        for line in self.log_text().splitlines():
+            if not line.startswith("{"):
+                continue
+            event = json.loads(line)
+            if event.get("msg") == "partitions assigned":
+                owned |= set(event["partitions"])
+            elif event.get("msg") in ("partitions revoked", "partitions lost"):
+                owned -= set(event["partitions"])
+        return owned
 
     def signal(self, sig: int) -> None:
         import os

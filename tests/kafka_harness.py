@@ -191,8 +191,8 @@ def _diff(expected: dict[str, Any], got: dict[str, Any]) -> str:
 
 
 # ------------------------------------------------------------------------------------------ Kafka helpers
-def produce(bootstrap: str, topic: str, plan: list[Planned], *, producer: Any = None, ts: bool = False) -> list[
-        InputRecord]:
+def produce(bootstrap: str, topic: str, plan: list[Planned], *, producer: Any = None, ts: bool = False,
+            headers: list[tuple[str, bytes]] | None = None) -> list[InputRecord]:
     """Send planned records (keyed, default partitioner) and return them with their partitions and offsets."""
     import time
 
@@ -209,7 +209,7 @@ def produce(bootstrap: str, topic: str, plan: list[Planned], *, producer: Any = 
             obj = msgpack.unpackb(value, raw=False)
             obj["ts"] = time.time() * 1000
             value = msgpack.packb(obj, use_bin_type=True)
-        futures.append((p, value, producer.send(topic, key=p.key_bytes, value=value)))
+        futures.append((p, value, producer.send(topic, key=p.key_bytes, value=value, headers=headers)))
     producer.flush(timeout=60)
     out = []
     for p, value, f in futures:

@@ -8,6 +8,8 @@ The processor otherwise uses kafka-python's public API only. What is used here, 
 * ``KafkaConsumer._fetcher._next_partition_records`` / ``._paused_partition_records``: a kafka-python 3.0.12
   stall after pause/resume (see :func:`unpark_fetched_records`).
 
+``KafkaProducer._sender._client`` (diagnostics only, :func:`txn_offset_commit_version`): the negotiated wire version.
+
 :func:`check` verifies that all of them are still there (``tests/test_kafka_client_compat.py`` calls it on
 a real consumer), so an upgrade of kafka-python that renames them fails the tests instead of the processor.
 Supported: kafka-python 3.0.x (``SUPPORTED``).
@@ -64,3 +66,11 @@ def check(consumer: Any) -> None:
             problems.append("Fetcher._paused_partition_records is gone or not a dict")
     if problems:
         raise ClientCompatError("kafka-python internals changed: " + "; ".join(problems))
+
+
+def txn_offset_commit_version(producer: Any) -> int:
+    """The TxnOffsetCommit version this (bootstrapped) producer sends to its broker: kafka-python 3.0 drives
+    up to v3, the first with the consumer's generation id, member id and group instance id (KIP-447)."""
+    from kafka.protocol.producer.transaction import TxnOffsetCommitRequest
+
+    return producer._sender._client.api_version(TxnOffsetCommitRequest, max_version=3)

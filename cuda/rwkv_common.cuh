@@ -8,10 +8,23 @@ namespace rwkv {
 
 typedef long long i64;
 
-// Rows of one layer's state, in the order shared with the CPU engine.
-enum StateRow { ATT_X = 0, AA = 1, BB = 2, PP = 3, FFN_X = 4 };
+// Constants shared with Python are defined there once and injected at compile time by
+// rwkv_stream.gpu.nvrtc_options(): RWKV_EMPTY_PP (rwkv_stream.wkv.EMPTY_PP) and RWKV_ROW_* (rwkv_stream.state.ROWS).
+#if !defined(RWKV_EMPTY_PP) || !defined(RWKV_ROW_ATT_X) || !defined(RWKV_ROW_AA) || !defined(RWKV_ROW_BB) || \
+    !defined(RWKV_ROW_PP) || !defined(RWKV_ROW_FFN_X)
+#error "RWKV_EMPTY_PP / RWKV_ROW_* undefined: compile with the options of rwkv_stream.gpu.nvrtc_options()"
+#endif
 
-constexpr float kInitPP = -1e30f;   // initial running exponent (aa = bb = 0)
+// Rows of one layer's state, in the order shared with the CPU engine.
+enum StateRow {
+  ATT_X = RWKV_ROW_ATT_X,
+  AA = RWKV_ROW_AA,
+  BB = RWKV_ROW_BB,
+  PP = RWKV_ROW_PP,
+  FFN_X = RWKV_ROW_FFN_X
+};
+
+constexpr float kInitPP = RWKV_EMPTY_PP;  // pp of an empty state (aa = bb = 0)
 constexpr float kHalfMax = 65504.f; // largest finite fp16
 
 __device__ __forceinline__ float to_float(float x) { return x; }

@@ -2,7 +2,7 @@
 //
 // State arena: fp32 [capacity, n_layer, 5, C] (any element strides, channel stride 1), rows per layer
 // [att_x, aa, bb, pp, ffn_x]. slots[b] < 0 means a stateless row (padding): it starts from the initial
-// state (aa = bb = 0, pp = -1e30) and nothing is written back.
+// state (aa = bb = 0, pp = RWKV_EMPTY_PP, i.e. rwkv_stream.wkv.EMPTY_PP) and nothing is written back.
 //
 // Entry points (extern "C", one per input/output dtype pair; suffix <in>_<out>):
 //   wkv_step_*   one token per stream:     grid (ceil(C / block), B), one thread per (stream, channel)

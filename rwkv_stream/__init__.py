@@ -2,7 +2,8 @@
 
 from .checkpoint import CheckpointError
 from .config import ModelConfig
-from .model import Model, StepOutput, load
+from .loading import load
+from .model import Model, StepOutput
 from .pool import StatePool
 from .state import State, StateError
 

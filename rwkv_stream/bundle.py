@@ -10,6 +10,7 @@ Layout::
     heads.json, heads.safetensors   optional task heads
 
 The shipped demo model, the spaCy component's ``to_disk`` and the Kafka consumer all use this format.
+This module is the format (manifest, checksums, writing); :mod:`rwkv_stream.loading` loads bundles.
 """
 
 from __future__ import annotations
@@ -17,49 +18,30 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
 
 from .checkpoint import CheckpointError, canonical_names, infer_config, load_canonical, validate
 from .heads import HeadSet
-from .model import Model, weights_fingerprint
+from .model import weights_fingerprint
+
+if TYPE_CHECKING:
+    from .loading import LoadedModel as Bundle  # noqa: F401 - the old name, resolved lazily by __getattr__
 
 BUNDLE_FORMAT = "rwkv-stream-bundle"
 BUNDLE_VERSION = 1
 
 
-@dataclass
-class Bundle:
-    model: Model
-    tokenizer: Any  # rwkv_stream.tokenizer.Tokenizer
-    heads: HeadSet
-    manifest: dict[str, Any] = field(default_factory=dict)
+def __getattr__(name: str) -> Any:
+    """``Bundle``: the old name of :class:`rwkv_stream.loading.LoadedModel` (``Bundle.load`` still works)."""
+    if name == "Bundle":
+        from .loading import LoadedModel
 
-    @classmethod
-    def load(
-        cls, path: str | Path, device: str = "cpu", dtype: str = "float32", verify: bool = True
-    ) -> Bundle:
-        from .tokenizer import load_tokenizer
-
-        path = Path(path)
-        manifest = read_manifest(path)
-        if verify:
-            verify_files(path, manifest)
-        model = _load_model(path / manifest["weights"], device, dtype)
-        spec = manifest["tokenizer"]
-        tokenizer = load_tokenizer(spec if spec == "world" else path / spec)
-        heads = HeadSet.load(path) if (path / "heads.json").exists() else HeadSet({}, model.fingerprint)
-        return cls(model, tokenizer, heads, manifest)
-
-
-def _load_model(weights: Path, device: str, dtype: str) -> Model:
-    from .model import load
-
-    return load(weights, device=device, dtype=dtype)
+        return LoadedModel
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def read_manifest(path: Path) -> dict[str, Any]:

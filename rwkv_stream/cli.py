@@ -8,8 +8,9 @@ import argparse
 import json
 import sys
 from collections.abc import Callable
-from importlib.metadata import entry_points
+from importlib.metadata import EntryPoint, entry_points
 
+from .checkpoint import CheckpointError
 from .config import WEIGHT_FORMATS
 
 Handler = Callable[[argparse.Namespace], int | None]
@@ -21,7 +22,11 @@ def main(argv: list[str] | None = None) -> int:
     if not hasattr(args, "handler"):
         parser.print_help()
         return 2
-    return int(args.handler(args) or 0)
+    try:
+        return int(args.handler(args) or 0)
+    except CheckpointError as exc:  # a bad model source: one line, not a traceback
+        print(f"rwkv-stream: {exc}", file=sys.stderr)
+        return 2
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -36,7 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _register_plugin(sub: argparse._SubParsersAction, ep) -> None:
+def _register_plugin(sub: argparse._SubParsersAction, ep: EntryPoint) -> None:
     try:
         ep.load()(sub)
     except ImportError as exc:  # an integration whose extra isn't installed
@@ -52,17 +57,17 @@ def _unavailable(name: str, exc: Exception) -> int:
 
 def _add_info(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("info", help="load a checkpoint or bundle and print its shapes and fingerprint")
-    p.add_argument("path")
+    p.add_argument("path", help="'shipped', 'shipped:NAME', a bundle dir, a .pth/.safetensors file or an HF dir")
     p.set_defaults(handler=_info)
 
 
 def _info(args: argparse.Namespace) -> int:
-    from .generate import load_any
+    from .loading import load_source
 
-    model, tokenizer, heads = load_any(args.path)
-    info = {**model.config.to_dict(), "fingerprint": model.fingerprint,
-            "state_bytes": model.config.state_floats * 4, "heads": sorted(heads.heads) if heads else [],
-            "tokenizer": type(tokenizer).__name__ if tokenizer else None}
+    loaded = load_source(args.path, require_tokenizer=False)
+    config, tokenizer = loaded.model.config, loaded.tokenizer
+    info = {**config.to_dict(), "fingerprint": loaded.model.fingerprint, "state_bytes": config.state_floats * 4,
+            "heads": sorted(loaded.heads.heads), "tokenizer": type(tokenizer).__name__ if tokenizer else None}
     print(json.dumps(info, indent=2))
     return 0
 
@@ -70,7 +75,8 @@ def _info(args: argparse.Namespace) -> int:
 def _add_generate(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("generate", help="continue a prompt with a model (streams the text as it is decoded)")
     p.add_argument("prompt")
-    p.add_argument("--model", default="shipped", help="bundle dir, checkpoint, or 'shipped' (default)")
+    p.add_argument("--model", default="shipped",
+                   help="'shipped' (default), 'shipped:NAME', a bundle dir, a checkpoint or an HF dir")
     p.add_argument("--tokenizer", default=None, help="'world' or a tokenizer.json (checkpoints only)")
     p.add_argument("--max-tokens", type=int, default=40)
     p.add_argument("--temperature", type=float, default=0.8)
@@ -81,9 +87,11 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
 
 
 def _generate(args: argparse.Namespace) -> int:
-    from .generate import SamplingConfig, generate_text, load_any
+    from .generate import SamplingConfig, generate_text
+    from .loading import load_source
 
-    model, tokenizer, _ = load_any(args.model, tokenizer=args.tokenizer, dtype=args.dtype)
+    loaded = load_source(args.model, tokenizer=args.tokenizer, dtype=args.dtype)
+    model, tokenizer = loaded.model, loaded.need_tokenizer()
     sampling = SamplingConfig(args.max_tokens, args.temperature, args.top_p, seed=args.seed)
     print(args.prompt, end="", flush=True)
     for piece in generate_text(model, tokenizer, args.prompt, sampling):

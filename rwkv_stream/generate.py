@@ -5,15 +5,21 @@ from __future__ import annotations
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
 
+from .heads import HeadSet
+from .loading import SHIPPED, load_source, shipped_dir
 from .model import Model
 from .state import State
 
-SHIPPED = "shipped"
+if TYPE_CHECKING:
+    from .tokenizer import Tokenizer
+
+__all__ = ["SHIPPED", "SamplingConfig", "decode_until_stop", "generate_ids", "generate_text", "load_any",
+           "sample_token", "shipped_model_dir"]
 
 
 @dataclass
@@ -101,19 +107,14 @@ def _first_stop(text: str, stop: tuple[str, ...]) -> int | None:
 
 
 def shipped_model_dir() -> Path:
-    return Path(__file__).parent / "data" / "transcript-tagger"
+    """The default shipped bundle's directory (:func:`rwkv_stream.loading.shipped_dir`)."""
+    return shipped_dir()
 
 
-def load_any(source: str | Path, tokenizer: str | None = None, device: str = "cpu", dtype: str = "float32"):
-    """(model, tokenizer or None, heads or None) from a bundle dir, a checkpoint, or 'shipped'."""
-    from .bundle import Bundle
-    from .model import load
-    from .tokenizer import load_tokenizer
-
-    path = shipped_model_dir() if str(source) == SHIPPED else Path(source)
-    if (path / "bundle.json").exists():
-        bundle = Bundle.load(path, device=device, dtype=dtype)
-        return bundle.model, bundle.tokenizer, bundle.heads
-    if str(source) == SHIPPED:
-        raise FileNotFoundError(f"the shipped model is missing from {path}; reinstall rwkv-stream")
-    return load(path, device=device, dtype=dtype), (load_tokenizer(tokenizer) if tokenizer else None), None
+def load_any(
+    source: str | Path, tokenizer: str | None = None, device: str = "cpu", dtype: str = "float32"
+) -> tuple[Model, Tokenizer | None, HeadSet]:
+    """(model, tokenizer or None, heads) of any source: :func:`rwkv_stream.loading.load_source` without
+    requiring a tokenizer for bare checkpoints."""
+    loaded = load_source(source, tokenizer=tokenizer, device=device, dtype=dtype, require_tokenizer=False)
+    return loaded.model, loaded.tokenizer, loaded.heads

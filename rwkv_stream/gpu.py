@@ -31,9 +31,14 @@ import torch
 import torch.nn.functional as F
 
 from rwkv_stream.kernels_ref import ATT_X, FFN_X, LN_EPS, reset_slots
+from rwkv_stream.state import ROWS
+from rwkv_stream.wkv import EMPTY_PP
 
 if TYPE_CHECKING:
-    from importlib.resources.abc import Traversable
+    if sys.version_info >= (3, 11):
+        from importlib.resources.abc import Traversable
+    else:
+        from importlib.abc import Traversable
 
 __all__ = [
     "CudaGraphStepper", "add_layernorm", "load_kernels", "relu_square", "reset_slots",
@@ -136,9 +141,18 @@ def nvrtc_major() -> int | None:
         return None
 
 
+def constant_defines() -> tuple[str, ...]:
+    """``-D`` options for the constants the kernels share with Python, defined once there: the empty state's
+    ``pp`` (:data:`rwkv_stream.wkv.EMPTY_PP`, as the exact fp32 the arena holds) and the state rows
+    (:data:`rwkv_stream.state.ROWS`). ``rwkv_common.cuh`` refuses to compile without them."""
+    pp = float(torch.tensor(EMPTY_PP, dtype=torch.float32))
+    rows = (f"-DRWKV_ROW_{name.upper()}={i}" for i, name in enumerate(ROWS))
+    return (f"-DRWKV_EMPTY_PP=({pp.hex()}f)", *rows)
+
+
 def nvrtc_options(arch: str | None = None) -> tuple[str, ...]:
     """Options for NVRTC; ``arch`` (e.g. ``compute_90``) only for compile checks (CuPy picks its own)."""
-    opts = ["-std=c++17"]
+    opts = ["-std=c++17", *constant_defines()]
     include = cuda_include_dir(nvrtc_major())
     if include:
         opts.append(f"-I{include}")

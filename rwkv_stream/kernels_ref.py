@@ -18,17 +18,19 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-ATT_X, AA, BB, PP, FFN_X = 0, 1, 2, 3, 4
-INIT_PP = -1e30
+from .state import ROWS
+from .wkv import EMPTY_PP, wkv_output, wkv_update
+
+ATT_X, AA, BB, PP, FFN_X = (ROWS.index(name) for name in ("att_x", "aa", "bb", "pp", "ffn_x"))
 LN_EPS = 1e-5
 HALF_MAX = 65504.0
 
 
 def reset_slots(pool_data: torch.Tensor, slots: torch.Tensor | Sequence[int]) -> None:
-    """Put the given slots into the initial state (aa = bb = 0, pp = -1e30, previous-token rows 0)."""
+    """Put the given slots into the initial state (aa = bb = 0, pp = EMPTY_PP, previous-token rows 0)."""
     idx = torch.as_tensor(slots, dtype=torch.long, device=pool_data.device)
     pool_data[idx] = 0.0
-    pool_data[idx, :, PP] = INIT_PP
+    pool_data[idx, :, PP] = EMPTY_PP
 
 
 def _cast(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -47,7 +49,7 @@ def _store(result: torch.Tensor, out: torch.Tensor | None, dtype: torch.dtype) -
 
 def _initial_state(n: int, c: int, device: torch.device) -> tuple[torch.Tensor, ...]:
     zeros = torch.zeros(n, c, dtype=torch.float32, device=device)
-    return zeros, zeros.clone(), torch.full((n, c), INIT_PP, dtype=torch.float32, device=device)
+    return zeros, zeros.clone(), torch.full((n, c), EMPTY_PP, dtype=torch.float32, device=device)
 
 
 def _load_state(pool_data: torch.Tensor, slots: torch.Tensor, layer: int) -> tuple[torch.Tensor, ...]:
@@ -73,16 +75,11 @@ def _save_state(pool_data: torch.Tensor, slots: torch.Tensor, layer: int, state:
 
 
 def wkv_token(aa: torch.Tensor, bb: torch.Tensor, pp: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-              w: torch.Tensor, u: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """One token of the stable recurrence (fp32 vectors); returns (wkv, aa, bb, pp)."""
-    uk = u + k
-    q = torch.maximum(pp, uk)
-    e1, e2 = torch.exp(pp - q), torch.exp(uk - q)
-    y = (e1 * aa + e2 * v) / (e1 * bb + e2)
-    pw = pp + w
-    q = torch.maximum(pw, k)
-    e1, e2 = torch.exp(pw - q), torch.exp(k - q)
-    return y, e1 * aa + e2 * v, e1 * bb + e2, q
+              w: torch.Tensor, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One token of the stable recurrence (fp32 vectors); returns (wkv, aa, bb, pp).
+
+    The equations are :mod:`rwkv_stream.wkv`'s (this only has the kernels' argument order)."""
+    return (wkv_output(k, v, u, aa, bb, pp), *wkv_update(k, v, w, aa, bb, pp))
 
 
 def _gate(y: torch.Tensor, r: torch.Tensor | None) -> torch.Tensor:
@@ -120,10 +117,10 @@ def wkv_ragged(k: torch.Tensor, v: torch.Tensor, w: torch.Tensor, u: torch.Tenso
     aa, bb, pp = _load_state(pool_data, slots, layer)
     kf, vf, wf, uf = k.float(), v.float(), w.float(), u.float()
     for b in range(n_streams):
-        s = (aa[b], bb[b], pp[b])
+        a, d, p = aa[b], bb[b], pp[b]  # numerator, denominator, exponent of stream b
         for t in range(offs[b], offs[b + 1]):
-            y[t], *s = wkv_token(*s, kf[t], vf[t], wf, uf)
-        aa[b], bb[b], pp[b] = s
+            y[t], a, d, p = wkv_token(a, d, p, kf[t], vf[t], wf, uf)
+        aa[b], bb[b], pp[b] = a, d, p
     lengths = torch.tensor([offs[b + 1] - offs[b] for b in range(n_streams)], device=k.device)
     _save_state(pool_data, slots, layer, (aa, bb, pp), keep=lengths > 0)
     return _store(_gate(y, r), out, k.dtype)

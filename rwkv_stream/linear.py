@@ -134,9 +134,10 @@ def quantize_rows(m: Tensor) -> tuple[Tensor, Tensor]:
 
 def project(linears: Sequence[Linear], xs: Tensor) -> list[Tensor]:
     """``[linears[i](xs[i]) for i ...]`` for ``xs`` ``[n, rows, in]``; w8a8 quantizes all inputs in one go."""
-    if all(isinstance(lin, W8A8Linear) for lin in linears):
+    w8a8 = [lin for lin in linears if isinstance(lin, W8A8Linear)]
+    if len(w8a8) == len(linears):
         qx, scales = quantize_rows(xs.float())
-        return [lin.quantized(q, s) for lin, q, s in zip(linears, qx, scales, strict=True)]
+        return [lin.quantized(q, s) for lin, q, s in zip(w8a8, qx, scales, strict=True)]
     return [lin(x) for lin, x in zip(linears, xs, strict=True)]
 
 

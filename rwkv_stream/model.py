@@ -15,14 +15,13 @@ import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cached_property
-from pathlib import Path
+from types import ModuleType
 from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .checkpoint import CheckpointError, load_canonical
 from .config import FP16_RESCALE_EVERY, QUANTIZED_FORMATS, ModelConfig, parse_dtype
 from .linear import Linear, invariant_call, invariant_rows, make_linear, project
 from .pool import StatePool
@@ -204,8 +203,9 @@ class Model:
         streams share the step (probed once per weight shape, see :func:`rwkv_stream.linear.invariant_rows`);
         None where nothing can be promised (CUDA)."""
         counts = [invariant_rows(lin, lin.in_features, lin.kernel_key, self.device) for lin in self.linears()]
-        if None not in counts:
-            return max(counts)
+        known = [n for n in counts if n is not None]
+        if len(known) == len(counts):
+            return max(known)
         if self.device.type == "cpu":
             warnings.warn(f"{self.weight_format} products on this CPU depend on the row count beyond "
                           "the probed range: batch_invariant steps cannot promise bit-identical results", stacklevel=2)
@@ -334,7 +334,7 @@ class Model:
         return torch.sigmoid(r) * layer.ffn_value(torch.relu(k).square())
 
 
-def _load_cuda_kernels(device: torch.device):
+def _load_cuda_kernels(device: torch.device) -> ModuleType | None:
     """The CuPy kernels (:mod:`rwkv_stream.gpu`) on CUDA devices, compiled and warmed once; None elsewhere.
 
     Set ``RWKV_STREAM_KERNELS=0`` to run the plain torch reference on the GPU instead.
@@ -358,14 +358,6 @@ def weights_fingerprint(tensors: dict[str, Tensor], config: ModelConfig) -> str:
     for key in sorted(tensors):
         t = tensors[key].detach().cpu().contiguous()
         h.update(f"{key}:{t.dtype}:{list(t.shape)}".encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().data)
     return h.hexdigest()
 
-
-def load(path: str | Path, device: str | torch.device = "cpu", dtype: str | torch.dtype = "float32") -> Model:
-    """Load an RWKV-4 checkpoint: a BlinkDL ``.pth`` file or a Hugging Face model directory."""
-    tensors, config = load_canonical(path)
-    try:
-        return Model(tensors, config, device=device, dtype=dtype)
-    except RuntimeError as exc:
-        raise CheckpointError(f"cannot place {path} on {device} as {dtype}: {exc}") from exc

@@ -7,6 +7,7 @@ hide indexing bugs.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -110,7 +111,7 @@ def save_hf(
     return directory
 
 
-def _save_sharded(hf: dict[str, Tensor], directory: Path, shards: int, save_file) -> None:
+def _save_sharded(hf: dict[str, Tensor], directory: Path, shards: int, save_file: Callable[..., None]) -> None:
     keys = sorted(hf)
     weight_map = {}
     for i in range(shards):

@@ -15,7 +15,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
-# pp of an empty state; with aa = bb = 0 its value cancels out, but every implementation uses it.
+# pp of an empty state; with aa = bb = 0 its value cancels out, but every implementation uses it. This is the
+# one definition: the state, the pool, training, the kernel references and (as the fp32 value, injected at
+# NVRTC compile time by rwkv_stream.gpu.constant_defines) the CUDA kernels all take it from here.
 EMPTY_PP = -1e30
 
 

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The whole test suite on a fresh machine: virtualenv + deps, Kafka jars, a real broker, pytest, ruff.
+# The whole test suite on a fresh machine: virtualenv + deps, Kafka jars, a real broker, pytest, ruff, mypy.
 #   scripts/test.sh [PYTEST ARGS...]
 set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -22,4 +22,5 @@ fi
 status=0
 .venv/bin/python -m pytest "$@" || status=$?
 .venv/bin/ruff check . || status=$((status == 0 ? 1 : status))
+.venv/bin/mypy || status=$((status == 0 ? 1 : status))  # the whole rwkv_stream package, config in pyproject.toml
 exit "$status"

@@ -10,11 +10,14 @@ from __future__ import annotations
 import ctypes
 import os
 import re
+import struct
 from pathlib import Path
 
 import pytest
 
 from rwkv_stream import gpu
+from rwkv_stream.state import ROWS
+from rwkv_stream.wkv import EMPTY_PP
 
 ARCHS = ("compute_80", "compute_90")
 PTX_KIND = {"u32": "i32", "s32": "i32", "b32": "i32", "f32": "f32", "u64": "u64", "s64": "u64", "b64": "u64"}
@@ -57,13 +60,13 @@ def _nvrtc():
     return nvrtc
 
 
-def compile_ptx(source: str, name: str, arch: str) -> str:
-    """PTX of ``source``; fails the test with NVRTC's log on a compile error."""
+def compile_ptx(source: str, name: str, arch: str, options: tuple[str, ...] | None = None) -> str:
+    """PTX of ``source`` (with ``options``, default gpu's); fails the test with NVRTC's log on a compile error."""
     nvrtc = _nvrtc()
     prog = nvrtc.createProgram(source, name, [], [])
     try:
         try:
-            nvrtc.compileProgram(prog, list(gpu.nvrtc_options(arch)))
+            nvrtc.compileProgram(prog, list(gpu.nvrtc_options(arch) if options is None else options))
         except nvrtc.NVRTCError as exc:
             raise AssertionError(f"NVRTC failed for {name} ({arch}): {exc}\n{nvrtc.getProgramLog(prog)}") from None
         ptx = nvrtc.getPTX(prog)
@@ -128,3 +131,36 @@ def test_signature_mismatch_is_detected():
     entries = ptx_entries(compile_ptx(src, "fused_sig.cu", "compute_90"))
     want = [SIG_KIND[k] for k in gpu.SIGNATURES["relu_square"]]
     assert entries["relu_square_f32"] != want
+
+
+def _ptx_float(value: float) -> str:
+    """How PTX writes an fp32 immediate, e.g. ``0fF149F2CA``."""
+    return "0f" + struct.pack(">f", value).hex().upper()
+
+
+def test_shared_constants_are_injected_not_written_in_the_sources():
+    """pp of an empty state and the state rows are defined once in Python and passed as -D options."""
+    defines = dict(opt[2:].split("=", 1) for opt in gpu.constant_defines())
+    assert float.fromhex(defines["RWKV_EMPTY_PP"].strip("()").removesuffix("f")) == struct.unpack(
+        "f", struct.pack("f", EMPTY_PP))[0]
+    assert [int(defines[f"RWKV_ROW_{name.upper()}"]) for name in ROWS] == list(range(len(ROWS)))
+    assert set(gpu.constant_defines()) <= set(gpu.nvrtc_options())
+    root = Path(str(gpu.source_dir()))
+    for file in [*gpu.SOURCES, gpu.COMMON_HEADER]:
+        assert not re.search(r"1e\+?(30|38)", (root / file).read_text()), f"{file} spells a pp constant itself"
+
+
+def test_empty_pp_reaches_the_kernels():
+    """The stateless rows of wkv4.cu start from the injected EMPTY_PP: change the define, the PTX follows."""
+    ptx = compile_ptx(gpu.kernel_source("wkv4.cu"), "wkv4.cu", "compute_90")
+    assert _ptx_float(EMPTY_PP) in ptx
+    other = tuple("-DRWKV_EMPTY_PP=(-1e20f)" if o.startswith("-DRWKV_EMPTY_PP=") else o
+                  for o in gpu.nvrtc_options("compute_90"))
+    ptx_other = compile_ptx(gpu.kernel_source("wkv4.cu"), "wkv4_other.cu", "compute_90", other)
+    assert _ptx_float(-1e20) in ptx_other and _ptx_float(EMPTY_PP) not in ptx_other
+
+
+def test_sources_refuse_to_compile_without_the_constants():
+    bare = tuple(o for o in gpu.nvrtc_options("compute_90") if o not in gpu.constant_defines())
+    with pytest.raises(AssertionError, match="RWKV_EMPTY_PP"):
+        compile_ptx(gpu.kernel_source("wkv4.cu"), "wkv4_bare.cu", "compute_90", bare)

@@ -262,7 +262,7 @@ def assert_matches(got: torch.Tensor, want: torch.Tensor, dtype: torch.dtype, wh
 
 
 def assert_state_matches(pool: torch.Tensor, pool_ref: torch.Tensor) -> None:
-    """Each state row kind on its own scale; empty pp (-1e30) must stay exactly that."""
+    """Each state row kind on its own scale; empty pp (wkv.EMPTY_PP) must stay exactly that."""
     got, want = pool.cpu(), pool_ref.cpu()
     empty = want[:, :, ref.PP] <= -1e29
     assert torch.equal(got[:, :, ref.PP][empty], want[:, :, ref.PP][empty]), "state: empty pp changed"

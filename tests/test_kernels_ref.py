@@ -15,6 +15,7 @@ from conftest import TINY
 
 from rwkv_stream import kernels_ref as ref
 from rwkv_stream.gpu import CudaGraphStepper
+from rwkv_stream.wkv import EMPTY_PP
 
 C = 24
 
@@ -87,7 +88,7 @@ def test_wkv_from_empty_state_and_stateless_rows():
     before = pool.clone()
     y = ref.wkv_ragged(k, v, w, u, pool, torch.tensor([1, -1], dtype=torch.int32), [0, 2, 4], layer=0)
     empty = torch.zeros(2, 5, C)
-    empty[:, ref.PP] = ref.INIT_PP
+    empty[:, ref.PP] = EMPTY_PP
     expected, _ = naive_wkv(k, v, w, u, empty, [2, 2])
     torch.testing.assert_close(y.double(), expected, rtol=1e-5, atol=1e-6)
     assert torch.equal(pool[0], before[0]) and torch.equal(pool[2], before[2])  # slot -1 wrote nothing

@@ -10,21 +10,20 @@ from pathlib import Path
 import pytest
 import torch
 
-from rwkv_stream.bundle import Bundle
 from rwkv_stream.checkpoint import CheckpointError, load_canonical
-from rwkv_stream.generate import shipped_model_dir
+from rwkv_stream.loading import LoadedModel, load_source, shipped_dir
 from rwkv_stream.tokenizer import StreamingEncoder
 from rwkv_stream.train import RWKV4, transcript
 from rwkv_stream.train.shipped import engine_metrics
 
-BUNDLE = shipped_model_dir()
+BUNDLE = shipped_dir()
 SAMPLE = Path(__file__).parent / "data" / "transcript_sample.json"
 MAX_BYTES = 20_000_000
 
 
 @pytest.fixture(scope="module")
-def bundle() -> Bundle:
-    return Bundle.load(BUNDLE)  # verifies every file's sha256 against bundle.json
+def bundle() -> LoadedModel:
+    return load_source("shipped")  # verifies every file's sha256 against bundle.json
 
 
 @pytest.fixture(scope="module")
@@ -32,7 +31,7 @@ def sample() -> dict:
     return json.loads(SAMPLE.read_text())
 
 
-def test_bundle_manifest_heads_and_size(bundle: Bundle) -> None:
+def test_bundle_manifest_heads_and_size(bundle: LoadedModel) -> None:
     m = bundle.manifest
     assert m["name"] == "transcript-tagger" and m["model_version"]
     assert set(m["files"]) == {"model.safetensors", "tokenizer.json", "heads.json", "heads.safetensors"}
@@ -54,10 +53,10 @@ def test_a_changed_file_fails_verification(tmp_path: Path) -> None:
     heads = json.loads((copy / "heads.json").read_text())
     (copy / "heads.json").write_text(json.dumps(heads, indent=1))
     with pytest.raises(CheckpointError, match="checksum"):
-        Bundle.load(copy)
+        load_source(copy)
 
 
-def test_sample_reproduces_the_stored_metrics(bundle: Bundle, sample: dict) -> None:
+def test_sample_reproduces_the_stored_metrics(bundle: LoadedModel, sample: dict) -> None:
     assert sample["fingerprint"] == bundle.manifest["fingerprint"]
     got = engine_metrics(BUNDLE, sample["paragraphs"], sample["group"])
     expected = sample["expected"]
@@ -66,7 +65,7 @@ def test_sample_reproduces_the_stored_metrics(bundle: Bundle, sample: dict) -> N
         assert got[key] == pytest.approx(expected[key], abs=sample["tolerance"]), key
 
 
-def test_engine_one_token_mode_matches_training_forward(bundle: Bundle, sample: dict) -> None:
+def test_engine_one_token_mode_matches_training_forward(bundle: LoadedModel, sample: dict) -> None:
     tensors, _ = load_canonical(BUNDLE / "model.safetensors")
     trained = RWKV4.from_state_dict(tensors).eval()
     ids = bundle.tokenizer.encode(transcript.normalize(sample["paragraphs"][0]))[:40]
@@ -84,7 +83,7 @@ def test_engine_one_token_mode_matches_training_forward(bundle: Bundle, sample: 
     assert tagger.predict(torch.stack(hidden_rows)) == tagger.predict(hidden[0])
 
 
-def test_streamed_fragments_tag_like_the_whole_text(bundle: Bundle, sample: dict) -> None:
+def test_streamed_fragments_tag_like_the_whole_text(bundle: LoadedModel, sample: dict) -> None:
     words = transcript.normalize(sample["paragraphs"][1]).split()[:30]
     enc = StreamingEncoder(bundle.tokenizer)
     state, streamed = None, []

@@ -1,4 +1,5 @@
-"""The parallel training model against a token-by-token stable RWKV-4 recurrence written here."""
+"""The parallel training model against the token-by-token stable RWKV-4 recurrence of the runtime
+(:func:`rwkv_stream.wkv.wkv_step`, the one statement of the WKV equations)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import torch
 from torch import Tensor
 
 from rwkv_stream.train import RWKV4, TrainConfig, wkv_parallel
+from rwkv_stream.wkv import EMPTY_PP, wkv_step
 
 VOCAB, C, LAYERS, FFN = 23, 16, 3, 40
 
@@ -57,13 +59,8 @@ def _att_step(x: Tensor, st: list[Tensor], sd: dict[str, Tensor], p: str) -> Ten
     v = sd[f"{p}.value.weight"] @ mix("v")
     r = torch.sigmoid(sd[f"{p}.receptance.weight"] @ mix("r"))
     w, u = -torch.exp(sd[f"{p}.time_decay"]), sd[f"{p}.time_first"]
-    aa, bb, pp = st[1], st[2], st[3]
-    q = torch.maximum(pp, u + k)
-    e1, e2 = torch.exp(pp - q), torch.exp(u + k - q)
-    wkv = (e1 * aa + e2 * v) / (e1 * bb + e2)
-    q = torch.maximum(pp + w, k)
-    e1, e2 = torch.exp(pp + w - q), torch.exp(k - q)
-    st[0], st[1], st[2], st[3] = x, e1 * aa + e2 * v, e1 * bb + e2, q
+    wkv, st[1], st[2], st[3] = wkv_step(k, v, w, u, st[1], st[2], st[3])
+    st[0] = x
     return sd[f"{p}.output.weight"] @ (r * wkv)
 
 
@@ -80,7 +77,7 @@ def reference_logits(sd: dict[str, Tensor], tokens: list[int]) -> tuple[Tensor, 
     n_layer = 1 + max(int(k.split(".")[1]) for k in sd if k.startswith("blocks."))
     c = sd["emb.weight"].shape[1]
     state = [
-        [torch.zeros(c), torch.zeros(c), torch.zeros(c), torch.full((c,), -1e30), torch.zeros(c)]
+        [torch.zeros(c), torch.zeros(c), torch.zeros(c), torch.full((c,), EMPTY_PP), torch.zeros(c)]
         for _ in range(n_layer)
     ]
     out = []
@@ -168,16 +165,11 @@ def test_wkv_gradients_match_sequential_autograd() -> None:
 def _wkv_sequential(td: Tensor, tf: Tensor, k: Tensor, v: Tensor) -> Tensor:
     w = -torch.exp(td)
     aa = torch.zeros(k.shape[0], k.shape[2])
-    bb, pp = aa.clone(), torch.full_like(aa, -1e30)
+    bb, pp = aa.clone(), torch.full_like(aa, EMPTY_PP)
     outs = []
     for i in range(k.shape[1]):
-        kt, vt = k[:, i], v[:, i]
-        q = torch.maximum(pp, tf + kt)
-        e1, e2 = torch.exp(pp - q), torch.exp(tf + kt - q)
-        outs.append((e1 * aa + e2 * vt) / (e1 * bb + e2))
-        q = torch.maximum(pp + w, kt)
-        e1, e2 = torch.exp(pp + w - q), torch.exp(kt - q)
-        aa, bb, pp = e1 * aa + e2 * vt, e1 * bb + e2, q
+        out, aa, bb, pp = wkv_step(k[:, i], v[:, i], w, tf, aa, bb, pp)
+        outs.append(out)
     return torch.stack(outs, dim=1)
 
 
@@ -227,7 +219,7 @@ def test_state_dict_has_blinkdl_keys_and_shapes(tmp_path) -> None:
 
 
 def test_engine_loads_checkpoint_and_matches_one_token_mode(tmp_path) -> None:
-    engine = pytest.importorskip("rwkv_stream.model")
+    engine = pytest.importorskip("rwkv_stream.loading")
     model = _tiny(seed=11, chunk_len=4)
     path = tmp_path / "trained.pth"
     model.save_checkpoint(path)
@@ -330,8 +322,7 @@ def _train(*argv: str) -> int:
 
 
 def test_train_transcript_resumes_and_writes_a_bundle(tmp_path) -> None:
-    from rwkv_stream.bundle import Bundle
-    from rwkv_stream.model import load
+    from rwkv_stream.loading import load, load_source
 
     corpus, out = tmp_path / "corpus", tmp_path / "run"
     _write_corpus(corpus)
@@ -347,7 +338,7 @@ def test_train_transcript_resumes_and_writes_a_bundle(tmp_path) -> None:
     assert {"tagger", "baseline_majority", "baseline_rule", "classifier", "lm"} <= set(metrics)
     assert metrics["classifier"]["n_streams"] == 2
     engine = load(out / "model.pth")
-    b = Bundle.load(tmp_path / "bundle")
+    b = load_source(tmp_path / "bundle")
     assert b.manifest["model_version"] == "9.9" and b.manifest["info"]["lm"] == metrics["lm"]
     assert sorted(b.heads.heads) == ["classifier", "tagger"]
     assert b.heads.model_fingerprint == b.model.fingerprint

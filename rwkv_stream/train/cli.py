@@ -8,6 +8,7 @@ import sys
 import time
 from collections import Counter
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -15,6 +16,10 @@ from rwkv_stream.train import data as D
 from rwkv_stream.train import transcript
 from rwkv_stream.train.loop import LoopConfig, Trainable, head_set, make_heads, train
 from rwkv_stream.train.model import RWKV4, TrainConfig
+
+if TYPE_CHECKING:
+    from rwkv_stream.heads import HeadSet
+    from rwkv_stream.tokenizer import Tokenizer
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -134,22 +139,25 @@ def corpus_file(args: argparse.Namespace, name: str) -> Path:
     return args.corpus / name
 
 
-def load_datasets(args: argparse.Namespace, tok) -> tuple[D.Dataset, D.Dataset | None]:
+def load_datasets(args: argparse.Namespace, tok: Tokenizer) -> tuple[D.Dataset, D.Dataset | None]:
     if args.task == "transcript":
-        books = corpus_file(args, "train.books.txt")
-        train_data = D.transcript_dataset(corpus_file(args, "train.txt"), tok, args.group, books,
-                                          marker_prob=args.marker_prob, seed=args.seed)
-        eval_text = args.eval or corpus_file(args, "test.txt")
-        eval_books = eval_text.with_name(eval_text.stem + ".books.txt")
-        eval_data = D.transcript_dataset(eval_text, tok, args.eval_group, eval_books, train_data.cat_labels)
-        return train_data, eval_data
+        return _transcript_datasets(args, tok)
     if args.train is None:
         raise SystemExit("--task records needs --train FILE (.jsonl or .spacy)")
     train_data = D.records_dataset(D.read_records(args.train), tok)
-    eval_data = None
+    eval_data: D.Dataset | None = None
     if args.eval:
         eval_data = D.records_dataset(D.read_records(args.eval), tok, train_data.tag_labels, train_data.cat_labels)
     return train_data, eval_data
+
+
+def _transcript_datasets(args: argparse.Namespace, tok: Tokenizer) -> tuple[D.Dataset, D.Dataset]:
+    books = corpus_file(args, "train.books.txt")
+    train_data = D.transcript_dataset(corpus_file(args, "train.txt"), tok, args.group, books,
+                                      marker_prob=args.marker_prob, seed=args.seed)
+    eval_text = args.eval or corpus_file(args, "test.txt")
+    eval_books = eval_text.with_name(eval_text.stem + ".books.txt")
+    return train_data, D.transcript_dataset(eval_text, tok, args.eval_group, eval_books, train_data.cat_labels)
 
 
 def majority_class(data: D.Dataset) -> str | None:
@@ -205,17 +213,17 @@ def training_info(args: argparse.Namespace, model: RWKV4, data: D.Dataset) -> di
             "params": sum(p.numel() for p in model.parameters()), "torch": torch.__version__}
 
 
-def evaluate_run(net: Trainable, eval_data: D.Dataset, tok, majority: str | None) -> dict:
+def evaluate_run(net: Trainable, eval_data: D.Dataset, tok: Tokenizer, majority: str | None) -> dict:
     from rwkv_stream.train.evaluate import evaluate, training_hidden_fn
 
     end_id = D.WordEncoder(tok).end[0]
-    heads = dict(net.heads.items())
+    heads = net.head_modules()
     lm = None if net.model is None else net.model.head
     with torch.no_grad():
         return evaluate(eval_data, training_hidden_fn(net.model), lm, heads, tok, end_id, majority)
 
 
-def write_run_bundle(args: argparse.Namespace, model: RWKV4, tok_path: Path, heads, metrics: dict) -> None:
+def write_run_bundle(args: argparse.Namespace, model: RWKV4, tok_path: Path, heads: HeadSet, metrics: dict) -> None:
     from rwkv_stream.bundle import write_bundle
 
     write_bundle(args.bundle, shipped_tensors(model), tok_path, heads, name=args.name,

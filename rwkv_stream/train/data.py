@@ -20,11 +20,15 @@ import random
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
 
 from rwkv_stream.train import transcript
+
+if TYPE_CHECKING:
+    from rwkv_stream.tokenizer import Tokenizer
 
 IGNORE = -100
 
@@ -83,7 +87,7 @@ def train_tokenizer(lines: Sequence[str], vocab_size: int, path: Path) -> Path:
 class WordEncoder:
     """Encodes normalized words one at a time (cached): byte-level BPE encodes each word on its own."""
 
-    def __init__(self, tokenizer) -> None:
+    def __init__(self, tokenizer: Tokenizer) -> None:
         self.tok = tokenizer
         self.cache: dict[str, list[int]] = {}
         # The end marker as it is tokenized after a word (without the prefix space of a stream start).
@@ -133,7 +137,7 @@ def read_lines(path: Path) -> list[str]:
 
 
 def transcript_dataset(
-    text_file: Path, tokenizer, group: int, cat_file: Path | None = None, cat_labels: Sequence[str] = (),
+    text_file: Path, tokenizer: Tokenizer, group: int, cat_file: Path | None = None, cat_labels: Sequence[str] = (),
     marker_prob: float = 0.0, seed: int = 0,
 ) -> Dataset:
     """Streams of ``group`` consecutive paragraphs of one class (a class change starts a new stream)."""
@@ -174,7 +178,7 @@ def read_records(path: Path) -> list[dict]:
 
 
 def records_dataset(
-    records: Sequence[dict], tokenizer, tag_labels: Sequence[str] = (), cat_labels: Sequence[str] = ()
+    records: Sequence[dict], tokenizer: Tokenizer, tag_labels: Sequence[str] = (), cat_labels: Sequence[str] = ()
 ) -> Dataset:
     """Documents from records; label lists are collected from the data unless given."""
     tags = list(tag_labels) or ["O", *sorted({t[2] for r in records for t in r.get("tags", [])} - {"O"})]
@@ -184,7 +188,7 @@ def records_dataset(
     return Dataset([d for d in docs if d.ids], tags if has_tags else [], cats)
 
 
-def _record_document(record: dict, tokenizer, tag_labels: list[str], cat_labels: list[str]) -> Document:
+def _record_document(record: dict, tokenizer: Any, tag_labels: list[str], cat_labels: list[str]) -> Document:
     text = record["text"]
     enc = tokenizer._tok.encode(text, add_special_tokens=False) if hasattr(tokenizer, "_tok") else None
     ids = enc.ids if enc is not None else tokenizer.encode(text)

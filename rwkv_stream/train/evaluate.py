@@ -6,6 +6,8 @@ from __future__ import annotations
 import math
 from collections import Counter
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
@@ -15,10 +17,15 @@ from rwkv_stream.heads import Head
 from rwkv_stream.train import transcript
 from rwkv_stream.train.data import IGNORE, Dataset, Document
 
+if TYPE_CHECKING:
+    from rwkv_stream.model import Model
+    from rwkv_stream.tokenizer import Tokenizer
+    from rwkv_stream.train.model import RWKV4
+
 HiddenFn = Callable[[list[int]], Tensor]  # token ids of one stream -> hidden vectors [T, C] (fp32)
 
 
-def training_hidden_fn(model, chunk: int = 512) -> HiddenFn:
+def training_hidden_fn(model: RWKV4, chunk: int = 512) -> HiddenFn:
     """Streams through the training model ``chunk`` tokens at a time, carrying the RNN state."""
 
     @torch.no_grad()
@@ -34,7 +41,7 @@ def training_hidden_fn(model, chunk: int = 512) -> HiddenFn:
     return run
 
 
-def engine_hidden_fn(model) -> HiddenFn:
+def engine_hidden_fn(model: Model) -> HiddenFn:
     """The engine (:class:`rwkv_stream.model.Model`) on a whole stream."""
 
     @torch.no_grad()
@@ -77,7 +84,7 @@ def tag_report(gold: list[str], pred: list[str], is_end: list[bool]) -> dict:
     }
 
 
-def rule_baseline(doc: Document, positions: list[int], end_id: int, tokenizer) -> list[str]:
+def rule_baseline(doc: Document, positions: list[int], end_id: int, tokenizer: Tokenizer) -> list[str]:
     """No punctuation inside the stream, PERIOD at the end marker; Cap for the first word and for 'i'."""
     out = []
     for n, i in enumerate(positions):
@@ -89,52 +96,65 @@ def rule_baseline(doc: Document, positions: list[int], end_id: int, tokenizer) -
     return out
 
 
+@dataclass
+class _Tally:
+    """What :func:`evaluate` collects over the documents."""
+
+    gold: list[str] = field(default_factory=list)
+    pred: list[str] = field(default_factory=list)
+    base: list[str] = field(default_factory=list)
+    is_end: list[bool] = field(default_factory=list)
+    cat_gold: list[str] = field(default_factory=list)
+    cat_pred: list[str] = field(default_factory=list)
+    nll: float = 0.0
+    n_bytes: int = 0
+
+
 def evaluate(
     data: Dataset, hidden_fn: HiddenFn, lm_head: Callable[[Tensor], Tensor] | None, heads: dict[str, Head],
-    tokenizer, end_id: int, majority_cat: str | None = None,
+    tokenizer: Tokenizer, end_id: int, majority_cat: str | None = None,
 ) -> dict:
     """All metrics on ``data`` (transcript-style tag labels get the punctuation/case breakdown)."""
-    gold, pred, base, is_end = [], [], [], []
-    cat_gold, cat_pred = [], []
-    nll, n_bytes = 0.0, 0
+    t = _Tally()
     for doc in data.docs:
         hidden = hidden_fn(doc.ids)
         if lm_head is not None and len(doc.ids) > 1:
-            nll += _nll(lm_head(hidden[:-1]), doc.ids[1:])
-            n_bytes += len(tokenizer.decode_bytes(doc.ids[1:]))
+            t.nll += _nll(lm_head(hidden[:-1]), doc.ids[1:])
+            t.n_bytes += len(tokenizer.decode_bytes(doc.ids[1:]))
         if "tagger" in heads:
-            pos = [i for i, t in enumerate(doc.tags) if t != IGNORE]
+            pos = [i for i, tag in enumerate(doc.tags) if tag != IGNORE]
             labels = heads["tagger"].labels
-            gold += [labels[doc.tags[i]] for i in pos]
-            pred += heads["tagger"].predict(hidden[pos])
-            is_end += [doc.ids[i] == end_id for i in pos]
-            base += rule_baseline(doc, pos, end_id, tokenizer)
+            t.gold += [labels[doc.tags[i]] for i in pos]
+            t.pred += heads["tagger"].predict(hidden[pos])
+            t.is_end += [doc.ids[i] == end_id for i in pos]
+            t.base += rule_baseline(doc, pos, end_id, tokenizer)
         if "classifier" in heads and doc.cats and doc.cats[-1] != IGNORE:
-            cat_gold.append(heads["classifier"].labels[doc.cats[-1]])
-            cat_pred.append(heads["classifier"].predict(hidden[-1:])[0])
-    return _summary(gold, pred, base, is_end, cat_gold, cat_pred, majority_cat, nll, n_bytes, len(data.docs))
+            t.cat_gold.append(heads["classifier"].labels[doc.cats[-1]])
+            t.cat_pred.append(heads["classifier"].predict(hidden[-1:])[0])
+    return _summary(t, majority_cat, len(data.docs))
 
 
 def _nll(logits: Tensor, targets: list[int]) -> float:
     return float(F.cross_entropy(logits.float(), torch.tensor(targets), reduction="sum"))
 
 
-def _summary(gold, pred, base, is_end, cat_gold, cat_pred, majority_cat, nll, n_bytes, n_docs) -> dict:
+def _summary(t: _Tally, majority_cat: str | None, n_docs: int) -> dict:
     out: dict = {"n_streams": n_docs}
+    gold, pred, is_end, cat_gold = t.gold, t.pred, t.is_end, t.cat_gold
     if gold and all("-" in g for g in gold):
         out["tagger"] = tag_report(gold, pred, is_end)
         out["baseline_majority"] = tag_report(gold, ["O-lower"] * len(gold), is_end)
-        out["baseline_rule"] = tag_report(gold, base, is_end)
+        out["baseline_rule"] = tag_report(gold, t.base, is_end)
     elif gold:
         out["tagger"] = {"accuracy": round(sum(g == p for g, p in zip(gold, pred, strict=True)) / len(gold), 4)}
     if cat_gold:
         majority = majority_cat or Counter(cat_gold).most_common(1)[0][0]
         out["classifier"] = {
-            "accuracy": round(sum(g == p for g, p in zip(cat_gold, cat_pred, strict=True)) / len(cat_gold), 4),
+            "accuracy": round(sum(g == p for g, p in zip(cat_gold, t.cat_pred, strict=True)) / len(cat_gold), 4),
             "majority_class": majority,
             "majority_accuracy": round(sum(g == majority for g in cat_gold) / len(cat_gold), 4),
             "n_streams": len(cat_gold),
         }
-    if n_bytes:
-        out["lm"] = {"bits_per_byte": round(nll / math.log(2) / n_bytes, 4), "bytes": n_bytes}
+    if t.n_bytes:
+        out["lm"] = {"bits_per_byte": round(t.nll / math.log(2) / t.n_bytes, 4), "bytes": t.n_bytes}
     return out

@@ -8,6 +8,7 @@ import random
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import cast
 
 import torch
 from torch import Tensor, nn
@@ -48,6 +49,10 @@ class Trainable(nn.Module):
         self.model = model
         self.heads = nn.ModuleDict(heads)
 
+    def head_modules(self) -> dict[str, Head]:
+        """The heads, typed (``self.heads`` is a ModuleDict)."""
+        return {name: head for name, head in self.heads.items() if isinstance(head, Head)}
+
     def losses(self, batch: Batch, cfg: LoopConfig) -> dict[str, Tensor]:
         if cfg.freeze_model:
             with torch.no_grad():
@@ -79,7 +84,7 @@ def make_heads(data: Dataset, n_embd: int, hidden_dim: int = 0) -> dict[str, Hea
 
 def head_set(net: Trainable, fingerprint: str | None = None) -> HeadSet:
     heads = {}
-    for name, head in net.heads.items():
+    for name, head in net.head_modules().items():
         copy = Head(**head.spec())
         copy.load_state_dict({k: v.detach().float().cpu() for k, v in head.state_dict().items()})
         heads[name] = copy.eval()
@@ -132,7 +137,7 @@ def train(net: Trainable, data: Dataset, cfg: LoopConfig, out: Path, device: tor
     batches = sample_batches(data, cfg.batch_size, cfg.ctx, cfg.seed + step)
     random.seed(cfg.seed + step)
     net.train()
-    start, avg = time.time() - elapsed, {}
+    start, avg = time.time() - elapsed, dict[str, float]()
     bar = tqdm(total=cfg.steps, initial=step, desc="train", unit="step", dynamic_ncols=True)
     while step < cfg.steps and not (cfg.max_minutes > 0 and time.time() - start > 60 * cfg.max_minutes):
         lr = lr_at(step, cfg, time.time() - start)
@@ -164,7 +169,7 @@ def _train_step(net: Trainable, opt: torch.optim.Optimizer, batch: Batch, cfg: L
         group["lr"] = lr
     losses = net.losses(batch, cfg)
     weights = {"lm": cfg.lm_weight, "tag": cfg.tag_weight, "cat": cfg.cat_weight}
-    total = sum(weights[k] * v for k, v in losses.items())
+    total = cast(Tensor, sum(weights[k] * v for k, v in losses.items()))  # at least one loss: a Tensor
     opt.zero_grad(set_to_none=True)
     total.backward()
     torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], cfg.grad_clip)

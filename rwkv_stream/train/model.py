@@ -17,8 +17,8 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-# Initial running exponent, the convention shared with the runtime and the reference implementations.
-PP_INIT = -1e30
+from rwkv_stream.wkv import EMPTY_PP
+
 # time_decay above this gives w = -exp(40) ~ -2.4e17: e^w is 0 in fp32 either way, and the clamp keeps
 # (distance * w) finite so the parallel form never computes 0 * inf.
 MAX_TIME_DECAY = 40.0
@@ -115,7 +115,7 @@ def wkv_parallel(
 
 def _zero_wkv_state(batch: int, channels: int, device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
     zeros = torch.zeros(batch, channels, device=device)
-    return zeros, zeros.clone(), torch.full((batch, channels), PP_INIT, device=device)
+    return zeros, zeros.clone(), torch.full((batch, channels), EMPTY_PP, device=device)
 
 
 def _shift(x: Tensor, prev: Tensor | None) -> Tensor:

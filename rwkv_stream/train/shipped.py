@@ -9,16 +9,20 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from rwkv_stream.train import data as D
 from rwkv_stream.train import transcript
+
+if TYPE_CHECKING:
+    from rwkv_stream.tokenizer import Tokenizer
 
 SAMPLE_PARAGRAPHS = 12
 SAMPLE_GROUP = 4
 SAMPLE_TOLERANCE = 0.002
 
 
-def sample_dataset(paragraphs: list[str], tokenizer, group: int) -> D.Dataset:
+def sample_dataset(paragraphs: list[str], tokenizer: Tokenizer, group: int) -> D.Dataset:
     """Streams of ``group`` paragraphs, each ending with the end marker (as in the held-out evaluation)."""
     enc = D.WordEncoder(tokenizer)
     docs = [D.transcript_document(paragraphs[i : i + group], enc) for i in range(0, len(paragraphs), group)]
@@ -27,14 +31,15 @@ def sample_dataset(paragraphs: list[str], tokenizer, group: int) -> D.Dataset:
 
 def engine_metrics(bundle_dir: Path, paragraphs: list[str], group: int) -> dict:
     """Tagger metrics of the bundle, run by the engine (one stream at a time, fp32)."""
-    from rwkv_stream.bundle import Bundle
+    from rwkv_stream.loading import load_source
     from rwkv_stream.train.evaluate import engine_hidden_fn, evaluate
 
-    b = Bundle.load(bundle_dir)
-    ds = sample_dataset(paragraphs, b.tokenizer, group)
-    end_id = D.WordEncoder(b.tokenizer).end[0]
+    b = load_source(bundle_dir)
+    tok = b.need_tokenizer()
+    ds = sample_dataset(paragraphs, tok, group)
+    end_id = D.WordEncoder(tok).end[0]
     heads = {"tagger": b.heads["tagger"]}
-    report = evaluate(ds, engine_hidden_fn(b.model), b.model.head, heads, b.tokenizer, end_id)
+    report = evaluate(ds, engine_hidden_fn(b.model), b.model.head, heads, tok, end_id)
     tagger = report["tagger"]
     return {"label_accuracy": tagger["label_accuracy"], "punct_micro_f1": tagger["punct_micro_f1"],
             "case_accuracy": tagger["case_accuracy"], "n_positions": tagger["n_positions"],

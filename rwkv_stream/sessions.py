@@ -422,11 +422,9 @@ class SessionTable:
     def _tag(self, rows: list[Tensor | None], results: list[FragmentResult]) -> None:
         taggers = {n: h for n, h in self.heads.items() if h.kind == "tagger"}
         counts = [0 if r is None else len(r) for r in rows]
-        if not taggers or not sum(counts):
-            return
-        flat = torch.cat([r for r in rows if r is not None and len(r)])
+        flat = torch.cat([r for r in rows if r is not None and len(r)]) if sum(counts) else None
         for name, head in taggers.items():
-            best = self._head(head, flat).argmax(dim=-1).tolist()
+            best = [] if flat is None else self._head(head, flat).argmax(dim=-1).tolist()
             pos = 0
             for res, n in zip(results, counts, strict=True):
                 res.tags[name] = best[pos : pos + n]

@@ -9,7 +9,6 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from rwkv_stream import StateError, load
-from rwkv_stream.streams import StreamTable
 
 TEXT = [(7 * i + 3) % TINY.vocab_size for i in range(40)]
 
@@ -192,29 +191,6 @@ def test_fp16_rescaling_keeps_a_deep_model_finite(tmp_path):
     ours, _ = load(tmp_path / "deep.pth", dtype="float16").forward(TEXT[:20])
     assert torch.isfinite(ours).all()
     assert (ours - ref).abs().max() / ref.abs().max() < 0.02
-
-
-def test_stream_table_evicts_least_recently_used(model):
-    evicted = []
-    table = StreamTable(model, max_streams=2, on_evict=lambda key, state: evicted.append((key, state.n_tokens)))
-    table.step(["a", "b"], [TEXT[:3], TEXT[:2]])
-    table.step(["a"], [TEXT[3:4]])
-    table.step(["c"], [TEXT[:1]])
-    assert evicted == [("b", 2)] and sorted(table.keys()) == ["a", "c"]
-    assert table.n_tokens("a") == 4
-    assert table.end("a") and not table.end("a")
-    table.put("b", model.forward(TEXT[:2])[1])
-    assert table.n_tokens("b") == 2
-
-
-def test_a_step_never_evicts_its_own_streams(model):
-    """Opening new streams in a full table pushes out older streams, never one of the same step."""
-    evicted = []
-    table = StreamTable(model, max_streams=3, on_evict=lambda key, state: evicted.append(key))
-    table.step(["x", "y", "z"], [TEXT[:1]] * 3)
-    out = table.step(["z", "new1", "new2"], [TEXT[1:3], TEXT[:2], TEXT[:2]])
-    assert evicted == ["x", "y"] and sorted(table.keys()) == ["new1", "new2", "z"]
-    assert table.n_tokens("z") == 3 and [len(h) for h in out.hidden] == [2, 2, 2]
 
 
 def test_pool_grows_and_forks(model):

@@ -794,3 +794,45 @@ def test_error_bad_settings(bundle):
     with pytest.raises(ValueError, match="is not a Token attribute"):
         make_nlp(bundle, tag_attr="nonsense")
     assert isinstance(make_nlp(bundle).get_pipe("rwkv"), RWKVComponent)
+
+
+# ------------------------------------------------------------------------------------------ pipe, any shape
+PIPE_WORDS = " ".join(CORPUS).split(" ")
+
+
+@st.composite
+def pipe_workloads(draw):
+    """Up to 20 streams of random text (non-ASCII included) cut into Docs anywhere, interleaved at random
+    (each stream's Docs in order), with random max_streams and batch_size."""
+    n = draw(st.integers(1, 20))
+    streams = {}
+    for i in range(n):
+        text = " ".join(draw(st.lists(st.sampled_from(PIPE_WORDS), min_size=1, max_size=10)))
+        cuts = sorted(set(draw(st.lists(st.integers(1, max(1, len(text) - 1)), max_size=4))))
+        streams[f"p{i}"] = [text[a:b] for a, b in zip([0, *cuts], [*cuts, len(text)], strict=True) if b > a]
+    order = draw(st.permutations([k for k, parts in streams.items() for _ in parts]))
+    return streams, order, draw(st.integers(1, 25)), draw(st.integers(1, 40))
+
+
+@settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture,
+                                                                 HealthCheck.too_slow])
+@given(work=pipe_workloads())
+def test_pipe_any_interleaving_max_streams_and_batch_size_equals_each_stream_alone(bundle, work):
+    """The bug of issue 13: past max_streams, nlp.pipe evicted streams with Docs pending and tags changed."""
+    streams, order, max_streams, batch_size = work
+    solo = make_nlp(bundle, zero_shot=ZERO_SHOT)
+    want = {sid: [outputs(d) for d in solo.pipe(stream_docs(solo, parts, sid), batch_size=1)]
+            for sid, parts in streams.items()}
+    whole = {sid: solo("".join(parts)) for sid, parts in streams.items()}
+    nlp = make_nlp(bundle, zero_shot=ZERO_SHOT, max_streams=max_streams)
+    pos = dict.fromkeys(streams, 0)
+    docs = []
+    for sid in order:
+        docs += stream_docs(nlp, [streams[sid][pos[sid]]], sid)
+        pos[sid] += 1
+    got: dict[str, list] = {sid: [] for sid in streams}
+    for doc in nlp.pipe(docs, batch_size=batch_size):
+        got[doc._.stream_id].append(outputs(doc))
+    assert got == want
+    for sid in streams:  # the stream's final cats equal its whole text as one Doc
+        assert cats_close(got[sid][-1]["cats"], dict(whole[sid].cats), tol=1e-6)

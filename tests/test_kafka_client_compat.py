@@ -42,6 +42,14 @@ def _joined_consumer(bootstrap: str, group: str, topic: str) -> KafkaConsumer:
     return consumer
 
 
+def _wait_committed(consumer: KafkaConsumer, tp: TopicPartition, offset: int, timeout_s: float = 15.0) -> None:
+    """A committed transaction's offsets become visible once its markers are written (asynchronously)."""
+    deadline = time.monotonic() + timeout_s
+    while consumer.committed(tp) != offset:
+        assert time.monotonic() < deadline, f"committed offset {consumer.committed(tp)}, expected {offset}"
+        time.sleep(0.1)
+
+
 def _commit_in_txn(producer: KafkaProducer, offsets, metadata) -> None:
     producer.begin_transaction()
     try:
@@ -71,10 +79,10 @@ def test_txn_offset_commit_sends_group_metadata_and_what_the_broker_fences(kafka
         with pytest.raises(CommitFailedError):
             _commit_in_txn(producer, {tp: OffsetAndMetadata(1, "", -1)}, stale)
         _commit_in_txn(producer, {tp: OffsetAndMetadata(2, "", -1)}, live)
-        assert consumer.committed(tp) == 2
+        _wait_committed(consumer, tp, 2)
         unjoined = ConsumerGroupMetadata(group_id=name)  # what a fenced-out kafka-python consumer reports
         _commit_in_txn(producer, {tp: OffsetAndMetadata(3, "", -1)}, unjoined)
-        assert consumer.committed(tp) == 3, "the broker now fences generation -1 transactional commits"
+        _wait_committed(consumer, tp, 3)  # fails if the broker starts fencing generation -1 commits
         with pytest.raises(StaleWork):
             check_membership(unjoined)
         check_membership(live)

@@ -11,21 +11,22 @@ from __future__ import annotations
 import json
 import sys
 
-from rwkv_stream.generate import load_any, shipped_model_dir
+from rwkv_stream.loading import load_source, shipped_dir
 
 FORMATS = ("bfloat16", "float16", "int8", "w8a8")
 
 
 def main() -> int:
-    text = (shipped_model_dir().parent / "demo" / "sample_transcript.txt").read_text()
-    model, tokenizer, heads = load_any("shipped")
+    text = (shipped_dir().parent / "demo" / "sample_transcript.txt").read_text()
+    loaded = load_source("shipped")
+    model, tokenizer, heads = loaded.model, loaded.tokenizer, loaded.heads
     ids = tokenizer.encode(text)
     hidden, _ = model.forward_hidden(ids)
     logits = model.head(hidden)
     labels = {name: heads[name].predict(hidden) for name in heads.heads}
     report = {"model": "shipped transcript-tagger", "tokens": len(ids), "formats": {}}
     for fmt in FORMATS:
-        other, _, _ = load_any("shipped", dtype=fmt)
+        other = load_source("shipped", dtype=fmt).model
         h, _ = other.forward_hidden(ids)
         lg = other.head(h)
         report["formats"][fmt] = {

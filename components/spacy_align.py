@@ -1,6 +1,7 @@
 """Alignment between model tokens (byte spans) and spaCy tokens (character spans), and BIO tags to spans.
 
-Pure Python, no spaCy or torch: the spaCy component feeds it plain offsets.
+No spaCy: the spaCy component feeds it plain offsets, and :func:`doc_result` turns a session result (see
+:mod:`rwkv_stream.sessions`) into the per-model-token outputs of a Doc's region.
 
 Model tokens of a byte-level tokenizer (RWKV World, GPT-NeoX BPE) concatenate to the UTF-8 bytes of the text,
 so a run of model tokens is described by the byte offset where each one ends. A run covers a *region* of
@@ -20,8 +21,13 @@ from __future__ import annotations
 
 from bisect import bisect_right
 from collections.abc import Sequence
+from dataclasses import dataclass
 from itertools import accumulate
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
+
+if TYPE_CHECKING:
+    from rwkv_stream.sessions import FragmentResult
+    from rwkv_stream.tokenizer import Tokenizer
 
 Alignment = Literal["first", "last"]
 ALIGNMENTS: tuple[str, ...] = ("first", "last")
@@ -107,3 +113,47 @@ def _split_tag(tag: str | None) -> tuple[str, str]:
     if dash and name and prefix in ("B", "I", "L", "U"):
         return prefix, name
     return "I", tag
+
+
+# ------------------------------------------------------------------------------------------ doc results
+TAGGER, CLASSIFIER = "tagger", "classifier"  # the component's head roles in its session table
+
+
+@dataclass
+class DocResult:
+    """A Doc's share of a session result, in the terms the component annotates with."""
+
+    ends: list[int]  # byte end of each model token of the region (held-back text + this text)
+    doc_start: int  # byte offset of this text in the region
+    offset: int  # character offset of this text in its stream
+    tag_ids: list[int] | None  # per model token
+    cats: dict[str, float]
+    vector: list[float] | None
+
+
+def doc_result(tokenizer: Tokenizer, res: FragmentResult, text: str, want_vector: bool) -> DocResult:
+    """Turn a provisional :class:`~rwkv_stream.sessions.FragmentResult` into per-model-token outputs of the
+    Doc's region (the final tokens, then the held-back tail run on a fork)."""
+    ids = res.token_ids + res.tail_ids
+    doc_start, n_text = len(res.carry), len(text.encode("utf-8"))
+    ends = region_token_ends(tokenizer, ids, doc_start + n_text)
+    parts = [h for h in (res.hidden, res.tail_hidden) if h is not None and len(h)]
+    import torch
+
+    hidden = torch.cat(parts) if parts else None
+    vector = None
+    if want_vector and hidden is not None:
+        rows = overlapping(ends, doc_start, doc_start + n_text)
+        if rows:
+            vector = hidden[rows].float().mean(dim=0).tolist()
+    cats = {**res.cats.get(CLASSIFIER, {}), **res.probes}
+    return DocResult(ends, doc_start, res.text_start, res.tags.get(TAGGER), cats, vector)
+
+
+def region_token_ends(tokenizer: Tokenizer, ids: list[int], region_bytes: int) -> list[int]:
+    """Byte ends of a region's model tokens in text coordinates. Token bytes are the text's bytes, except
+    that a tokenizer may add a prefix space at the start of a stream (ByteLevel ``add_prefix_space``):
+    whatever the tokens hold beyond the text sits at the start of the region."""
+    ends = token_ends([len(tokenizer.id_to_token_bytes(i)) for i in ids])
+    extra = (ends[-1] if ends else 0) - region_bytes
+    return [max(0, e - extra) for e in ends] if extra > 0 else ends

@@ -5,10 +5,16 @@ One line puts it into a pipeline (the model is loaded at ``nlp.initialize()`` or
     nlp.add_pipe("rwkv", config={"model": "path/to/bundle"})
     doc = nlp.make_doc("so the meeting is"); doc._.stream_id = "call-42"; nlp(doc)
 
-Docs with the same ``doc._.stream_id`` continue one recurrent state, in the order they are processed; a Doc
-without one is processed alone. Each fragment costs only its own tokens: history is never re-read. See
-:mod:`rwkv_stream.components.spacy_engine` for how held-back tokenizer tails keep fragments equivalent to the
-whole text, and :mod:`rwkv_stream.components.spacy_align` for the model-token to spaCy-token rule.
+Docs with the same ``doc._.stream_id`` continue one stream, in the order they are processed; a Doc without one
+is processed alone. Streams live in the engine's session layer (:mod:`rwkv_stream.sessions`); this module keeps
+only what is spaCy's: settings, Doc extensions, alignment (:mod:`rwkv_stream.components.spacy_align`) and
+serialization. Each Doc is fed as a *provisional* fragment: the ids that became final advance the stream's
+state, and the tail the streaming tokenizer holds back (at most a couple of words) is run on a fork as if the
+stream ended there, so the Doc gets tags, cats and a vector for all its text while the stream does not advance.
+Each fragment costs only its own tokens: history is never re-read. Because the model and heads are causal and
+the streaming encoder reproduces whole-text tokenization, a transcript split into Docs gives the same outputs
+as the whole text (for tokens whose model token is not cut by a split point) and the same final cats, and
+``nlp.pipe`` gives each stream the results it gets alone whatever the batch and ``max_streams``.
 
 Config (``[components.rwkv]``):
 
@@ -38,6 +44,7 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import shutil
 import tempfile
 import uuid
 import weakref
@@ -63,9 +70,10 @@ from .spacy_align import ALIGNMENTS, align, bio_spans
 
 if TYPE_CHECKING:
     from rwkv_stream.heads import Head
+    from rwkv_stream.loading import LoadedModel
     from rwkv_stream.sessions import SessionTable
 
-    from .spacy_engine import DocResult, LoadedModel
+    from .spacy_align import DocResult
 
 COMPONENT_FILE = "rwkv_component.json"
 BYTES_FORMAT = "rwkv-stream/spacy-component"
@@ -292,18 +300,19 @@ class RWKVComponent(Pipe):
         return self._ensure_loaded()
 
     def _load_configured(self) -> LoadedModel:
-        from .spacy_engine import load_source
+        from rwkv_stream.loading import load_source
 
         s = self.settings
         source = s.model() if callable(s.model) else s.model
         if not isinstance(source, ModelSource):
             source = ModelSource(str(source), s.tokenizer, s.heads_path)
-        return load_source(source.path, source.tokenizer, source.heads_path, s.device, s.dtype)
+        return load_source(source.path, tokenizer=source.tokenizer, heads=source.heads_path, device=s.device,
+                           dtype=s.dtype, byte_level=True)
 
     def _install(self, loaded: LoadedModel) -> None:
         from rwkv_stream.sessions import DirectoryStore, MemoryStore, SessionStore, SessionTable
 
-        from .spacy_engine import CLASSIFIER, TAGGER
+        from .spacy_align import CLASSIFIER, TAGGER
 
         s = self.settings
         tagger = self._pick_head(loaded, s.tag_head, "tagger", s.tag_labels, "tag")
@@ -314,7 +323,7 @@ class RWKVComponent(Pipe):
         self._tagger, self._classifier, self._loaded = tagger, classifier, loaded
         heads = {role: h for role, h in ((TAGGER, tagger), (CLASSIFIER, classifier)) if h is not None}
         store: SessionStore = DirectoryStore(s.state_dir) if s.state_dir else MemoryStore()
-        self._sessions = SessionTable(loaded.model, loaded.tokenizer, heads=heads, probes=s.zero_shot,
+        self._sessions = SessionTable(loaded.model, loaded.need_tokenizer(), heads=heads, probes=s.zero_shot,
                                       max_streams=s.max_streams, store=store, ttl_s=s.ttl_s)
 
     def _pick_head(
@@ -374,7 +383,7 @@ class RWKVComponent(Pipe):
         (in waves when they outnumber ``max_streams``: no stream with Docs pending is evicted)."""
         from rwkv_stream.sessions import Fragment
 
-        from .spacy_engine import doc_result
+        from .spacy_align import doc_result
 
         self._refuse_other_process()
         sessions = self._ensure_loaded()
@@ -529,7 +538,7 @@ class RWKVComponent(Pipe):
     def to_disk(self, path: str | Path, *, exclude: Iterable[str] = ()) -> None:
         """A bundle directory (safetensors weights, tokenizer, heads, manifest) plus the resolved settings.
         ``exclude``: ``"model"`` skips the bundle, ``"cfg"`` the settings record."""
-        from .spacy_engine import save_bundle
+        from rwkv_stream.loading import save_bundle
 
         self._ensure_loaded()
         assert self._loaded is not None
@@ -542,8 +551,7 @@ class RWKVComponent(Pipe):
 
     def from_disk(self, path: str | Path, *, exclude: Iterable[str] = ()) -> RWKVComponent:
         from rwkv_stream.checkpoint import CheckpointError
-
-        from .spacy_engine import load_source
+        from rwkv_stream.loading import load_source
 
         path, skip = Path(path), _fields(exclude)
         if "model" in skip:
@@ -551,23 +559,19 @@ class RWKVComponent(Pipe):
         elif not (path / "bundle.json").is_file():
             raise CheckpointError(f"{path} holds no saved rwkv component (no bundle.json)")
         else:
-            self._install(load_source(path, device=self.settings.device, dtype=self.settings.dtype))
+            self._install(load_source(path, device=self.settings.device, dtype=self.settings.dtype, byte_level=True))
         record_file = path / COMPONENT_FILE
         if "cfg" not in skip and record_file.is_file():
             self._check_record(srsly.read_json(record_file))
         return self
 
     def to_bytes(self, *, exclude: Iterable[str] = ()) -> bytes:
-        from .spacy_engine import read_dir_files
-
         with tempfile.TemporaryDirectory() as tmp:
             self.to_disk(Path(tmp) / "rwkv", exclude=exclude)
             files = read_dir_files(Path(tmp) / "rwkv")
         return srsly.msgpack_dumps({"format": BYTES_FORMAT, "files": files})
 
     def from_bytes(self, bytes_data: bytes, *, exclude: Iterable[str] = ()) -> RWKVComponent:
-        from .spacy_engine import write_dir_files
-
         obj = srsly.msgpack_loads(bytes_data)
         if not isinstance(obj, dict) or obj.get("format") != BYTES_FORMAT:
             raise ValueError("bytes are not a serialized rwkv component")
@@ -613,3 +617,18 @@ def check_stream_id(value: Any, attr: str = "stream_id") -> Hashable | None:
         f"doc._.{attr} must be a str or an int (or None to process the Doc alone), "
         f"got {type(value).__name__}: {value!r}"
     )
+
+
+def read_dir_files(path: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
+
+
+def write_dir_files(path: Path, files: dict[str, bytes]) -> None:
+    if path.exists():
+        shutil.rmtree(path)
+    for name, data in files.items():
+        target = path / name
+        if ".." in Path(name).parts:
+            raise ValueError(f"bad file name in serialized component: {name!r}")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(data)

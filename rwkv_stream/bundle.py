@@ -19,7 +19,7 @@ import hashlib
 import json
 import shutil
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -28,20 +28,8 @@ from .checkpoint import CheckpointError, canonical_names, infer_config, load_can
 from .heads import HeadSet
 from .model import weights_fingerprint
 
-if TYPE_CHECKING:
-    from .loading import LoadedModel as Bundle  # noqa: F401 - the old name, resolved lazily by __getattr__
-
 BUNDLE_FORMAT = "rwkv-stream-bundle"
 BUNDLE_VERSION = 1
-
-
-def __getattr__(name: str) -> Any:
-    """``Bundle``: the old name of :class:`rwkv_stream.loading.LoadedModel` (``Bundle.load`` still works)."""
-    if name == "Bundle":
-        from .loading import LoadedModel
-
-        return LoadedModel
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def read_manifest(path: Path) -> dict[str, Any]:

@@ -4,22 +4,15 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import Tensor
 
-from .heads import HeadSet
-from .loading import SHIPPED, load_source, shipped_dir
 from .model import Model
 from .state import State
 
-if TYPE_CHECKING:
-    from .tokenizer import Tokenizer
-
-__all__ = ["SHIPPED", "SamplingConfig", "decode_until_stop", "generate_ids", "generate_text", "load_any",
-           "sample_token", "shipped_model_dir"]
+__all__ = ["SamplingConfig", "decode_until_stop", "generate_ids", "generate_text", "sample_token"]
 
 
 @dataclass
@@ -104,17 +97,3 @@ def decode_until_stop(tokenizer: Any, ids: Iterator[int], stop: tuple[str, ...])
 def _first_stop(text: str, stop: tuple[str, ...]) -> int | None:
     hits = [i for i in (text.find(s) for s in stop if s) if i >= 0]
     return min(hits) if hits else None
-
-
-def shipped_model_dir() -> Path:
-    """The default shipped bundle's directory (:func:`rwkv_stream.loading.shipped_dir`)."""
-    return shipped_dir()
-
-
-def load_any(
-    source: str | Path, tokenizer: str | None = None, device: str = "cpu", dtype: str = "float32"
-) -> tuple[Model, Tokenizer | None, HeadSet]:
-    """(model, tokenizer or None, heads) of any source: :func:`rwkv_stream.loading.load_source` without
-    requiring a tokenizer for bare checkpoints."""
-    loaded = load_source(source, tokenizer=tokenizer, device=device, dtype=dtype, require_tokenizer=False)
-    return loaded.model, loaded.tokenizer, loaded.heads

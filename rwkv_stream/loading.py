@@ -57,13 +57,6 @@ class LoadedModel:
     heads: HeadSet
     manifest: dict[str, Any] = field(default_factory=dict)
 
-    @classmethod
-    def load(
-        cls, source: str | Path, device: str = "cpu", dtype: str = "float32", verify: bool = True
-    ) -> LoadedModel:
-        """:func:`load_source` with a tokenizer required (kept for ``Bundle.load`` callers)."""
-        return load_source(source, device=device, dtype=dtype, verify=verify)
-
     def need_tokenizer(self) -> Tokenizer:
         """The tokenizer; a :class:`CheckpointError` when the source was loaded without one."""
         if self.tokenizer is None:

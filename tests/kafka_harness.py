@@ -24,9 +24,10 @@ from rwkv_stream.components.kafka.schema import (
     without_timing,
 )
 
-from rwkv_stream.bundle import Bundle, write_bundle
+from rwkv_stream.bundle import write_bundle
 from rwkv_stream.config import ModelConfig
 from rwkv_stream.heads import Head, HeadSet
+from rwkv_stream.loading import LoadedModel, load_source
 from rwkv_stream.random_checkpoint import random_tensors
 
 _TEXT = (
@@ -122,11 +123,12 @@ class Reference:
     streams: dict[tuple[int, str], list[int]]  # (partition, stream) -> input offsets in order
 
 
-def reference_outputs(bundle: Bundle | str | Path, records: Iterable[InputRecord], *, max_fragment_chars: int = 16384,
-                      max_generate_tokens: int = 256, heads: list[str] | None = None) -> Reference:
+def reference_outputs(bundle: LoadedModel | str | Path, records: Iterable[InputRecord], *,
+                      max_fragment_chars: int = 16384, max_generate_tokens: int = 256,
+                      heads: list[str] | None = None) -> Reference:
     """What the processor must output: every stream fed alone, in input order."""
-    if not isinstance(bundle, Bundle):
-        bundle = Bundle.load(bundle)
+    if not isinstance(bundle, LoadedModel):
+        bundle = load_source(bundle)
     engine = StreamEngine(bundle, heads, max_streams=1 << 20)
     ref = Reference({}, {}, {})
     for rec in sorted(records, key=lambda r: (r.partition, r.offset)):

@@ -13,9 +13,9 @@ pytest.importorskip("spacy")
 
 from rwkv_stream.components.demo import compare, fragments  # noqa: E402
 
-from rwkv_stream.generate import shipped_model_dir  # noqa: E402
+from rwkv_stream.loading import shipped_dir  # noqa: E402
 
-shipped = pytest.mark.skipif(not (shipped_model_dir() / "bundle.json").exists(), reason="shipped model missing")
+shipped = pytest.mark.skipif(not (shipped_dir() / "bundle.json").exists(), reason="shipped model missing")
 
 
 def test_fragments_cover_every_word_in_order():

@@ -17,8 +17,8 @@ from rwkv_stream.components.kafka.config import ConsumerConfig  # noqa: E402
 from rwkv_stream.components.kafka.processor import Processor  # noqa: E402
 from rwkv_stream.components.kafka.topics import partition_count  # noqa: E402
 
-from rwkv_stream.bundle import Bundle  # noqa: E402
 from rwkv_stream.cli import main as rwkv_main  # noqa: E402
+from rwkv_stream.loading import load_source  # noqa: E402
 
 pytestmark = [pytest.mark.kafka, pytest.mark.usefixtures("one_torch_thread")]
 
@@ -86,7 +86,7 @@ def test_json_headers_lag_readiness_and_dlq_replay(kafka_bootstrap, bundle_dir, 
     records = produce(kafka_bootstrap, f"{name}.in", good[:1], headers=[("traceparent", TRACEPARENT),
                                                                         ("tenant", b"acme")])
     records += produce(kafka_bootstrap, f"{name}.in", good[1:])
-    bundle = Bundle.load(bundle_dir)
+    bundle = load_source(bundle_dir)
     cfg = _config(kafka_bootstrap, name, bundle_dir, tmp_path, output_format="json", max_fragment_chars=100)
     proc = Processor(cfg, bundle=bundle)
     thread = threading.Thread(target=proc.run, daemon=True)

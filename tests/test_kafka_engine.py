@@ -10,7 +10,7 @@ from kafka_harness import WORDS
 from rwkv_stream.components.kafka.engine import StepItem, StreamEngine
 from rwkv_stream.components.kafka.schema import GenerationRequest
 
-from rwkv_stream.bundle import Bundle
+from rwkv_stream.loading import LoadedModel, load_source
 from rwkv_stream.sessions import MemoryStore
 
 SEED = 20261129
@@ -18,8 +18,8 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
-def bundle(tiny_bundle_dir) -> Bundle:
-    return Bundle.load(tiny_bundle_dir)
+def bundle(tiny_bundle_dir) -> LoadedModel:
+    return load_source(tiny_bundle_dir)
 
 
 def _fragments(rng: random.Random, n: int) -> list[str]:
@@ -28,7 +28,7 @@ def _fragments(rng: random.Random, n: int) -> list[str]:
     return [text[a:b] for a, b in zip([0, *cuts], [*cuts, len(text)], strict=True)]
 
 
-def _alone(bundle: Bundle, streams: dict[str, list[str]]) -> dict[str, list]:
+def _alone(bundle: LoadedModel, streams: dict[str, list[str]]) -> dict[str, list]:
     engine = StreamEngine(bundle, max_streams=4)
     return {name: [engine.step([StepItem((0, name), f, i == len(frags) - 1)])[0] for i, f in enumerate(frags)]
             for name, frags in streams.items()}

@@ -31,7 +31,7 @@ from rwkv_stream.components.kafka import schema  # noqa: E402
 from rwkv_stream.components.kafka.config import ConsumerConfig  # noqa: E402
 from rwkv_stream.components.kafka.processor import Processor  # noqa: E402
 
-from rwkv_stream.bundle import Bundle  # noqa: E402
+from rwkv_stream.loading import LoadedModel, load_source  # noqa: E402
 
 pytestmark = [pytest.mark.kafka, pytest.mark.usefixtures("one_torch_thread")]
 SEED = 1129
@@ -43,8 +43,8 @@ def bundle_dir(tiny_bundle_dir):
 
 
 @pytest.fixture(scope="module")
-def bundle(bundle_dir) -> Bundle:
-    return Bundle.load(bundle_dir)
+def bundle(bundle_dir) -> LoadedModel:
+    return load_source(bundle_dir)
 
 
 def _config(bootstrap: str, name: str, bundle_dir, **kw) -> ConsumerConfig:
@@ -56,7 +56,7 @@ def _config(bootstrap: str, name: str, bundle_dir, **kw) -> ConsumerConfig:
 
 
 @contextlib.contextmanager
-def running(cfg: ConsumerConfig, bundle: Bundle) -> Iterator[Processor]:
+def running(cfg: ConsumerConfig, bundle: LoadedModel) -> Iterator[Processor]:
     proc = Processor(cfg, bundle=bundle)
     errors: list[BaseException] = []
 

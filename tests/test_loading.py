@@ -12,12 +12,10 @@ import pytest
 import torch
 from conftest import TINY
 
-import rwkv_stream
 from rwkv_stream import CheckpointError, cli
 from rwkv_stream.bundle import read_manifest, write_bundle
 from rwkv_stream.heads import Head, HeadSet
 from rwkv_stream.loading import (
-    LoadedModel,
     load,
     load_source,
     resolve_source,
@@ -167,17 +165,6 @@ def test_bare_checkpoint_saves_with_its_tokenizer(tiny_pth, tokenizer_file, tmp_
     assert (out / "tokenizer.json").read_bytes() == tokenizer_file.read_bytes()
     with pytest.raises(ValueError, match="cannot save this tokenizer"):
         save_bundle(load_source(tiny_pth, require_tokenizer=False), tmp_path / "c")
-
-
-# ------------------------------------------------------------------------------------------ old names
-def test_old_entry_points_are_thin_calls(tiny_bundle, tiny_pth) -> None:
-    from rwkv_stream.bundle import Bundle
-    from rwkv_stream.generate import load_any
-
-    assert Bundle is LoadedModel
-    assert isinstance(Bundle.load(tiny_bundle), LoadedModel)
-    model, tok, heads = load_any(tiny_pth)
-    assert tok is None and not heads.heads and model.fingerprint == rwkv_stream.load(tiny_pth).fingerprint
 
 
 def test_loading_imports_neither_spacy_nor_kafka() -> None:

@@ -13,10 +13,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from kafka_harness import WORDS
 
-from rwkv_stream.bundle import Bundle
 from rwkv_stream.config import ModelConfig
 from rwkv_stream.generate import SamplingConfig
 from rwkv_stream.heads import Head
+from rwkv_stream.loading import LoadedModel, load_source
 from rwkv_stream.model import Model
 from rwkv_stream.random_checkpoint import random_tensors
 from rwkv_stream.sessions import DirectoryStore, Ended, Fragment, FragmentResult, MemoryStore, SessionTable
@@ -29,8 +29,8 @@ PROBES = {"weather": " the weather", "vote": " a vote"}
 
 
 @pytest.fixture(scope="module")
-def bpe(tiny_bundle_dir) -> Bundle:
-    return Bundle.load(tiny_bundle_dir)
+def bpe(tiny_bundle_dir) -> LoadedModel:
+    return load_source(tiny_bundle_dir)
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +43,7 @@ def world() -> tuple[Model, object, dict[str, Head]]:
     return Model(random_tensors(cfg, seed=3), cfg), tok, heads
 
 
-def table_for(which: str, bpe: Bundle, world: tuple, **kw) -> SessionTable:
+def table_for(which: str, bpe: LoadedModel, world: tuple, **kw) -> SessionTable:
     if which == "bpe":
         return SessionTable(bpe.model, bpe.tokenizer, heads=dict(bpe.heads.heads), probes=PROBES, **kw)
     model, tok, heads = world
@@ -252,7 +252,7 @@ def test_idle_streams_expire_to_the_store(bpe):
 # ------------------------------------------------------------------------------------------ another process
 def _continue_in_child(bundle_dir: str, exported: bytes, rest: list[str], conn) -> None:
     torch.set_num_threads(1)
-    bundle = Bundle.load(bundle_dir)
+    bundle = load_source(bundle_dir)
     table = SessionTable(bundle.model, bundle.tokenizer, heads=dict(bundle.heads.heads))
     table.restore("s", exported)
     out = table.feed([Fragment("s", f, end=i == len(rest) - 1) for i, f in enumerate(rest)])

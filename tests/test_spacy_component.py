@@ -27,8 +27,9 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 import rwkv_stream
 from rwkv_stream import CheckpointError, ModelConfig
-from rwkv_stream.bundle import Bundle, write_bundle
+from rwkv_stream.bundle import write_bundle
 from rwkv_stream.heads import Head, HeadSet
+from rwkv_stream.loading import LoadedModel, load_source
 from rwkv_stream.random_checkpoint import random_tensors, save_hf, save_pth
 from rwkv_stream.state import State
 from rwkv_stream.tokenizer import find_world_vocab
@@ -114,8 +115,8 @@ def pth(spacy_dir, tensors) -> Path:
 
 
 @pytest.fixture(scope="session")
-def engine(bundle) -> Bundle:
-    return Bundle.load(bundle)
+def engine(bundle) -> LoadedModel:
+    return load_source(bundle)
 
 
 def make_nlp(model, **config) -> spacy.Language:

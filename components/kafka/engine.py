@@ -19,8 +19,8 @@ import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from rwkv_stream.bundle import Bundle
 from rwkv_stream.generate import SamplingConfig
+from rwkv_stream.loading import LoadedModel
 from rwkv_stream.sessions import Fragment, FragmentResult, SessionStore, SessionTable
 
 from .schema import GenerationRequest, TokenOut
@@ -50,7 +50,7 @@ class StepResult:
 class StreamEngine:
     """Keyed RWKV streams with tagger/classifier heads for the processor."""
 
-    def __init__(self, bundle: Bundle, heads: Sequence[str] | None = None, max_streams: int = 4096,
+    def __init__(self, bundle: LoadedModel, heads: Sequence[str] | None = None, max_streams: int = 4096,
                  store: SessionStore | None = None) -> None:
         if bundle.tokenizer is None:
             raise ValueError("the stream processor needs a bundle with a tokenizer")

@@ -30,7 +30,7 @@ from kafka.consumer.subscription_state import AsyncConsumerRebalanceListener
 from kafka.errors import KafkaError
 from kafka.structs import MemberState, OffsetAndMetadata, TopicPartition
 
-from rwkv_stream.bundle import Bundle
+from rwkv_stream.loading import LoadedModel, load_source
 
 from . import client_compat
 from .checkpoint import (
@@ -119,7 +119,7 @@ class _Listener(AsyncConsumerRebalanceListener):
 class Processor:
     """``rwkv-stream consume``: see docs/kafka.md."""
 
-    def __init__(self, cfg: ConsumerConfig, *, bundle: Bundle | None = None, metrics: Metrics | None = None,
+    def __init__(self, cfg: ConsumerConfig, *, bundle: LoadedModel | None = None, metrics: Metrics | None = None,
                  faults: Faults | None = None) -> None:
         self.cfg = cfg
         self.metrics = metrics or Metrics()
@@ -128,7 +128,7 @@ class Processor:
             import torch
 
             torch.set_num_threads(cfg.torch_threads)
-        bundle = bundle or load_bundle(cfg.bundle, cfg.device, cfg.dtype)
+        bundle = bundle or load_source(cfg.bundle, device=cfg.device, dtype=cfg.dtype)
         self.engine = StreamEngine(bundle, cfg.heads or None, cfg.max_streams)
         self.policy = CheckpointPolicy(cfg.resolved_checkpoint_interval_ms, cfg.checkpoint_records)
         self._stop = threading.Event()
@@ -308,7 +308,6 @@ class Processor:
         now = time.time()
         for tp, records in polled.items():
             if tp in self.assigned or tp in self.to_restore:
-                self.codec.note_inputs(tp.partition, records)
                 self.queues.setdefault(tp, deque()).extend((r, now) for r in records)
                 if records and tp.partition not in self.committed:
                     self.first_seen.setdefault(tp.partition, records[0].offset)
@@ -397,7 +396,7 @@ class Processor:
                                   held_back=res.held_back, fingerprint=self.engine.fingerprint,
                                   latency_ms=(now - w.received) * 1000)
             self.delivery.send(self.cfg.output_topic, w.rec.key, value,
-                               partition=w.partition if self._co_partitioned else None)
+                               partition=w.partition if self._co_partitioned else None, headers=header_items(w.rec))
             self._observe(w, res.n_tokens, now)
             sent += 1
             if sent == max(1, len(work) // 2):
@@ -616,7 +615,6 @@ class Processor:
             self.engine.drop(key)
         for tp in tps:
             self.queues.pop(tp, None)
-            self.codec.forget(tp.partition)
             self.metrics.forget_partition(tp.partition)
             self.processed.pop(tp.partition, None)
             self.first_seen.pop(tp.partition, None)
@@ -757,13 +755,6 @@ class Processor:
             admin.close()
         self._co_partitioned = "output" in co_partitioned
         self._dlq_co_partitioned = "dead_letter" in co_partitioned
-
-
-def load_bundle(source: str, device: str = "cpu", dtype: str = "float32") -> Bundle:
-    from rwkv_stream.generate import SHIPPED, shipped_model_dir
-
-    path = shipped_model_dir() if source == SHIPPED else source
-    return Bundle.load(path, device=device, dtype=dtype)
 
 
 def _state_target(committed: OffsetAndMetadata | None) -> int:

@@ -5,16 +5,16 @@ Headers: every header of an input record (W3C ``traceparent``/``tracestate`` and
 to its output and to its dead letter, in order, except ``content-type``, which describes the input's own
 encoding (outputs carry their own ``content-type`` when they are JSON).
 
-The output encoding is applied where records are sent (:meth:`OutputCodec.transform`), so the processing code
-encodes every output once, as msgpack; JSON outputs are re-encoded from it (same fields, same schema; the
-bytes of a dead letter's ``key`` and ``value`` become base64 strings).
+The processing code passes each output and dead letter its input's headers and encodes it once, as msgpack;
+the output encoding is applied where records are sent (:meth:`OutputCodec.transform`): JSON outputs are
+re-encoded from the msgpack (same fields, same schema; the bytes of a dead letter's ``key`` and ``value``
+become base64 strings).
 """
 
 from __future__ import annotations
 
 import base64
 import json
-from collections.abc import Iterable
 from typing import Any
 
 import msgpack
@@ -23,7 +23,6 @@ CONTENT_TYPE = "content-type"
 JSON_TYPE = b"application/json"
 MSGPACK_TYPE = b"application/msgpack"
 OUTPUT_FORMATS = ("msgpack", "json")
-MAX_PENDING_HEADERS = 200_000  # inputs with headers whose output has not been sent yet (bounded memory)
 
 Headers = list[tuple[str, bytes]]
 
@@ -34,40 +33,19 @@ def header_items(rec: Any) -> Headers:
 
 
 class OutputCodec:
-    """Headers remembered per input record until its output is sent, and the output encoding."""
+    """The output encoding: outputs and dead letters are encoded once as msgpack by the processing code and,
+    for ``output_format = "json"``, re-encoded here as JSON (with a ``content-type`` header)."""
 
     def __init__(self, output_format: str, output_topic: str, dead_letter_topic: str) -> None:
         if output_format not in OUTPUT_FORMATS:
             raise ValueError(f"output_format must be one of {OUTPUT_FORMATS}, not {output_format!r}")
         self.json = output_format == "json"
-        self.output_topic = output_topic
-        self.dead_letter_topic = dead_letter_topic
-        self._pending: dict[tuple[int, int], Headers] = {}
-
-    def note_inputs(self, partition: int, records: Iterable[Any]) -> None:
-        for rec in records:
-            if getattr(rec, "headers", None):
-                kept = header_items(rec)
-                if kept:
-                    self._pending[(partition, rec.offset)] = kept
-        while len(self._pending) > MAX_PENDING_HEADERS:
-            self._pending.pop(next(iter(self._pending)))
-
-    def forget(self, partition: int) -> None:
-        for key in [k for k in self._pending if k[0] == partition]:
-            del self._pending[key]
+        self.topics = (output_topic, dead_letter_topic)
 
     def transform(self, topic: str, value: bytes, headers: Headers | None) -> tuple[bytes, Headers | None]:
-        """The value and headers to send for a value encoded as msgpack by the processing code."""
-        if topic == self.output_topic and (self._pending or self.json):
-            obj = msgpack.unpackb(value, raw=False)
-            kept = self._pending.pop((obj["partition"], obj["offset"]), None)
-            headers = list(kept) if kept else headers
-            if self.json:
-                value = to_json(obj)
-        elif topic == self.dead_letter_topic and self.json:
+        """The value and headers to send for a msgpack value on ``topic``."""
+        if self.json and topic in self.topics:
             value = to_json(msgpack.unpackb(value, raw=False))
-        if self.json and topic in (self.output_topic, self.dead_letter_topic):
             headers = [*(headers or []), (CONTENT_TYPE, JSON_TYPE)]
         return value, headers or None
 

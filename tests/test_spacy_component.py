@@ -837,3 +837,28 @@ def test_pipe_any_interleaving_max_streams_and_batch_size_equals_each_stream_alo
     assert got == want
     for sid in streams:  # the stream's final cats equal its whole text as one Doc
         assert cats_close(got[sid][-1]["cats"], dict(whole[sid].cats), tol=1e-6)
+
+
+@settings(max_examples=10, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture,
+                                                                 HealthCheck.too_slow])
+@given(work=pipe_workloads(), cut=st.floats(0, 1))
+def test_export_at_any_point_and_import_into_a_fresh_pipeline_changes_nothing(bundle, work, cut):
+    """The bug of issue 13: the old export re-pushed held-back text, so a restored stream could tokenize its next
+    Doc differently. Now the tokenizer's carry travels as it is."""
+    streams, order, max_streams, batch_size = work
+    docs_of = {sid: list(parts) for sid, parts in streams.items()}
+
+    def run(nlp, sids):
+        return [outputs(d) for d in nlp.pipe([stream_docs(nlp, [docs_of[s].pop(0)], s)[0] for s in sids],
+                                             batch_size=batch_size)]
+
+    want = run(make_nlp(bundle, zero_shot=ZERO_SHOT, max_streams=max_streams), order)
+    docs_of = {sid: list(parts) for sid, parts in streams.items()}
+    at = int(cut * len(order))
+    first = make_nlp(bundle, zero_shot=ZERO_SHOT, max_streams=max_streams)
+    got = run(first, order[:at])
+    exported = {sid: first.get_pipe("rwkv").export_stream(sid) for sid in set(order[:at])}
+    fresh = make_nlp(bundle, zero_shot=ZERO_SHOT, max_streams=max_streams)
+    fresh.get_pipe("rwkv").import_streams(exported)
+    got += run(fresh, order[at:])
+    assert got == want

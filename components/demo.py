@@ -141,6 +141,8 @@ def top_cat(cats: dict[str, float]) -> str:
 def run(args: argparse.Namespace) -> int:
     import torch
 
+    if args.speed <= 0:
+        raise SystemExit(f"demo: --speed must be positive, got {args.speed}")
     torch.set_num_threads(max(1, args.threads))
     reference = read_input(args.input)
     asr = normalize(reference)

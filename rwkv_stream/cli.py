@@ -8,15 +8,20 @@ import argparse
 import json
 import sys
 from collections.abc import Callable
-from importlib.metadata import EntryPoint, entry_points
+from importlib.metadata import EntryPoint, PackageNotFoundError, entry_points
+from importlib.metadata import version as metadata_version
+from typing import NoReturn
 
 from .checkpoint import CheckpointError
 from .config import WEIGHT_FORMATS
+from .state import StateError
 
 Handler = Callable[[argparse.Namespace], int | None]
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run a command. A user's mistake (a bad path, value or configuration, a missing extra) is one line on
+    stderr naming it, and exit status 2; ``--debug`` shows the traceback instead."""
     parser = build_parser()
     args = parser.parse_args(argv)
     if not hasattr(args, "handler"):
@@ -24,13 +29,45 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         return int(args.handler(args) or 0)
-    except CheckpointError as exc:  # a bad model source: one line, not a traceback
-        print(f"rwkv-stream: {exc}", file=sys.stderr)
-        return 2
+    except KeyboardInterrupt:
+        return 130
+    except Exception as exc:
+        if args.debug:
+            raise
+        print(f"rwkv-stream: {one_line(exc)}", file=sys.stderr)
+        return 2 if isinstance(exc, USER_ERRORS) else 1
+
+
+# What a user gets wrong: bad sources, states, values, files, configurations, extras not installed.
+USER_ERRORS: tuple[type[BaseException], ...] = (CheckpointError, StateError, ValueError, OSError, ImportError,
+                                                 LookupError)
+EXTRAS = {"spacy": "spacy", "thinc": "spacy", "kafka": "kafka", "prometheus_client": "kafka", "crc32c": "kafka",
+          "cupy": "gpu", "pyrwkv_tokenizer": "world"}
+
+
+def one_line(exc: BaseException) -> str:
+    """The error as one line; a missing optional module names the extra that installs it."""
+    if isinstance(exc, ModuleNotFoundError) and exc.name:
+        extra = EXTRAS.get(exc.name.split(".")[0])
+        if extra:
+            return f"{exc.name} is not installed: pip install 'rwkv-stream[{extra}]'"
+    if isinstance(exc, FileNotFoundError) and exc.filename:
+        return f"no such file: {exc.filename}"
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return text if isinstance(exc, USER_ERRORS) else f"{type(exc).__name__}: {text} (rerun with --debug for details)"
+
+
+class OneLineErrors(argparse.ArgumentParser):
+    """argparse, but a usage error is one line (subcommand parsers inherit the class)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: {message} (see {self.prog} --help)\n")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="rwkv-stream", description=__doc__.splitlines()[0])
+    parser = OneLineErrors(prog="rwkv-stream", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"rwkv-stream {version()}")
+    parser.add_argument("--debug", action="store_true", help="show the full traceback of an error")
     sub = parser.add_subparsers(title="commands", metavar="COMMAND")
     _add_info(sub)
     _add_generate(sub)
@@ -50,9 +87,15 @@ def _register_plugin(sub: argparse._SubParsersAction, ep: EntryPoint) -> None:
 
 
 def _unavailable(name: str, exc: Exception) -> int:
-    print(f"rwkv-stream {name} is unavailable: {exc}. Install the matching extra, e.g. "
-          f"pip install 'rwkv-stream[spacy,kafka]'", file=sys.stderr)
+    print(f"rwkv-stream {name} is unavailable: {one_line(exc)}", file=sys.stderr)
     return 2
+
+
+def version() -> str:
+    try:
+        return metadata_version("rwkv-stream")
+    except PackageNotFoundError:
+        return "unknown (not installed)"
 
 
 def _add_info(sub: argparse._SubParsersAction) -> None:

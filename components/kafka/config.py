@@ -101,7 +101,7 @@ class ConsumerConfig:
         if self.output_format not in OUTPUT_FORMATS:
             raise ValueError(f"output_format must be one of {OUTPUT_FORMATS}, not {self.output_format!r}")
         if self.broker_retry_max_s <= 0:
-            raise ValueError("broker_retry_max_s must be positive")
+            raise ValueError(f"broker_retry_max_s must be positive, got {self.broker_retry_max_s}")
         if self.dtype not in WEIGHT_FORMATS:
             raise ValueError(f"dtype must be one of {WEIGHT_FORMATS}, not {self.dtype!r}")
         if self.delivery not in DELIVERY_MODES:
@@ -116,9 +116,7 @@ class ConsumerConfig:
         for name in ("max_batch_records", "max_streams", "max_buffered_records", "max_fragment_chars",
                      "checkpoint_records", "state_chunk_bytes", "max_generate_tokens"):
             if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be at least 1")
-        if self.max_batch_records > self.max_streams:
-            self.max_batch_records = self.max_streams
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
 
     @property
     def exactly_once(self) -> bool:

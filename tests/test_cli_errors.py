@@ -1,0 +1,54 @@
+"""Every command given a bad value of each kind: non-zero exit, one line on stderr naming the value, no
+traceback (issue 20). Runs the installed console script, as a user would."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+CLI = [sys.executable, "-m", "rwkv_stream"]
+CASES = [  # (arguments, what the one line must name)
+    (["info", "/no/such/model.pth"], "/no/such/model.pth"),
+    (["info", "shipped:nope"], "nope"),
+    (["generate", "hi", "--model", "/no/such/dir"], "/no/such/dir"),
+    (["generate", "hi", "--dtype", "fp7"], "fp7"),
+    (["generate", "hi", "--max-tokens", "-1"], "-1"),
+    (["generate", "hi", "--top-p", "3"], "3"),
+    (["bench", "--shape", "huge"], "huge"),
+    (["train", "--steps", "many", "--out", "x"], "many"),
+    (["no-such-command"], "no-such-command"),
+    (["demo", "--input", "/no/such/transcript.txt"], "/no/such/transcript.txt"),
+    (["demo", "--min-words", "0"], "0"),
+    (["demo", "--realtime", "--speed", "-2"], "-2"),
+    (["consume", "--config", "/no/such/consumer.toml"], "/no/such/consumer.toml"),
+    (["consume", "--delivery", "twice"], "twice"),
+    (["consume", "--max-streams", "-3"], "-3"),
+    (["consume", "--bootstrap-servers", "127.0.0.1:1", "--max-streams", "lots"], "lots"),
+]
+
+
+@pytest.mark.parametrize(("args", "named"), CASES, ids=[" ".join(a) for a, _ in CASES])
+def test_a_bad_value_is_one_line_naming_it(args: list[str], named: str, tmp_path: Path) -> None:
+    env = {**os.environ, "RWKV_STREAM_CONSUME_BOOTSTRAP_SERVERS": "127.0.0.1:1"}
+    done = subprocess.run([*CLI, *args], capture_output=True, text=True, timeout=120, cwd=tmp_path, env=env,
+                          stdin=subprocess.DEVNULL)
+    lines = [line for line in done.stderr.splitlines() if line.strip()]
+    assert done.returncode != 0, done
+    assert "Traceback" not in done.stderr, done.stderr
+    assert len(lines) == 1, done.stderr
+    assert named in lines[0], lines[0]
+
+
+def test_version_and_module_entry_point() -> None:
+    done = subprocess.run([*CLI, "--version"], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0 and done.stdout.startswith("rwkv-stream ")
+
+
+def test_debug_shows_the_traceback() -> None:
+    done = subprocess.run([*CLI, "--debug", "info", "/no/such/model.pth"], capture_output=True, text=True,
+                          timeout=60)
+    assert done.returncode != 0 and "Traceback" in done.stderr

@@ -1,9 +1,10 @@
 """rwkv-stream: RWKV checkpoints as live, per-stream RNNs with a constant cost per token."""
 
 from .checkpoint import CheckpointError
-from .config import ModelConfig
+from .config import ModelConfig, Rwkv7Config
 from .loading import load
 from .model import Model, StepOutput
+from .models import RecurrentModel, Rwkv7Model
 from .pool import StatePool
 from .state import State, StateError
 
@@ -11,6 +12,9 @@ __all__ = [
     "CheckpointError",
     "Model",
     "ModelConfig",
+    "RecurrentModel",
+    "Rwkv7Config",
+    "Rwkv7Model",
     "State",
     "StateError",
     "StatePool",

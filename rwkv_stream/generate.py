@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .model import Model
+from .models import RecurrentModel as Model
 from .state import State
 
 __all__ = ["SamplingConfig", "decode_until_stop", "generate_ids", "generate_text", "sample_token"]

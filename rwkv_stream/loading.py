@@ -28,9 +28,9 @@ from torch import Tensor
 
 from .bundle import read_manifest, verify_files, write_bundle
 from .checkpoint import CheckpointError, load_canonical
-from .config import ModelConfig
+from .config import AnyConfig
 from .heads import HeadSet
-from .model import Model
+from .models import RecurrentModel, build_model
 
 if TYPE_CHECKING:
     from .tokenizer import Tokenizer
@@ -50,7 +50,7 @@ class LoadedModel:
     kept so :func:`save_bundle` writes them back exactly; ``tokenizer_json`` is the text of the tokenizer
     file (None for the built-in World tokenizer, or when there is no tokenizer)."""
 
-    model: Model
+    model: RecurrentModel  # the family's class (RWKV-4 or RWKV-7), detected from the tensors
     tensors: dict[str, Tensor]
     tokenizer: Tokenizer | None
     tokenizer_json: str | None
@@ -111,8 +111,11 @@ def _installed() -> str:
 
 
 # ------------------------------------------------------------------------------------------ loading
-def load(source: str | Path, device: str | torch.device = "cpu", dtype: str | torch.dtype = "float32") -> Model:
-    """Only the model of a source (a bundle's checksums are verified)."""
+def load(
+    source: str | Path, device: str | torch.device = "cpu", dtype: str | torch.dtype = "float32"
+) -> RecurrentModel:
+    """Only the model of a source (a bundle's checksums are verified); the family (RWKV-4 or RWKV-7) comes
+    from the tensors."""
     path = resolve_source(source)
     weights = _bundle_weights(path, read_manifest(path), verify=True) if is_bundle(path) else path
     return _build_model(*load_canonical(weights), weights, device, dtype)
@@ -153,11 +156,11 @@ def _bundle_weights(path: Path, manifest: dict[str, Any], verify: bool) -> Path:
 
 
 def _build_model(
-    tensors: dict[str, Tensor], config: ModelConfig, where: Path, device: str | torch.device,
+    tensors: dict[str, Tensor], config: AnyConfig, where: Path, device: str | torch.device,
     dtype: str | torch.dtype,
-) -> Model:
+) -> RecurrentModel:
     try:
-        return Model(tensors, config, device=device, dtype=dtype)
+        return build_model(tensors, config, device=device, dtype=dtype)
     except RuntimeError as exc:
         raise CheckpointError(f"cannot place {where} on {device} as {dtype}: {exc}") from exc
 

@@ -5,13 +5,13 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .config import ModelConfig
-from .state import ROW_PP, State, StateError, empty_state_tensor
-from .wkv import EMPTY_PP
+from .config import AnyConfig
+from .state import State, StateError, clear_state_, empty_state_tensor
 
 
 class StatePool:
-    """``data[slot]`` is one stream's ``[n_layer, 5, C]`` fp32 state; slots are reused after :meth:`free`.
+    """``data[slot]`` is one stream's fp32 state (``config.state_shape``: RWKV-4 ``[n_layer, 5, C]``, RWKV-7
+    ``[n_layer, 2C + H*N*N]``); slots are reused after :meth:`free`.
 
     The tensor stays in place between steps so kernels can address streams by slot index. When full, a
     growable pool doubles its capacity (which moves ``data``: callers must not keep views across ``alloc``).
@@ -19,7 +19,7 @@ class StatePool:
 
     def __init__(
         self,
-        config: ModelConfig,
+        config: AnyConfig,
         fingerprint: str,
         capacity: int = 64,
         *,
@@ -29,6 +29,7 @@ class StatePool:
         if capacity < 1:
             raise ValueError(f"pool capacity must be at least 1, got {capacity}")
         self.config = config
+        self.family = config.family
         self.fingerprint = fingerprint
         self.device = torch.device(device)
         self.growable = growable
@@ -71,10 +72,12 @@ class StatePool:
     def read(self, slot: int) -> State:
         """A copy of the slot's state (safe to keep, serialize or feed to ``Model.forward``)."""
         self.check_live(slot)
-        return State(self.data[slot].clone(), self.n_tokens[slot], self.fingerprint)
+        return State(self.data[slot].clone(), self.n_tokens[slot], self.fingerprint, family=self.family)
 
     def write(self, slot: int, state: State) -> None:
         self.check_live(slot)
+        if state.family != self.family:
+            raise StateError(f"state is an {state.family} state, pool is for an {self.family} model")
         if state.fingerprint != self.fingerprint:
             raise StateError(f"state was made by model {state.fingerprint}, pool is for {self.fingerprint}")
         if tuple(state.tensor.shape) != tuple(self.data.shape[1:]):
@@ -91,8 +94,7 @@ class StatePool:
             raise KeyError(f"slot {slot} is not a live stream in this pool")
 
     def _clear(self, slot: int) -> None:
-        self.data[slot].zero_()
-        self.data[slot, :, ROW_PP] = EMPTY_PP
+        clear_state_(self.data[slot], self.family)
         self.n_tokens[slot] = 0
 
     def _grow(self, capacity: int) -> None:

@@ -52,7 +52,7 @@ from torch import Tensor
 from .generate import SamplingConfig, decode_until_stop, generate_ids
 from .heads import Head
 from .linear import invariant_call
-from .model import Model
+from .models import RecurrentModel as Model
 from .state import State, StateError
 from .tokenizer import StreamingEncoder, Tokenizer, encode_continuation
 

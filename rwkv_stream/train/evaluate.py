@@ -18,7 +18,7 @@ from rwkv_stream.train import transcript
 from rwkv_stream.train.data import IGNORE, Dataset, Document
 
 if TYPE_CHECKING:
-    from rwkv_stream.model import Model
+    from rwkv_stream.models import RecurrentModel as Model
     from rwkv_stream.tokenizer import Tokenizer
     from rwkv_stream.train.model import RWKV4
 

@@ -1,0 +1,154 @@
+"""RWKV-4 as an RNN over ragged batches of streams (torch; the CPU path and the GPU fallback).
+
+One routine, :meth:`Rwkv4Model._run`, does all the work: it takes the new tokens of ``B`` streams laid out
+flat (stream ``b`` owns a contiguous run of rows) and their states, and returns the final normalized hidden
+vector of every token. Matrix products see all tokens of all streams at once; only the WKV recurrence walks
+time. State per stream: ``[n_layer, 5, C]`` (rows ``att_x, aa, bb, pp, ffn_x``; empty ``pp`` is EMPTY_PP).
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from dataclasses import dataclass
+from types import ModuleType
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ..config import FP16_RESCALE_EVERY, AnyConfig
+from ..linear import Linear, make_linear, project
+from ..wkv import wkv_ragged
+from .base import LN_EPS, Ragged, RecurrentModel, token_shift
+
+
+@dataclass
+class _Layer:
+    ln1: tuple[Tensor, Tensor]
+    ln2: tuple[Tensor, Tensor]
+    att_mix: Tensor  # [3, 1, C]: k, v, r
+    w: Tensor  # -exp(time_decay), fp32
+    u: Tensor  # time_first, fp32
+    att_key: Linear
+    att_value: Linear
+    att_receptance: Linear
+    att_output: Linear
+    ffn_mix: Tensor  # [2, 1, C]: k, r
+    ffn_key: Linear
+    ffn_receptance: Linear
+    ffn_value: Linear
+
+
+class Rwkv4Model(RecurrentModel):
+    """An RWKV-4 language model that runs as an RNN. Create it with :func:`rwkv_stream.load`.
+
+    ``float16`` halves the residual stream every 6 layers (as the references do); state, decay, bonus, layer
+    norms and accumulation are always fp32.
+    """
+
+    family = "rwkv4"
+
+    def __init__(
+        self,
+        tensors: dict[str, Tensor],
+        config: AnyConfig,
+        device: str | torch.device = "cpu",
+        dtype: str | torch.dtype = "float32",
+    ) -> None:
+        super().__init__(tensors, config, device, dtype)
+        self._kernels = _load_cuda_kernels(self.device)
+
+    # ----------------------------------------------------------------- weights
+    def _prepare(self, t: dict[str, Tensor]) -> None:
+        dev, dt = self.device, self.dtype
+        self._rescale = dt == torch.float16
+
+        def vec(key: str) -> Tensor:
+            return t[key].to(dev, torch.float32).contiguous()
+
+        def mat(key: str, scale: float = 1.0) -> Linear:
+            m = t[key].to(dev, torch.float32)
+            return make_linear(m / scale if scale != 1.0 else m, dt, self.quantized)
+
+        def mixes(prefix: str, names: str) -> Tensor:
+            return torch.stack([vec(prefix + n).reshape(1, -1) for n in names])
+
+        emb = t["emb.weight"].to(dev, torch.float32)
+        emb = F.layer_norm(emb, (self.config.n_embd,), vec("blocks.0.ln0.weight"), vec("blocks.0.ln0.bias"), LN_EPS)
+        self.emb = emb if dt == torch.float32 else emb.to(dt)
+        self.layers: list[_Layer] = []
+        for i in range(self.config.n_layer):
+            p = f"blocks.{i}."
+            scale = float(2 ** (i // FP16_RESCALE_EVERY)) if self._rescale else 1.0
+            self.layers.append(
+                _Layer(
+                    ln1=(vec(p + "ln1.weight"), vec(p + "ln1.bias")),
+                    ln2=(vec(p + "ln2.weight"), vec(p + "ln2.bias")),
+                    att_mix=mixes(p + "att.time_mix_", "kvr"),
+                    w=-torch.exp(vec(p + "att.time_decay")),
+                    u=vec(p + "att.time_first"),
+                    att_key=mat(p + "att.key.weight"),
+                    att_value=mat(p + "att.value.weight"),
+                    att_receptance=mat(p + "att.receptance.weight"),
+                    att_output=mat(p + "att.output.weight", scale),
+                    ffn_mix=mixes(p + "ffn.time_mix_", "kr"),
+                    ffn_key=mat(p + "ffn.key.weight"),
+                    ffn_receptance=mat(p + "ffn.receptance.weight"),
+                    ffn_value=mat(p + "ffn.value.weight", scale),
+                )
+            )
+        self.ln_out = (vec("ln_out.weight"), vec("ln_out.bias"))
+        self.head_linear = mat("head.weight")
+
+    def linears(self) -> list[Linear]:
+        return [lin for layer in self.layers for lin in (
+            layer.att_key, layer.att_value, layer.att_receptance, layer.att_output,
+            layer.ffn_key, layer.ffn_receptance, layer.ffn_value)]
+
+    # ----------------------------------------------------------------- the network
+    def _run(self, ids: Tensor, states: Tensor, rag: Ragged, *, sequential: bool = False) -> Tensor:
+        """Hidden vectors for flat token ids; ``states`` ``[B, L, 5, C]`` is advanced in place (the WKV
+        recurrence is always token by token, so ``sequential`` changes nothing)."""
+        x = self.emb[ids].float()
+        for i, layer in enumerate(self.layers):
+            st = states[:, i]
+            xa = F.layer_norm(x, x.shape[-1:], *layer.ln1, LN_EPS)
+            x = x + self._time_mix(layer, xa, st, rag, (states, i))
+            x = x + self._channel_mix(layer, F.layer_norm(x, x.shape[-1:], *layer.ln2, LN_EPS), st, rag)
+            if self._rescale and (i + 1) % FP16_RESCALE_EVERY == 0:
+                x = x / 2
+        return self._norm_out(x)
+
+    def _time_mix(self, layer: _Layer, xa: Tensor, st: Tensor, rag: Ragged, where: tuple[Tensor, int]) -> Tensor:
+        sx = token_shift(xa, st[:, 0], rag)
+        k, v, r = project((layer.att_key, layer.att_value, layer.att_receptance), torch.lerp(sx, xa, layer.att_mix))
+        r = torch.sigmoid(r)
+        if self._kernels is not None:  # CUDA: one kernel over all streams and tokens, state updated in place
+            states, index = where
+            wkv = self._kernels.wkv_ragged(k, v, layer.w, layer.u, states, rag.slots_i32, rag.offsets_i32, index)
+        else:
+            wkv = wkv_ragged(k, v, layer.w, layer.u, st[:, 1:4], rag.starts, rag.lengths, rag.time_major)
+        return layer.att_output(r * wkv)
+
+    def _channel_mix(self, layer: _Layer, xf: Tensor, st: Tensor, rag: Ragged) -> Tensor:
+        sx = token_shift(xf, st[:, 4], rag)
+        k, r = project((layer.ffn_key, layer.ffn_receptance), torch.lerp(sx, xf, layer.ffn_mix))
+        return torch.sigmoid(r) * layer.ffn_value(torch.relu(k).square())
+
+
+def _load_cuda_kernels(device: torch.device) -> ModuleType | None:
+    """The CuPy kernels (:mod:`rwkv_stream.gpu`) on CUDA devices, compiled and warmed once; None elsewhere.
+
+    Set ``RWKV_STREAM_KERNELS=0`` to run the plain torch reference on the GPU instead.
+    """
+    if device.type != "cuda" or os.environ.get("RWKV_STREAM_KERNELS", "1") == "0":
+        return None
+    try:
+        from .. import gpu
+
+        gpu.load_kernels(device)
+        return gpu
+    except Exception as exc:  # no cupy, or NVRTC missing: the torch path is correct, only slower
+        warnings.warn(f"CUDA kernels unavailable ({exc}); using the torch reference path", stacklevel=3)
+        return None

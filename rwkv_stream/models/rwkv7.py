@@ -1,0 +1,268 @@
+"""RWKV-7 ("x070", Goose) as an RNN over ragged batches of streams (torch; CPU, and CUDA without kernels).
+
+Per layer, on the residual stream ``x`` (equations in ``shared/notes/rwkv7-facts.md``; BlinkDL
+``RWKV-v7/rwkv_v7_numpy.py`` is the readable reference):
+
+* time mix on ``xa = ln1(x)`` with the previous token's ``xa``: six lerps (r, w, k, v, a, g); ``r, k, v`` by
+  ``C x C`` matrices; decay ``exp(-e^-1/2 * sigmoid(w0 + tanh(x_w W1) W2))``; in-context rate
+  ``a = sigmoid(a0 + x_a A1 A2)``; gate ``g = sigmoid(x_g G1) G2``; ``kk = normalize_per_head(k * k_k)``;
+  ``k *= 1 + (a - 1) * k_a``; value residual from layer 0's ``v``; per head ``S <- S diag(decay) +
+  (S (-kk)) (kk * a)^T + v k^T`` and ``y = S r``; GroupNorm per head (eps ``N * 1e-5``, 64e-5 for N = 64);
+  bonus ``(sum_head r * k * r_k) v``; output ``W_o (y * g)``;
+* channel mix on ``xf = ln2(x)``: ``W_v relu(W_k lerp(xf, prev, x_k))^2``.
+
+State per stream: one fp32 tensor ``[n_layer, 2C + H*N*N]``, per layer ``[att shift | ffn shift | S]`` with
+``S`` as ``[H, N(value), N(key)]``: BlinkDL's orientation (the ``rwkv`` package's ``att_kv``), the transpose
+of fla / Hugging Face's ``[H, K, V]``. The empty state is all zeros.
+
+Matrix products see all tokens of all streams at once; only the matrix state walks time. Two forms of that
+walk, equal within fp32 rounding:
+
+* sequential (:func:`wkv7_step` per token, streams batched time-major): a stream's bits depend only on its
+  own tokens, however they are grouped into calls; ``step(batch_invariant=True)`` always uses it;
+* chunked (:func:`wkv7_chunk`, for streams bringing at least ``CHUNK_MIN`` tokens otherwise): inside a chunk
+  the diagonal-plus-low-rank recurrence is solved in parallel: with ``Γ`` the running product of the decays,
+  ``S_t = S_0 Γ_t + Σ_{s≤t} (sa_s b_s^T + v_s k_s^T) diag(Γ_t / Γ_s)`` where ``sa_t = S_{t-1} a_t`` solves a
+  unit lower-triangular T x T system per head. The decay is at least ``exp(-e^-1/2) = 0.545`` per token, so
+  ``Γ`` over a chunk of 64 stays above 1e-17: plain fp32 ratios, no rescaling needed.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ..config import Rwkv7Config
+from ..linear import Linear, make_linear, project
+from ..state import register_empty_state
+from .base import LN_EPS, Ragged, RecurrentModel, token_shift
+
+DECAY_SCALE = math.exp(-0.5)  # decay = exp(-DECAY_SCALE * sigmoid(z)); the `rwkv` package rounds it to 0.606531
+CHUNK = 32  # tokens per chunk of the parallel form
+CHUNK_MIN = 8  # a stream bringing fewer tokens runs them sequentially
+
+register_empty_state("rwkv7", None)  # all zeros
+
+
+@dataclass
+class _Layer:
+    ln1: tuple[Tensor, Tensor]
+    ln2: tuple[Tensor, Tensor]
+    mix: Tensor  # [6, 1, C]: r, w, k, v, a, g
+    w0: Tensor
+    a0: Tensor
+    v0: Tensor | None  # layers >= 1
+    k_k: Tensor
+    k_a: Tensor
+    r_k: Tensor  # [C] (= [H, N] flattened)
+    lora_w: tuple[Linear, Linear]  # x_w -> rank -> C
+    lora_a: tuple[Linear, Linear]
+    lora_v: tuple[Linear, Linear] | None
+    lora_g: tuple[Linear, Linear]
+    receptance: Linear
+    key: Linear
+    value: Linear
+    output: Linear
+    ln_x: tuple[Tensor, Tensor]
+    ffn_x_k: Tensor
+    ffn_key: Linear
+    ffn_value: Linear
+
+
+class Rwkv7Model(RecurrentModel):
+    """An RWKV-7 ("x070") language model that runs as an RNN. Create it with :func:`rwkv_stream.load`.
+
+    Weight formats as for RWKV-4 (the low-rank matrices of ``int8``/``w8a8`` stay bf16); state, decay, norms
+    and accumulation are always fp32. ``chunk`` is the parallel prefill's chunk length (0: always sequential).
+    """
+
+    family = "rwkv7"
+    config: Rwkv7Config
+
+    def __init__(
+        self,
+        tensors: dict[str, Tensor],
+        config: Rwkv7Config,
+        device: str | torch.device = "cpu",
+        dtype: str | torch.dtype = "float32",
+        *,
+        chunk: int = CHUNK,
+    ) -> None:
+        super().__init__(tensors, config, device, dtype)
+        self.chunk = chunk
+
+    # ----------------------------------------------------------------- weights
+    def _prepare(self, t: dict[str, Tensor]) -> None:
+        cfg, dev, dt = self.config, self.device, self.dtype
+        self.n_head, self.head_size = cfg.n_head, cfg.head_size
+        self.gn_eps = cfg.head_size * 1e-5
+
+        def vec(key: str) -> Tensor:
+            return t[key].to(dev, torch.float32).reshape(-1).contiguous()
+
+        def mat(key: str) -> Linear:
+            return make_linear(t[key].to(dev, torch.float32), dt, self.quantized)
+
+        def lora(prefix: str, name: str) -> tuple[Linear, Linear]:
+            # BlinkDL stores the row-vector form (x @ w1 @ w2): as [out, in] matrices they are transposed
+            return tuple(make_linear(t[f"{prefix}{name}{n}"].to(dev, torch.float32).t(), dt) for n in "12")  # type: ignore[return-value]
+
+        emb = t["emb.weight"].to(dev, torch.float32)
+        emb = F.layer_norm(emb, (cfg.n_embd,), vec("blocks.0.ln0.weight"), vec("blocks.0.ln0.bias"), LN_EPS)
+        self.emb = emb if dt == torch.float32 else emb.to(dt)
+        self.layers: list[_Layer] = []
+        for i in range(cfg.n_layer):
+            p, a = f"blocks.{i}.", f"blocks.{i}.att."
+            self.layers.append(_Layer(
+                ln1=(vec(p + "ln1.weight"), vec(p + "ln1.bias")),
+                ln2=(vec(p + "ln2.weight"), vec(p + "ln2.bias")),
+                mix=torch.stack([vec(a + "x_" + n).reshape(1, -1) for n in "rwkvag"]),
+                w0=vec(a + "w0"), a0=vec(a + "a0"), v0=vec(a + "v0") if i else None,
+                k_k=vec(a + "k_k"), k_a=vec(a + "k_a"), r_k=vec(a + "r_k"),
+                lora_w=lora(a, "w"), lora_a=lora(a, "a"), lora_v=lora(a, "v") if i else None,
+                lora_g=lora(a, "g"),
+                receptance=mat(a + "receptance.weight"), key=mat(a + "key.weight"),
+                value=mat(a + "value.weight"), output=mat(a + "output.weight"),
+                ln_x=(vec(a + "ln_x.weight"), vec(a + "ln_x.bias")),
+                ffn_x_k=vec(p + "ffn.x_k"), ffn_key=mat(p + "ffn.key.weight"), ffn_value=mat(p + "ffn.value.weight"),
+            ))
+        self.ln_out = (vec("ln_out.weight"), vec("ln_out.bias"))
+        self.head_linear = mat("head.weight")
+
+    def linears(self) -> list[Linear]:
+        out: list[Linear] = []
+        for layer in self.layers:
+            out += [layer.receptance, layer.key, layer.value, layer.output, layer.ffn_key, layer.ffn_value]
+            for pair in (layer.lora_w, layer.lora_a, layer.lora_v, layer.lora_g):
+                out += list(pair or ())
+        return out
+
+    # ----------------------------------------------------------------- the network
+    def _run(self, ids: Tensor, states: Tensor, rag: Ragged, *, sequential: bool = False) -> Tensor:
+        """Hidden vectors for flat token ids; ``states`` ``[B, L, 2C + H*N*N]`` is advanced in place."""
+        x = self.emb[ids].float()
+        v_first: Tensor | None = None
+        c = self.config.n_embd
+        for i, layer in enumerate(self.layers):
+            st = states[:, i]
+            xa = F.layer_norm(x, x.shape[-1:], *layer.ln1, LN_EPS)
+            dx, v_first = self._time_mix(layer, xa, st, rag, v_first, sequential)
+            x = x + dx
+            xf = F.layer_norm(x, x.shape[-1:], *layer.ln2, LN_EPS)
+            x = x + self._channel_mix(layer, xf, st[:, c : 2 * c], rag)
+        return self._norm_out(x)
+
+    def _time_mix(
+        self, layer: _Layer, xa: Tensor, st: Tensor, rag: Ragged, v_first: Tensor | None, sequential: bool
+    ) -> tuple[Tensor, Tensor]:
+        n_rows, c = xa.shape
+        h, n = self.n_head, self.head_size
+        sx = token_shift(xa, st[:, :c], rag)
+        xs = torch.addcmul(xa, sx - xa, layer.mix)  # [6, rows, C]: xa + (prev - xa) * x_m
+        r, k, v = project((layer.receptance, layer.key, layer.value), xs[[0, 2, 3]])
+        w1, w2 = layer.lora_w
+        log_decay = torch.sigmoid(layer.w0 + w2(torch.tanh(w1(xs[1])))) * -DECAY_SCALE
+        a1, a2 = layer.lora_a
+        a = torch.sigmoid(layer.a0 + a2(a1(xs[4])))
+        g1, g2 = layer.lora_g
+        g = g2(torch.sigmoid(g1(xs[5])))
+        kk = F.normalize((k * layer.k_k).view(n_rows, h, n), dim=-1).view(n_rows, c)
+        k = k * (1 + (a - 1) * layer.k_a)
+        if v_first is None or layer.lora_v is None or layer.v0 is None:
+            v_first = v
+        else:
+            v1, v2 = layer.lora_v
+            v = v + (v_first - v) * torch.sigmoid(layer.v0 + v2(v1(xs[3])))
+        s = st[:, 2 * c :].view(-1, h, n, n)
+        y = self._wkv(s, r, log_decay, k, v, -kk, kk * a, rag, sequential)
+        y = F.group_norm(y, h, *layer.ln_x, eps=self.gn_eps)
+        bonus = (r * k * layer.r_k).view(n_rows, h, n).sum(-1, keepdim=True) * v.view(n_rows, h, n)
+        y = y + bonus.view(n_rows, c)
+        return layer.output(y * g), v_first
+
+    def _channel_mix(self, layer: _Layer, xf: Tensor, prev: Tensor, rag: Ragged) -> Tensor:
+        sx = token_shift(xf, prev, rag)
+        kx = torch.addcmul(xf, sx - xf, layer.ffn_x_k)
+        return layer.ffn_value(torch.relu(layer.ffn_key(kx)).square())
+
+    def _wkv(
+        self, s: Tensor, r: Tensor, log_decay: Tensor, k: Tensor, v: Tensor, a: Tensor, b: Tensor,
+        rag: Ragged, sequential: bool,
+    ) -> Tensor:
+        """``y`` ``[rows, C]`` of the matrix-state recurrence; ``s`` ``[B, H, N, N]`` advanced in place."""
+        h, n = self.n_head, self.head_size
+        r, log_decay, k, v, a, b = (t.view(-1, h, n) for t in (r, log_decay, k, v, a, b))
+        if rag.single_token:
+            return wkv7_step(s, r, log_decay.exp(), k, v, a, b).view(-1, h * n)
+        y = torch.empty_like(r)
+        chunked = [] if sequential or self.chunk <= 0 else [i for i, m in enumerate(rag.lengths) if m >= CHUNK_MIN]
+        starts = rag.starts.tolist()
+        for i in chunked:
+            for c0 in range(starts[i], starts[i] + rag.lengths[i], self.chunk):
+                rows = slice(c0, min(c0 + self.chunk, starts[i] + rag.lengths[i]))
+                y[rows] = wkv7_chunk(s[i], r[rows], log_decay[rows], k[rows], v[rows], a[rows], b[rows])
+        rest = [i for i in range(len(rag.lengths)) if i not in set(chunked)]
+        if rest:
+            _sequential(s, (r, log_decay.exp(), k, v, a, b), y, rest, [starts[i] for i in rest],
+                        [rag.lengths[i] for i in rest])
+        return y.view(-1, h * n)
+
+
+def wkv7_step(s: Tensor, r: Tensor, decay: Tensor, k: Tensor, v: Tensor, a: Tensor, b: Tensor) -> Tensor:
+    """One token for a batch of streams: ``s`` ``[B, H, N, N]`` (value, key) is updated in place, the
+    vectors are ``[B, H, N]``; returns ``y = S_new r`` ``[B, H, N]``. ``a = -kk``, ``b = kk * a_iclr``."""
+    sa = torch.matmul(s, a.unsqueeze(-1))  # [B, H, N, 1]: S_old a
+    s.mul_(decay.unsqueeze(-2)).addcmul_(sa, b.unsqueeze(-2)).addcmul_(v.unsqueeze(-1), k.unsqueeze(-2))
+    return torch.matmul(s, r.unsqueeze(-1)).squeeze(-1)
+
+
+def _sequential(
+    s: Tensor, vecs: tuple[Tensor, ...], y: Tensor, streams: list[int], starts: list[int], lengths: list[int]
+) -> None:
+    """Token by token, the given streams batched time-major (stream ``streams[j]``'s rows start at
+    ``starts[j]``); writes their rows of ``y``."""
+    whole = streams == list(range(s.shape[0]))
+    for t in range(max(lengths)):
+        active = [j for j, m in enumerate(lengths) if m > t]
+        if len(active) == 1:
+            j = active[0]
+            rows: slice | Tensor = slice(starts[j] + t, starts[j] + t + 1)
+            st = s[streams[j] : streams[j] + 1]  # a view: updated in place
+            y[rows] = wkv7_step(st, *(x[rows] for x in vecs))
+            continue
+        rows = torch.tensor([starts[j] + t for j in active], device=s.device)
+        if whole and len(active) == len(streams):
+            y[rows] = wkv7_step(s, *(x[rows] for x in vecs))
+            continue
+        index = torch.tensor([streams[j] for j in active], device=s.device)
+        st = s.index_select(0, index)
+        y[rows] = wkv7_step(st, *(x[rows] for x in vecs))
+        s.index_copy_(0, index, st)
+
+
+def wkv7_chunk(s: Tensor, r: Tensor, log_decay: Tensor, k: Tensor, v: Tensor, a: Tensor, b: Tensor) -> Tensor:
+    """``T`` tokens of one stream at once: ``s`` ``[H, N, N]`` (value, key) is updated in place, the vectors
+    are ``[T, H, N]`` (``log_decay`` the log of the decay); returns ``y`` ``[T, H, N]``. Equal to ``T`` calls
+    of :func:`wkv7_step` within fp32 rounding (see the module docstring for the algebra)."""
+    r, k, v, a, b = (x.transpose(0, 1) for x in (r, k, v, a, b))  # [H, T, N]
+    cum = log_decay.transpose(0, 1).double().cumsum(1)  # log Γ_t (inclusive), in fp64: exact enough to exp
+    gamma = cum.exp().float()  # Γ_t
+    gamma_before = (cum - log_decay.transpose(0, 1).double()).exp().float()  # Γ_{t-1}
+    inv_gamma = (-cum).exp().float()  # 1 / Γ_s
+    to_end = (cum[:, -1:] - cum).exp().float()  # Γ_T / Γ_s
+    a_hat, r_hat = a * gamma_before, r * gamma
+    b_til, k_til = b * inv_gamma, k * inv_gamma
+    s_t = s.transpose(-1, -2)  # [H, key, value]
+    lower_b = (a_hat @ b_til.transpose(-1, -2)).tril_(-1)  # [H, T, T]: strictly lower
+    lower_k = (a_hat @ k_til.transpose(-1, -2)).tril_(-1)
+    rhs = a_hat @ s_t + lower_k @ v  # S_0 Γ_{t-1} a_t + Σ_{s<t} v_s (k_s Γ_{t-1}/Γ_s) a_t
+    eye = torch.eye(r.shape[1], dtype=r.dtype, device=r.device)
+    sa = torch.linalg.solve_triangular(eye - lower_b, rhs, upper=False, unitriangular=True)  # [H, T, value]
+    y = r_hat @ s_t + (r_hat @ b_til.transpose(-1, -2)).tril_() @ sa + (r_hat @ k_til.transpose(-1, -2)).tril_() @ v
+    new = s * gamma[:, -1:, :] + sa.transpose(-1, -2) @ (b * to_end) + v.transpose(-1, -2) @ (k * to_end)
+    s.copy_(new)
+    return y.transpose(0, 1)

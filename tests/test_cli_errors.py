@@ -28,12 +28,19 @@ CASES = [  # (arguments, what the one line must name)
     (["consume", "--delivery", "twice"], "twice"),
     (["consume", "--max-streams", "-3"], "-3"),
     (["consume", "--bootstrap-servers", "127.0.0.1:1", "--max-streams", "lots"], "lots"),
+    (["consume", "--config", "{toml:max_stream = 3}"], "did you mean 'max_streams'"),
+    (["consume", "--config", "{toml:max_streams = 'lots'}"], "'lots'"),
+    (["consume", "--config", "{toml:[client]\nrequest_timout_ms = 3}"], "did you mean 'request_timeout_ms'"),
+    (["consume", "--config", "{toml:[client]\nsecurity_protocol = 'PLAINTEXT'\nmax_streams = 9}"],
+     "move it above [client]"),
+    (["consume", "--config", "{toml:max_streams = }"], "not valid TOML"),
 ]
 
 
 @pytest.mark.parametrize(("args", "named"), CASES, ids=[" ".join(a) for a, _ in CASES])
 def test_a_bad_value_is_one_line_naming_it(args: list[str], named: str, tmp_path: Path) -> None:
     env = {**os.environ, "RWKV_STREAM_CONSUME_BOOTSTRAP_SERVERS": "127.0.0.1:1"}
+    args = [_materialize(a, tmp_path) for a in args]
     done = subprocess.run([*CLI, *args], capture_output=True, text=True, timeout=120, cwd=tmp_path, env=env,
                           stdin=subprocess.DEVNULL)
     lines = [line for line in done.stderr.splitlines() if line.strip()]
@@ -41,6 +48,15 @@ def test_a_bad_value_is_one_line_naming_it(args: list[str], named: str, tmp_path
     assert "Traceback" not in done.stderr, done.stderr
     assert len(lines) == 1, done.stderr
     assert named in lines[0], lines[0]
+
+
+def _materialize(arg: str, tmp_path: Path) -> str:
+    """``{toml:TEXT}`` becomes the path of a file holding TEXT (``\\n`` for new lines)."""
+    if not arg.startswith("{toml:"):
+        return arg
+    path = tmp_path / "consumer.toml"
+    path.write_text(arg[len("{toml:"):-1].replace("\\n", "\n"))
+    return str(path)
 
 
 def test_version_and_module_entry_point() -> None:

@@ -8,6 +8,7 @@ kafka-python's consumer, producer and admin client as they are (each gets the op
 
 from __future__ import annotations
 
+import difflib
 import json
 import os
 import socket
@@ -27,6 +28,7 @@ CLIENT_ENV_PREFIX = "RWKV_STREAM_CONSUME_CLIENT_"
 DELIVERY_MODES = ("at-least-once", "exactly-once")
 ASSIGNORS = ("cooperative-sticky", "range", "roundrobin")
 OUTPUT_FORMATS = ("msgpack", "json")
+TYPE_NAMES = {int: "an integer", float: "a number", str: "a string", bool: "true or false", list: "a list"}
 
 
 class ConfigError(ValueError):
@@ -177,11 +179,8 @@ def load_config(path: str | Path | None = None, env: dict[str, str] | None = Non
     values: dict[str, Any] = {}
     client: dict[str, Any] = {}
     if path:
-        data = tomllib.loads(Path(path).read_text())
+        data = _read_toml(Path(path))
         client.update(data.pop("client", {}))
-        unknown = set(data) - set(setting_names())
-        if unknown:
-            raise ValueError(f"{path}: unknown settings {sorted(unknown)}")
         values.update(data)
     for name in setting_names():
         if ENV_PREFIX + name.upper() in env:
@@ -191,4 +190,56 @@ def load_config(path: str | Path | None = None, env: dict[str, str] | None = Non
             client[key[len(CLIENT_ENV_PREFIX):].lower()] = parse_client_value(text)
     values.update({k: v for k, v in (overrides or {}).items() if v is not None})
     client.update(client_overrides or {})
+    check_client_options(client)
     return ConsumerConfig(**values, client=client)
+
+
+def _read_toml(path: Path) -> dict[str, Any]:
+    try:
+        data = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+    tables = {k for k, v in data.items() if isinstance(v, dict)} - {"client"}
+    if tables:
+        raise ConfigError(f"{path}: unknown table(s) {sorted(tables)}; the only table is [client]")
+    for name, value in data.items():
+        if name == "client":
+            continue
+        if name not in setting_names():
+            raise ConfigError(f"{path}: unknown setting {name!r}{_did_you_mean(name, setting_names())}")
+        _check_type(name, value, f"{path}: ")
+    return data
+
+
+def _check_type(name: str, value: Any, where: str = "") -> None:
+    kind = _field_type(name)
+    ok = isinstance(value, kind) and not (kind is int and isinstance(value, bool))
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        ok = True
+    if not ok:
+        raise ConfigError(f"{where}{name} must be {TYPE_NAMES.get(kind, kind.__name__)}, got {value!r}")
+
+
+def known_client_options() -> set[str]:
+    """Every option kafka-python's consumer, producer or admin client knows."""
+    from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer
+
+    return set(KafkaConsumer.DEFAULT_CONFIG) | set(KafkaProducer.DEFAULT_CONFIG) | set(KafkaAdminClient.DEFAULT_CONFIG)
+
+
+def check_client_options(client: dict[str, Any]) -> None:
+    """Refuse an option no Kafka client knows: it would be silently ignored. A processor setting found in
+    [client] is almost always a key written after the ``[client]`` table header, where TOML puts it."""
+    known = known_client_options()
+    for name in client:
+        if name in known:
+            continue
+        if name in setting_names():
+            raise ConfigError(f"{name!r} is a processor setting but sits in [client]: in TOML every key after the "
+                              "[client] header belongs to that table; move it above [client]")
+        raise ConfigError(f"unknown Kafka client option {name!r} in [client]{_did_you_mean(name, sorted(known))}")
+
+
+def _did_you_mean(name: str, choices: list[str] | set[str]) -> str:
+    close = difflib.get_close_matches(name, list(choices), n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""

@@ -1,7 +1,9 @@
-"""``rwkv-stream demo``: live transcript tagging through the spaCy pipeline, fragment by fragment.
+"""``rwkv-stream demo``: live transcript tagging with the shipped model, fragment by fragment.
 
 A transcript (the bundled sample, a file, or stdin) is turned into what speech recognition emits (lowercase
-words, no punctuation) and fed to ``nlp.add_pipe("rwkv")`` a few words at a time, as one stream. After each
+words, no punctuation) and fed to the engine's session layer (:mod:`rwkv_stream.sessions`, what the spaCy
+component ``nlp.add_pipe("rwkv")`` is built on, with the same word rule: a word takes the tag of the model token
+holding its first character) a few words at a time, as one stream. It needs no extra (no spaCy). After each
 fragment the demo shows the text restored so far (punctuation and capitals from the tagging head), the
 fragment's tags, the running classification, and the fragment's latency; at the end the restored text is
 scored against the original and, on request, the live state writes a short continuation.
@@ -11,15 +13,21 @@ from __future__ import annotations
 
 import argparse
 import random
+import re
 import statistics
 import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
+from rwkv_stream.generate import SamplingConfig
+from rwkv_stream.heads import Head, HeadSet
+from rwkv_stream.loading import load_source
+from rwkv_stream.sessions import Fragment, SessionTable
 from rwkv_stream.train.transcript import END, normalize, parse, restore
+
+from .spacy_align import CLASSIFIER, TAGGER, align, doc_result
 
 STREAM = "demo-call"
 WORDS_PER_SECOND = 2.5  # conversational speech, about 150 words a minute
@@ -36,7 +44,7 @@ def _installed_sample() -> Path:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("demo", help="live transcript tagging with the shipped model (spaCy pipeline)")
+    p = sub.add_parser("demo", help="live transcript tagging with the shipped model (no server, no extra)")
     p.add_argument("--input", default=None, help="a text file, or - for stdin (default: the bundled sample)")
     p.add_argument("--model", default="shipped:transcript-tagger", help="bundle dir or shipped:NAME")
     p.add_argument("--min-words", type=int, default=2, help="fewest words per fragment")
@@ -93,42 +101,51 @@ def fragments(asr_text: str, rng: random.Random, lo: int, hi: int) -> Iterator[s
         i += n
 
 
-def build_pipeline(model: str, seed: int) -> Any:
-    import spacy
+@dataclass
+class Live:
+    """The demo's stream: a session table over the model, with its tagging and classification heads."""
 
-    nlp = spacy.blank("en")
-    nlp.add_pipe("rwkv", config={"model": model, "tag_alignment": "first", "generation": {"seed": seed}})
-    nlp.initialize()
-    warm = nlp.make_doc("warming up the pipeline ")  # first calls pay one-off allocation costs
-    warm._.stream_id = "__warmup__"
-    nlp(warm)
-    nlp.get_pipe("rwkv").end_stream("__warmup__")
-    return nlp
+    table: SessionTable
+    tagger: Head | None
+    seed: int
 
 
-def process(nlp: Any, text: str) -> tuple[Any, float]:
-    doc = nlp.make_doc(text)
-    doc._.stream_id = STREAM
+@dataclass
+class Heard:
+    """What one fragment gave: (word, tag) per whitespace-separated word, and the running classification."""
+
+    words: list[tuple[str, str]]
+    cats: dict[str, float]
+
+
+def build_live(model: str, seed: int) -> Live:
+    loaded = load_source(model, byte_level=True)
+    tagger, classifier = _only_head(loaded.heads, "tagger"), _only_head(loaded.heads, "classifier")
+    heads = {role: h for role, h in ((TAGGER, tagger), (CLASSIFIER, classifier)) if h is not None}
+    table = SessionTable(loaded.model, loaded.need_tokenizer(), heads=heads)
+    table.feed([Fragment("__warmup__", "warming up the pipeline ")], provisional=True)  # one-off allocations
+    table.end("__warmup__")
+    return Live(table, tagger, seed)
+
+
+def _only_head(heads: HeadSet, kind: str) -> Head | None:
+    found = [h for h in heads.heads.values() if h.kind == kind]
+    if len(found) > 1:
+        raise SystemExit(f"demo: the model has {len(found)} {kind} heads; the demo shows a model with one")
+    return found[0] if found else None
+
+
+def process(live: Live, text: str, spans: list[tuple[int, int]] | None = None) -> tuple[Heard, float]:
+    """Feed one fragment; its words' tags (or those of ``spans``) and the stream's classification."""
     t0 = time.perf_counter()
-    doc = nlp(doc)
-    return doc, (time.perf_counter() - t0) * 1e3
-
-
-def word_tags(doc: Any) -> list[tuple[str, str]]:
-    """(word, tag) per whitespace-separated word; a word's tag is that of its first spaCy token."""
-    out: list[tuple[str, str]] = []
-    start_new = True
-    for token in doc:
-        if token.is_space:
-            start_new = True
-            continue
-        if start_new:
-            out.append((token.text, token.tag_))
-        else:
-            word, tag = out[-1]
-            out[-1] = (word + token.text, tag)
-        start_new = bool(token.whitespace_)
-    return out
+    res = live.table.feed([Fragment(STREAM, text)], provisional=True)[0]
+    ms = (time.perf_counter() - t0) * 1e3
+    view = doc_result(live.table.tokenizer, res, text, want_vector=False)
+    spans = [(m.start(), m.end()) for m in re.finditer(r"\S+", text)] if spans is None else spans
+    index = align(spans, text, view.ends, view.doc_start, "first")
+    labels = live.tagger.labels if live.tagger is not None else []
+    tags = [labels[view.tag_ids[i]] if i is not None and view.tag_ids else "" for i in index]
+    return Heard([(text[a:b], tag) for (a, b), tag in zip(spans, tags, strict=True)], view.cats), ms
 
 
 def top_cat(cats: dict[str, float]) -> str:
@@ -149,22 +166,22 @@ def run(args: argparse.Namespace) -> int:
     if not asr:
         raise SystemExit("demo: the input has no words")
     rng = random.Random(args.seed)
-    nlp = build_pipeline(args.model, args.seed)
+    live = build_live(args.model, args.seed)
     transcript = Transcript()
     print(f"streaming {len(asr.split())} words as '{STREAM}' (lowercase, no punctuation, like ASR output)\n")
     started = time.perf_counter()
     for n, fragment in enumerate(fragments(asr, rng, args.min_words, args.max_words), 1):
         _pace(args, started, len(transcript.words))
-        doc, ms = process(nlp, fragment)
+        heard, ms = process(live, fragment)
         transcript.latencies_ms.append(ms)
-        for word, tag in word_tags(doc):
+        for word, tag in heard.words:
             transcript.words.append(word)
             transcript.tags.append(tag)
         if not args.quiet:
-            _show_fragment(n, fragment, doc, ms, transcript)
-    end_doc, ms = process(nlp, END)
-    transcript.end_tag = next((t.tag_ for t in end_doc if t.tag_), None)
-    _summary(args, nlp, end_doc, reference, transcript)
+            _show_fragment(n, fragment, heard, ms, transcript)
+    end, ms = process(live, END, spans=[(0, len(END))])  # the end-of-stream marker: its tag ends the text
+    transcript.end_tag = end.words[0][1] or None
+    _summary(args, live, end, reference, transcript)
     return 0
 
 
@@ -174,15 +191,15 @@ def _pace(args: argparse.Namespace, started: float, words_so_far: int) -> None:
         time.sleep(max(0.0, due - time.perf_counter()))
 
 
-def _show_fragment(n: int, fragment: str, doc: Any, ms: float, transcript: Transcript) -> None:
-    tags = " ".join(f"{w}/{t}" for w, t in word_tags(doc))
+def _show_fragment(n: int, fragment: str, heard: Heard, ms: float, transcript: Transcript) -> None:
+    tags = " ".join(f"{w}/{t}" for w, t in heard.words)
     tail = transcript.restored()[-90:]
     print(f"#{n:<3} {ms:6.1f} ms  heard: {fragment.strip()!r}")
     print(f"      tags: {tags}")
-    print(f"      cats: {top_cat(doc.cats)}   restored: ...{tail}")
+    print(f"      cats: {top_cat(heard.cats)}   restored: ...{tail}")
 
 
-def _summary(args: argparse.Namespace, nlp: Any, end_doc: Any, reference: str, transcript: Transcript) -> None:
+def _summary(args: argparse.Namespace, live: Live, end: Heard, reference: str, transcript: Transcript) -> None:
     restored = transcript.restored()
     print("\n=== restored transcript ===")
     print(restored)
@@ -191,12 +208,13 @@ def _summary(args: argparse.Namespace, nlp: Any, end_doc: Any, reference: str, t
         print("\n=== against the original ===")
         for key, value in score.items():
             print(f"  {key:<28} {value}")
-    print(f"\nrunning classification: {top_cat(end_doc.cats)}")
+    print(f"\nrunning classification: {top_cat(end.cats)}")
     lat = sorted(transcript.latencies_ms)
     p99 = lat[min(len(lat) - 1, round(0.99 * (len(lat) - 1)))]
     print(f"per-fragment latency over {len(lat)} fragments: p50 {statistics.median(lat):.1f} ms, p99 {p99:.1f} ms")
     if args.generate:
-        continuation = end_doc._.rwkv_generate(max_new_tokens=args.generate, temperature=0.8, top_p=0.9)
+        cfg = SamplingConfig(args.generate, temperature=0.8, top_p=0.9, seed=live.seed)
+        continuation = live.table.generate(STREAM, cfg)
         print(f"\ncontinuation from the live state ({args.generate} tokens): {continuation!r}")
 
 

@@ -17,12 +17,14 @@ import json
 import os
 import platform
 import statistics
+import sys
 import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from tqdm import tqdm
 
 from .config import ModelConfig
 from .model import LogitsMode, Model, StepOutput
@@ -61,6 +63,7 @@ def run(args: argparse.Namespace) -> int:
         for dtype in filter(None, args.dtypes.split(",")):
             impls[f"rwkv-stream {dtype}"] = {"cases": engine_cases(Model(tensors, cfg, dtype=dtype), args)}
         for peer in filter(None, args.peers.split(",")):
+            print(f"bench: setting up {peer}", file=sys.stderr)
             impls[peer] = PEERS[peer](tensors, cfg, args)
         result["results"] = measure_interleaved(impls, args.steps)
         del impls
@@ -78,7 +81,7 @@ def measure_interleaved(impls: dict[str, dict], rounds: int, warmup: int = 3) ->
     """Per implementation: its metadata plus a summary per case, all cases timed round-robin."""
     cases = [(impl, name, case) for impl, info in impls.items() for name, case in info.get("cases", {}).items()]
     times: dict[tuple[str, str], list[float]] = {(impl, name): [] for impl, name, _ in cases}
-    for r in range(-warmup, rounds):
+    for r in tqdm(range(-warmup, rounds), desc="bench rounds", unit="round", file=sys.stderr, disable=None):
         for impl, name, (step, _) in cases:
             t0 = time.perf_counter()
             step(r + warmup)
@@ -205,7 +208,7 @@ def bench_long_stream(n_tokens: int, window: int = 1000) -> dict:
     state = model.new_state()
     times: list[float] = []
     rss: dict[str, float] = {}
-    for i in range(n_tokens):
+    for i in tqdm(range(n_tokens), desc="long stream", unit="token", file=sys.stderr, disable=None, mininterval=1):
         t0 = time.perf_counter()
         _, state = model.forward([i % cfg.vocab_size], state)
         times.append(time.perf_counter() - t0)

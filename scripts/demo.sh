@@ -4,4 +4,4 @@
 set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 bash "$ROOT/scripts/bootstrap.sh" dev
-exec "$ROOT/.venv/bin/rwkv-stream" demo "$@"
+exec "${RWKV_STREAM_VENV:-$ROOT/.venv}/bin/rwkv-stream" demo "$@"

@@ -1,4 +1,4 @@
-"""The README's main job: `rwkv-stream demo` streams the sample through spaCy and prints real results."""
+"""The README's main job: `rwkv-stream demo` streams the sample through the session layer and prints real results."""
 
 from __future__ import annotations
 
@@ -8,12 +8,9 @@ import sys
 from pathlib import Path
 
 import pytest
+from rwkv_stream.components.demo import build_live, compare, fragments, process
 
-pytest.importorskip("spacy")
-
-from rwkv_stream.components.demo import compare, fragments  # noqa: E402
-
-from rwkv_stream.loading import shipped_dir  # noqa: E402
+from rwkv_stream.loading import shipped_dir
 
 shipped = pytest.mark.skipif(not (shipped_dir() / "bundle.json").exists(), reason="shipped model missing")
 
@@ -54,3 +51,22 @@ def test_demo_runs_on_the_shipped_model(tmp_path: Path):
     assert restored.lower().replace(",", "").replace(".", "").replace("?", "").split() == (
         ["are", "you", "there", "i", "think", "so", "yes", "then", "let", "us", "begin"]
     )
+
+
+@shipped
+def test_demo_word_tags_and_cats_equal_the_spacy_components():
+    """The demo runs without spaCy but must say what `nlp.add_pipe("rwkv")` says, word for word."""
+    import spacy
+
+    nlp = spacy.blank("en")
+    nlp.add_pipe("rwkv", config={"model": "shipped", "tag_alignment": "first"})
+    live = build_live("shipped", seed=0)
+    text = "so are you there i think so yes then let us begin what do you say mr knightley"
+    for part in fragments(text, random.Random(1), 1, 4):
+        heard, _ = process(live, part)
+        doc = nlp.make_doc(part)
+        doc._.stream_id = "same"
+        doc = nlp(doc)
+        words = [(t.text, t.tag_) for t in doc if not t.is_space]
+        assert heard.words == words, part
+        assert heard.cats == doc.cats

@@ -44,6 +44,7 @@ from .base import LN_EPS, Ragged, RecurrentModel, token_shift
 DECAY_SCALE = math.exp(-0.5)  # decay = exp(-DECAY_SCALE * sigmoid(z)); the `rwkv` package rounds it to 0.606531
 CHUNK = 32  # tokens per chunk of the parallel form
 CHUNK_MIN = 8  # a stream bringing fewer tokens runs them sequentially
+LORA_ALIGN = 32  # low-rank sizes are padded to this (two AVX-512 fp32 vectors; see _prepare)
 
 register_empty_state("rwkv7", None)  # all zeros
 
@@ -108,8 +109,15 @@ class Rwkv7Model(RecurrentModel):
             return make_linear(t[key].to(dev, torch.float32), dt, self.quantized)
 
         def lora(prefix: str, name: str) -> tuple[Linear, Linear]:
-            # BlinkDL stores the row-vector form (x @ w1 @ w2): as [out, in] matrices they are transposed
-            return tuple(make_linear(t[f"{prefix}{name}{n}"].to(dev, torch.float32).t(), dt) for n in "12")  # type: ignore[return-value]
+            # BlinkDL stores the row-vector form (x @ w1 @ w2): as [out, in] matrices they are transposed.
+            # The rank is padded with zeros to a multiple of LORA_ALIGN (exact: tanh(0) and the zero weights
+            # add nothing), so the element-wise op between the two products never has a vector-loop tail,
+            # whose scalar code would give a row other bits depending on the row count (batch invariance).
+            w1 = t[f"{prefix}{name}1"].to(dev, torch.float32).t()
+            w2 = t[f"{prefix}{name}2"].to(dev, torch.float32).t()
+            pad = -w1.shape[0] % LORA_ALIGN
+            w1, w2 = F.pad(w1, (0, 0, 0, pad)), F.pad(w2, (0, pad))
+            return make_linear(w1, dt), make_linear(w2, dt)
 
         emb = t["emb.weight"].to(dev, torch.float32)
         emb = F.layer_norm(emb, (cfg.n_embd,), vec("blocks.0.ln0.weight"), vec("blocks.0.ln0.bias"), LN_EPS)
@@ -215,9 +223,11 @@ class Rwkv7Model(RecurrentModel):
 def wkv7_step(s: Tensor, r: Tensor, decay: Tensor, k: Tensor, v: Tensor, a: Tensor, b: Tensor) -> Tensor:
     """One token for a batch of streams: ``s`` ``[B, H, N, N]`` (value, key) is updated in place, the
     vectors are ``[B, H, N]``; returns ``y = S_new r`` ``[B, H, N]``. ``a = -kk``, ``b = kk * a_iclr``."""
-    sa = torch.matmul(s, a.unsqueeze(-1))  # [B, H, N, 1]: S_old a
+    # products as multiply + sum over the contiguous key axis, not matmul: a batched matmul picks its kernel by
+    # the batch shape (B * H = 1 goes to gemv), which would change a stream's bits with its batch mates
+    sa = (s * a.unsqueeze(-2)).sum(-1, keepdim=True)  # [B, H, N, 1]: S_old a
     s.mul_(decay.unsqueeze(-2)).addcmul_(sa, b.unsqueeze(-2)).addcmul_(v.unsqueeze(-1), k.unsqueeze(-2))
-    return torch.matmul(s, r.unsqueeze(-1)).squeeze(-1)
+    return (s * r.unsqueeze(-2)).sum(-1)
 
 
 def _sequential(

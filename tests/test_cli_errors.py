@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from rwkv_stream.loading import shipped_dir
+
 CLI = [sys.executable, "-m", "rwkv_stream"]
 CASES = [  # (arguments, what the one line must name)
     (["info", "/no/such/model.pth"], "/no/such/model.pth"),
@@ -20,6 +22,7 @@ CASES = [  # (arguments, what the one line must name)
     (["generate", "hi", "--top-p", "3"], "3"),
     (["bench", "--shape", "huge"], "huge"),
     (["train", "--steps", "many", "--out", "x"], "many"),
+    (["train", "--task", "transcript", "--corpus", "c", "--init", "shipped:gone", "--out", "x"], "gone"),
     (["no-such-command"], "no-such-command"),
     (["demo", "--input", "/no/such/transcript.txt"], "/no/such/transcript.txt"),
     (["demo", "--min-words", "0"], "0"),
@@ -68,3 +71,18 @@ def test_debug_shows_the_traceback() -> None:
     done = subprocess.run([*CLI, "--debug", "info", "/no/such/model.pth"], capture_output=True, text=True,
                           timeout=60)
     assert done.returncode != 0 and "Traceback" in done.stderr
+
+
+def test_train_starts_from_the_shipped_model(tmp_path: Path) -> None:
+    """`rwkv-stream train --init shipped` resolves like every model source (it used to fail)."""
+    words = "so we will meet on monday at ten okay do not be late the quick brown fox".split(" ")
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for name, n in (("train.txt", 20), ("test.txt", 4)):
+        paras = [" ".join(words[(i + j) % len(words)] for j in range(25)).capitalize() + "." for i in range(n)]
+        (corpus / name).write_text("\n\n".join(paras))
+    done = subprocess.run([*CLI, "train", "--task", "transcript", "--init", "shipped", "--corpus", str(corpus),
+                           "--steps", "2", "--batch-size", "2", "--ctx", "32", "--out", str(tmp_path / "out")],
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert (tmp_path / "out" / "tokenizer.json").read_bytes() == (shipped_dir() / "tokenizer.json").read_bytes()

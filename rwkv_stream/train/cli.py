@@ -35,7 +35,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--marker-prob", type=float, default=0.5,
                    help="transcript: chance of an end marker after a paragraph inside a training stream")
     g = p.add_argument_group("model")
-    g.add_argument("--init", type=Path, help="start from this checkpoint or bundle (else from scratch)")
+    g.add_argument("--init", help="start from this checkpoint or bundle, or 'shipped[:NAME]' (else from scratch)")
     g.add_argument("--tokenizer", type=Path, help="tokenizer.json (default: --init's, else train a BPE)")
     g.add_argument("--vocab-size", type=int, default=4096, help="vocabulary of a newly trained BPE")
     g.add_argument("--n-embd", type=int, default=192)
@@ -74,6 +74,7 @@ def pick_device(spec: str) -> torch.device:
 
 def run(args: argparse.Namespace) -> int:
     t0 = time.time()
+    check_inputs(args)
     torch.manual_seed(args.seed)
     args.out.mkdir(parents=True, exist_ok=True)
     tok_path = prepare_tokenizer(args)
@@ -100,6 +101,18 @@ def run(args: argparse.Namespace) -> int:
         write_run_bundle(args, model, tok_path, heads, metrics)
     print(f"done in {(time.time() - t0) / 60:.1f} min", file=sys.stderr)
     return 0
+
+
+def check_inputs(args: argparse.Namespace) -> None:
+    """Fail before any work on a missing input; ``--init`` resolved like every model source."""
+    if args.task == "records" and args.train is None:
+        raise SystemExit("--task records needs --train FILE (.jsonl or .spacy)")
+    if args.task == "transcript" and args.corpus is None:
+        raise SystemExit("--task transcript needs --corpus DIR (with train.txt; run scripts/make_corpus.sh)")
+    if args.init is not None:
+        from rwkv_stream.loading import resolve_source
+
+        args.init = resolve_source(args.init)
 
 
 def loop_config(args: argparse.Namespace) -> LoopConfig:

@@ -75,7 +75,8 @@ def test_debug_shows_the_traceback() -> None:
 
 def test_train_starts_from_the_shipped_model(tmp_path: Path) -> None:
     """`rwkv-stream train --init shipped` resolves like every model source (it used to fail)."""
-    words = "so we will meet on monday at ten okay do not be late the quick brown fox".split(" ")
+    words = ["so", "we", "will", "meet", "on", "monday", "at", "ten", "okay", "do", "not", "be", "late", "the",
+             "quick", "brown", "fox"]
     corpus = tmp_path / "corpus"
     corpus.mkdir()
     for name, n in (("train.txt", 20), ("test.txt", 4)):

@@ -305,6 +305,10 @@ class SessionTable:
         """Apply fragments; one result per fragment, in order. ``provisional``: also run each stream's
         held-back text as if the stream ended there (on a fork: the stream itself is not advanced), so
         the results cover all the text received (``tail_ids``, ``tail_hidden``, tags, cats, probes)."""
+        for frag in fragments:
+            if not isinstance(frag.text, str | bytes):
+                raise TypeError(f"fragment text of stream {frag.key!r} must be str or bytes, not "
+                                f"{type(frag.text).__name__}")
         self.expire_idle()
         per_key: dict[Hashable, list[int]] = {}
         for i, frag in enumerate(fragments):
@@ -336,7 +340,7 @@ class SessionTable:
             todo.append((key, frag, res))
         if not todo:
             return
-        ids = [self._push(self._resident[k], f, r) for k, f, r in todo]
+        ids = self._push_all(todo)
         out = self.model.step(self.pool, [self._resident[k].slot for k, _, _ in todo], ids, logits="none",
                               batch_invariant=True)
         now = self.clock()
@@ -358,6 +362,22 @@ class SessionTable:
             if frag.end or isinstance(key, _Anonymous):
                 self._finish(key)
                 res.ended = frag.end
+
+    def _push_all(self, todo: list[tuple[Hashable, Fragment, FragmentResult]]) -> list[list[int]]:
+        """Every fragment of a round through its stream's tokenizer, all or none: if one raises, the
+        tokenizers already advanced are put back, so the round leaves no stream half-applied."""
+        sessions = [self._resident[k] for k, _, _ in todo]
+        saved = [(s.encoder.export_state(), s.chars_in) for s in sessions]
+        ids: list[list[int]] = []
+        try:
+            for session, (_, frag, res) in zip(sessions, todo, strict=True):
+                ids.append(self._push(session, frag, res))
+        except Exception:
+            for session, (encoder_state, chars_in) in zip(sessions[: len(ids) + 1], saved, strict=False):
+                session.encoder.import_state(encoder_state)
+                session.chars_in = chars_in
+            raise
+        return ids
 
     def _push(self, session: _Session, frag: Fragment, res: FragmentResult) -> list[int]:
         res.carry = session.encoder.held_bytes

@@ -21,7 +21,7 @@ from rwkv_stream.model import Model
 from rwkv_stream.random_checkpoint import random_tensors
 from rwkv_stream.sessions import DirectoryStore, Ended, Fragment, FragmentResult, MemoryStore, SessionTable
 from rwkv_stream.state import State, StateError
-from rwkv_stream.tokenizer import load_tokenizer
+from rwkv_stream.tokenizer import StreamingEncoder, load_tokenizer
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 EXTRA = ["café", "naïve", "🙂", "10:30", "e-mail", "日本語", "—", "'re", "Ünïcödé", "\n"]
@@ -273,3 +273,22 @@ def test_export_import_in_a_fresh_process_continues_exactly(bpe, tiny_bundle_dir
     got = parent.recv()
     proc.join(60)
     assert got == [(r.token_ids, r.tags, r.cats) for r in want[1:]]
+
+
+def test_a_failing_fragment_leaves_no_stream_half_applied(bpe, monkeypatch):
+    table = SessionTable(bpe.model, bpe.tokenizer, heads=dict(bpe.heads.heads))
+    table.feed([Fragment("a", "first words "), Fragment("b", "other words ")])
+    before = {k: table.export(k) for k in ("a", "b")}
+    real_push = StreamingEncoder.push
+
+    def push(self, fragment):
+        if fragment == "poison":
+            raise RuntimeError("tokenizer failure")
+        return real_push(self, fragment)
+
+    monkeypatch.setattr(StreamingEncoder, "push", push)
+    with pytest.raises(RuntimeError, match="tokenizer failure"):
+        table.feed([Fragment("a", "more text "), Fragment("b", "poison")])
+    assert {k: table.export(k) for k in ("a", "b")} == before
+    with pytest.raises(TypeError, match="stream 'a' must be str or bytes, not int"):
+        table.feed([Fragment("a", 42)])  # type: ignore[arg-type]

@@ -28,6 +28,7 @@ from kafka_harness import (  # noqa: E402
     wait_for_outputs,
 )
 from rwkv_stream.components.kafka import schema  # noqa: E402
+from rwkv_stream.components.kafka.clients import ClientFactory  # noqa: E402
 from rwkv_stream.components.kafka.config import ConsumerConfig  # noqa: E402
 from rwkv_stream.components.kafka.processor import Processor  # noqa: E402
 
@@ -233,14 +234,14 @@ def test_backpressure_and_metrics_endpoint(kafka_bootstrap, bundle_dir, bundle):
     assert float(tokens[0].split()[-1]) > 0
 
 
-def test_kafka_python_client_metrics_are_off_unless_asked_for(bundle_dir, bundle):
+def test_kafka_python_client_metrics_are_off_unless_asked_for(bundle_dir):
     """kafka-python's own sensors cost CPU per request and record; off by default, a client option turns them on."""
-    quiet = Processor(_config("127.0.0.1:1", "m", bundle_dir), bundle=bundle)
-    assert quiet._consumer_config()["metrics_enabled"] is False
-    assert quiet._reader_config()["metrics_enabled"] is False
-    assert quiet._producer_config("out")["metrics_enabled"] is False
-    assert quiet._producer_config("state")["metrics_enabled"] is False
-    asked = Processor(_config("127.0.0.1:1", "m", bundle_dir, client={"metrics_enabled": True}), bundle=bundle)
-    assert asked._consumer_config()["metrics_enabled"] is True
-    assert asked._reader_config()["metrics_enabled"] is True
-    assert asked._producer_config("out")["metrics_enabled"] is True
+    quiet = ClientFactory(_config("127.0.0.1:1", "m", bundle_dir))
+    assert quiet.consumer_config()["metrics_enabled"] is False
+    assert quiet.reader_config()["metrics_enabled"] is False
+    assert quiet.producer_config("out")["metrics_enabled"] is False
+    assert quiet.producer_config("state")["metrics_enabled"] is False
+    asked = ClientFactory(_config("127.0.0.1:1", "m", bundle_dir, client={"metrics_enabled": True}))
+    assert asked.consumer_config()["metrics_enabled"] is True
+    assert asked.reader_config()["metrics_enabled"] is True
+    assert asked.producer_config("out")["metrics_enabled"] is True

@@ -137,9 +137,6 @@ class StateStore:
     def entry(self, partition: int, stream: str) -> Entry | None:
         return self.index.get(partition, {}).get(stream)
 
-    def partitions(self) -> list[int]:
-        return sorted(self.index)
-
     def stored_bytes(self) -> int:
         return self._cached
 
@@ -185,9 +182,6 @@ class StateStore:
 
     def has_pending(self) -> bool:
         return bool(self._pending)
-
-    def discard_pending(self) -> None:
-        self._pending.clear()
 
     def _uncache(self, entry: Entry | None) -> None:
         if entry is not None and entry.data is not None:

@@ -155,36 +155,53 @@ def check_outputs(ref: Reference, outputs: list[tuple[int, bytes]], *, exactly_o
     (timing fields aside); every output equals the reference; per stream, first occurrences follow input
     order. Raises AssertionError with the first problems; returns counts.
     """
+    report = verify_outputs(ref, outputs, exactly_once=exactly_once)
+    if report["problems"]:
+        problems = report["problems"]
+        raise AssertionError(f"{report['problem_count']} problems:\n" + "\n".join(problems[:20]))
+    return {"outputs": report["outputs"], "duplicates": report["duplicates"]}
+
+
+def verify_outputs(ref: Reference, outputs: list[tuple[int, bytes]], *, exactly_once: bool) -> dict[str, Any]:
+    """The verifier's counts, without raising: ``outputs`` (distinct inputs with an output), ``lost``,
+    ``duplicates``, ``differing_duplicates``, ``mismatched`` (first output differs from the reference),
+    ``unexpected`` (an output the reference does not produce), ``out_of_order`` (per stream, first outputs not
+    in input order), and ``problems``: descriptions of the first ones (duplicates count as problems only with
+    ``exactly_once``)."""
     problems: list[str] = []
+    counts = dict.fromkeys(("duplicates", "differing_duplicates", "mismatched", "unexpected", "out_of_order"), 0)
     seen: dict[tuple[int, int], dict[str, Any]] = {}
     last_offset: dict[tuple[int, str], int] = {}
-    duplicates = 0
+
+    def problem(kind: str, text: str) -> None:
+        counts[kind] += 1
+        problems.append(text)
+
     for _out_partition, raw in outputs:
         value = without_timing(decode_output(raw))
         pk = (value["partition"], value["offset"])
         if pk in seen:
-            duplicates += 1
-            if exactly_once:
+            counts["duplicates"] += 1
+            if value != seen[pk]:
+                problem("differing_duplicates", f"duplicate output for input {pk} differs from the original")
+            elif exactly_once:
                 problems.append(f"duplicate output for input {pk}")
-            elif value != seen[pk]:
-                problems.append(f"duplicate output for input {pk} differs from the original")
             continue
         seen[pk] = value
         expected = ref.outputs.get(pk)
         if expected is None:
-            problems.append(f"output for input {pk}, which the reference does not produce")
+            problem("unexpected", f"output for input {pk}, which the reference does not produce")
         elif value != expected:
-            problems.append(f"output for input {pk} differs from the reference: {_diff(expected, value)}")
+            problem("mismatched", f"output for input {pk} differs from the reference: {_diff(expected, value)}")
         sk = (value["partition"], value["stream"])
         if pk[1] <= last_offset.get(sk, -1):
-            problems.append(f"stream {sk}: output for offset {pk[1]} after offset {last_offset[sk]}")
+            problem("out_of_order", f"stream {sk}: output for offset {pk[1]} after offset {last_offset[sk]}")
         last_offset[sk] = max(pk[1], last_offset.get(sk, -1))
     missing = sorted(set(ref.outputs) - set(seen))
     if missing:
         problems.append(f"{len(missing)} outputs lost, e.g. {missing[:5]}")
-    if problems:
-        raise AssertionError(f"{len(problems)} problems:\n" + "\n".join(problems[:20]))
-    return {"outputs": len(seen), "duplicates": duplicates}
+    return {"outputs": len(seen), "lost": len(missing), **counts, "problem_count": len(problems),
+            "problems": problems[:20]}
 
 
 def _diff(expected: dict[str, Any], got: dict[str, Any]) -> str:
@@ -437,11 +454,14 @@ class Pacer:
 
 def wait_for_outputs(bootstrap: str, topic: str, expected: set[tuple[int, int]], *, read_committed: bool,
                      timeout_s: float, poll_s: float = 0.5, alive: Any = None) -> list[tuple[int, bytes]]:
-    """Poll an output topic until every expected (input partition, offset) has an output."""
+    """Poll an output topic until every expected (input partition, offset) has an output. ``alive``: a probe
+    of the processor; waiting fails at once when it says the processor has exited."""
     import time
 
     deadline = time.monotonic() + timeout_s
     while True:
+        if alive is not None and not alive():
+            raise AssertionError("the processor exited while outputs were awaited")
         rows = read_topic(bootstrap, topic, read_committed=read_committed)
         outs = [(p, v) for p, _o, _k, v in rows]
         got = {(d["partition"], d["offset"]) for d in (decode_output(v) for _p, v in outs)}

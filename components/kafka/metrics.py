@@ -49,6 +49,8 @@ class Metrics:
                                 registry=r)
         self.paused = Gauge("rwkv_stream_paused_partitions", "Partitions paused for backpressure", registry=r)
         self.buffered = Gauge("rwkv_stream_buffered_records", "Polled records waiting for processing", registry=r)
+        self.processing_errors = Counter("rwkv_stream_processing_errors", "Batches (or isolated records) whose "
+                                         "processing raised, each followed by a rollback", ["scope"], registry=r)
         self.commit_failures = Counter("rwkv_stream_commit_failures", "Offset commits that failed", registry=r)
         self.readiness = Enum("rwkv_stream_readiness", "Processor state (1 for the current one)",
                               states=list(READINESS_STATES), registry=r)

@@ -36,7 +36,7 @@ from .engine import StreamEngine
 from .faults import Faults
 from .metrics import Metrics
 from .partitions import Backpressure, ConsumerLag, PartitionBook
-from .processing import BatchProcessor
+from .processing import BatchProcessor, ProcessingFailed
 from .readiness import Backoff, Readiness
 from .rebalance import RebalanceHandler, RebalanceListener
 from .records import OutputCodec
@@ -104,6 +104,8 @@ class Processor:
                     self.iteration()
                 except BROKER_ERRORS as exc:
                     self._recover(exc)
+                except ProcessingFailed as exc:
+                    self._roll_back_failed_processing(exc)
             self.shutdown()
         except BaseException:
             log.exception("processor failed")
@@ -212,6 +214,18 @@ class Processor:
             log.warning("abort failed during recovery", extra={"error": repr(again)})
         self.parts.checkpointer.rollback()
         self._wait_for_broker("processing", exc)
+
+    def _roll_back_failed_processing(self, exc: ProcessingFailed) -> None:
+        """A batch (or a suspect record alone) raised: back to the last checkpoint; the replay isolates the
+        record that raises and sends it to the dead-letter topic (see processing.py)."""
+        assert self.parts is not None
+        log.warning("processing failed: rolling back to isolate the failing record",
+                    extra={"error": str(exc), "cause": repr(exc.__cause__)})
+        self.faults.point("processing_error")
+        try:
+            self.parts.checkpointer.abandon_work()
+        except BROKER_ERRORS as again:  # the broker went away too: recover from that instead
+            self._recover(again)
 
     # ================================================================================ the loop
     def iteration(self) -> None:

@@ -27,9 +27,10 @@ FRAGMENT_TOO_LARGE = "fragment_too_large"
 UNKNOWN_ACTION = "unknown_action"
 MISSING_KEY = "missing_key"
 BAD_GENERATION = "bad_generation_request"
+PROCESSING_ERROR = "processing_error"  # a valid record whose processing raised (see processing.py)
 DEAD_LETTER_REASONS = (
     NOT_MSGPACK, BAD_JSON, BAD_SCHEMA, SCHEMA_VERSION_MISMATCH, INVALID_UTF8, FRAGMENT_TOO_LARGE, UNKNOWN_ACTION,
-    MISSING_KEY, BAD_GENERATION,
+    MISSING_KEY, BAD_GENERATION, PROCESSING_ERROR,
 )
 
 

@@ -276,3 +276,16 @@ def test_other_weight_formats_run_close_to_fp32(pth, model, dtype, tol):
 def test_config_is_read_from_the_tensors(tensors):
     cfg = infer_config(tensors)
     assert cfg == CFG and cfg.n_head == 2 and cfg.state_shape == (3, 2 * 128 + 2 * 64 * 64)
+
+
+def test_an_rwkv7_checkpoint_round_trips_through_a_bundle(tmp_path):
+    from rwkv_stream.loading import load_source, save_bundle
+
+    cfg = rwkv7_config(2, 64, 65536, rank_w=8, rank_a=8, rank_v=8, rank_g=8)
+    save_pth(random_tensors(cfg, seed=4, dtype=torch.bfloat16), tmp_path / "w.pth")  # bf16, as released
+    loaded = load_source(tmp_path / "w.pth", tokenizer="world")
+    assert isinstance(loaded.model, Rwkv7Model) and loaded.model.config == cfg
+    again = load_source(save_bundle(loaded, tmp_path / "b"))
+    assert isinstance(again.model, Rwkv7Model) and again.model.fingerprint == loaded.model.fingerprint
+    ids = loaded.need_tokenizer().encode("a bundle of RWKV-7")
+    assert torch.equal(again.model.forward(ids)[0], loaded.model.forward(ids)[0])

@@ -26,6 +26,8 @@ from itertools import accumulate
 from typing import TYPE_CHECKING, Literal
 
 if TYPE_CHECKING:
+    from torch import Tensor
+
     from rwkv_stream.sessions import FragmentResult
     from rwkv_stream.tokenizer import Tokenizer
 
@@ -129,6 +131,7 @@ class DocResult:
     tag_ids: list[int] | None  # per model token
     cats: dict[str, float]
     vector: list[float] | None
+    hidden: Tensor | None = None  # [len(ends), C] fp32 hidden vector of each model token of the region
 
 
 def doc_result(tokenizer: Tokenizer, res: FragmentResult, text: str, want_vector: bool) -> DocResult:
@@ -147,7 +150,7 @@ def doc_result(tokenizer: Tokenizer, res: FragmentResult, text: str, want_vector
         if rows:
             vector = hidden[rows].float().mean(dim=0).tolist()
     cats = {**res.cats.get(CLASSIFIER, {}), **res.probes}
-    return DocResult(ends, doc_start, res.text_start, res.tags.get(TAGGER), cats, vector)
+    return DocResult(ends, doc_start, res.text_start, res.tags.get(TAGGER), cats, vector, hidden)
 
 
 def region_token_ends(tokenizer: Tokenizer, ids: list[int], region_bytes: int) -> list[int]:

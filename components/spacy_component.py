@@ -55,23 +55,31 @@ from numbers import Integral
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import srsly
+import torch
 from spacy.language import Language
-from spacy.pipeline import Pipe
+from spacy.pipeline import TrainablePipe
 from spacy.scorer import Scorer, get_ner_prf
 from spacy.tokens import Doc, Span, Token
 from spacy.training import Example
 from spacy.util import minibatch, registry
-from thinc.api import Config
+from thinc.api import Config, Model
 
 from rwkv_stream.config import WEIGHT_FORMATS
 
 from .spacy_align import ALIGNMENTS, align, bio_spans
+from .spacy_listener import RWKVListener
+
+if TYPE_CHECKING:
+    from thinc.api import Optimizer
+
+    from .spacy_training import PendingBackward, TrainNet
 
 if TYPE_CHECKING:
     from rwkv_stream.heads import Head
     from rwkv_stream.loading import LoadedModel
-    from rwkv_stream.sessions import SessionTable
+    from rwkv_stream.sessions import FragmentResult, SessionTable
 
     from .spacy_align import DocResult
 
@@ -105,6 +113,9 @@ cats_head = "auto"
 cats_labels = null
 zero_shot = {}
 vector = true
+freeze_weights = false
+weights_learn_rate = 1.0
+window = 512
 
 [rwkv.generation]
 max_new_tokens = 32
@@ -168,6 +179,9 @@ class Settings:
     zero_shot: dict[str, str] = field(default_factory=dict)
     vector: bool = True
     generation: dict[str, Any] = field(default_factory=dict)
+    freeze_weights: bool = False
+    weights_learn_rate: float = 1.0
+    window: int = 512
 
     def validate(self) -> None:
         if self.dtype not in WEIGHT_FORMATS:
@@ -183,6 +197,11 @@ class Settings:
         attr = self.tag_attr
         if attr is not None and not attr.startswith("_.") and not hasattr(Token, attr):
             raise ValueError(f"rwkv: tag_attr {attr!r} is not a Token attribute (use e.g. 'tag_' or '_.name')")
+        if self.window < 1 or self.weights_learn_rate < 0:
+            raise ValueError(f"rwkv: window must be >= 1 and weights_learn_rate >= 0, got {self.window}, "
+                             f"{self.weights_learn_rate}")
+        if self.tag_head not in (None, "auto") and self.tag_head == self.cats_head:
+            raise ValueError(f"rwkv: tag_head and cats_head both name head {self.tag_head!r}")
         unknown = set(self.generation) - set(GENERATION_KEYS)
         if unknown:
             raise ValueError(f"rwkv: unknown generation settings {sorted(unknown)}; known: {list(GENERATION_KEYS)}")
@@ -191,7 +210,7 @@ class Settings:
 @Language.factory(
     "rwkv",
     default_config=DEFAULT_CONFIG,
-    assigns=["token.tag", "doc.cats", "doc.ents"],
+    assigns=["token.tag", "doc.cats", "doc.ents", "doc.tensor"],
 )
 def make_rwkv_component(
     nlp: Language,
@@ -215,11 +234,14 @@ def make_rwkv_component(
     zero_shot: dict[str, str],
     vector: bool,
     generation: dict[str, Any],
+    freeze_weights: bool = False,
+    weights_learn_rate: float = 1.0,
+    window: int = 512,
 ) -> RWKVComponent:
     settings = Settings(
         model, tokenizer, heads_path, device, dtype, stream_id_attr, max_streams, state_dir, ttl_s, tag_head, tag_attr,
         tag_labels, tag_alignment, ents_from_tags, cats_head, cats_labels, dict(zero_shot), vector,
-        {**DEFAULT_CONFIG["generation"], **generation},
+        {**DEFAULT_CONFIG["generation"], **generation}, freeze_weights, weights_learn_rate, window,
     )
     return RWKVComponent(nlp, name, settings)
 
@@ -254,14 +276,23 @@ def component_for(doc: Doc) -> RWKVComponent:
 
 
 # ------------------------------------------------------------------------------------------ component
-class RWKVComponent(Pipe):
-    """Per-stream incremental tagging, classification, zero-shot scoring and generation with an RWKV model."""
+class RWKVComponent(TrainablePipe):
+    """Per-stream incremental tagging, classification, zero-shot scoring and generation with an RWKV model;
+    trainable with ``nlp.update`` / ``spacy train`` (its heads and, unless frozen, the RWKV weights), and the
+    upstream of :mod:`~rwkv_stream.components.spacy_listener` listeners."""
 
     def __init__(self, nlp: Language, name: str, settings: Settings) -> None:
         settings.validate()
         self.name = name
         self.vocab = nlp.vocab
+        self.cfg = {}
+        self.model = Model("rwkv", _no_forward)  # spaCy's handle; the weights are torch modules (see _trainable)
         self.settings = settings
+        self.listener_map: dict[str, list[Model]] = {}
+        self._net: TrainNet | None = None
+        self._pending: list[PendingBackward] = []
+        self._dirty = False  # trained since the engine was last rebuilt
+        self._learn = {"tagger": False, "classifier": False}  # heads that learn from gold in update
         self._sessions: SessionTable | None = None
         self._loaded: LoadedModel | None = None
         self._tagger: Head | None = None
@@ -282,11 +313,21 @@ class RWKVComponent(Pipe):
         self, get_examples: Callable[[], Iterable[Example]] | None = None, *, nlp: Language | None = None,
         model: str | Callable[[], Any] | None = None,
     ) -> None:
-        """Load the model now (else it loads on first use); ``model`` overrides the configured source."""
+        """Load the model now (else it loads on first use); ``model`` overrides the configured source.
+
+        With ``get_examples`` (``spacy train``), the heads learn what the gold data has: a tag head over the
+        ``tag_attr`` values (unless ``tag_head`` is null) and a classifier over ``doc.cats`` (unless
+        ``cats_head`` is null), keeping the loaded head's weights for the labels it shares with the data."""
         if model is not None:
             self.settings.model = model
             self._sessions = None
-        self._ensure_loaded()
+        loaded = self._loaded if self._sessions is not None else self._load_configured()
+        assert loaded is not None
+        self._net, self._pending, self._dirty = None, [], False
+        if get_examples is not None:
+            self._init_heads(loaded, list(get_examples()))
+        self._install(loaded)
+        self._check_listeners()
 
     def _ensure_loaded(self) -> SessionTable:
         if self._sessions is None:
@@ -297,7 +338,7 @@ class RWKVComponent(Pipe):
     @property
     def sessions(self) -> SessionTable:
         """The engine's session table behind this component (the model loads on first access)."""
-        return self._ensure_loaded()
+        return self._engine()
 
     def _load_configured(self) -> LoadedModel:
         from rwkv_stream.loading import load_source
@@ -306,8 +347,11 @@ class RWKVComponent(Pipe):
         source = s.model() if callable(s.model) else s.model
         if not isinstance(source, ModelSource):
             source = ModelSource(str(source), s.tokenizer, s.heads_path)
-        return load_source(source.path, tokenizer=source.tokenizer, heads=source.heads_path, device=s.device,
-                           dtype=s.dtype, byte_level=True)
+        loaded = load_source(source.path, tokenizer=source.tokenizer, device=s.device, dtype=s.dtype,
+                             byte_level=True)
+        if source.heads_path is not None:
+            add_heads(loaded, source.heads_path)
+        return loaded
 
     def _install(self, loaded: LoadedModel) -> None:
         from rwkv_stream.sessions import DirectoryStore, MemoryStore, SessionStore, SessionTable
@@ -366,6 +410,25 @@ class RWKVComponent(Pipe):
     def __call__(self, doc: Doc) -> Doc:
         return self._process([doc])[0]
 
+    def predict(self, docs: Iterable[Doc]) -> list[FragmentResult]:
+        """Feed the Docs to their streams (each as a provisional fragment); one session result per Doc."""
+        from rwkv_stream.sessions import Fragment
+
+        docs = list(docs)
+        self._refuse_other_process()
+        sessions = self._engine()
+        keys = [self.stream_key(doc) for doc in docs]
+        if self._zone is not None:
+            self._zone.update(k for k in set(keys) if k is not None and not sessions.exists(k))
+        return sessions.feed([Fragment(k, d.text) for k, d in zip(keys, docs, strict=True)], provisional=True)
+
+    def set_annotations(self, docs: Iterable[Doc], results: list[FragmentResult]) -> None:
+        from .spacy_align import doc_result
+
+        tokenizer = self._engine().tokenizer
+        for doc, res in zip(docs, results, strict=True):
+            self._annotate(doc, doc_result(tokenizer, res, doc.text, self.settings.vector))
+
     def pipe(self, stream: Iterable[Doc], *, batch_size: int = 128) -> Iterator[Doc]:
         """Steps all streams of each batch together; fragments of one stream keep their order."""
         handler = self.get_error_handler()
@@ -381,18 +444,7 @@ class RWKVComponent(Pipe):
     def _process(self, docs: list[Doc]) -> list[Doc]:
         """All Docs of a batch in one session-layer call: each stream's Docs in order, streams batched
         (in waves when they outnumber ``max_streams``: no stream with Docs pending is evicted)."""
-        from rwkv_stream.sessions import Fragment
-
-        from .spacy_align import doc_result
-
-        self._refuse_other_process()
-        sessions = self._ensure_loaded()
-        keys = [self.stream_key(doc) for doc in docs]
-        if self._zone is not None:
-            self._zone.update(k for k in set(keys) if k is not None and not sessions.exists(k))
-        results = sessions.feed([Fragment(k, d.text) for k, d in zip(keys, docs, strict=True)], provisional=True)
-        for doc, res in zip(docs, results, strict=True):
-            self._annotate(doc, doc_result(sessions.tokenizer, res, doc.text, self.settings.vector))
+        self.set_annotations(docs, self.predict(docs))
         return docs
 
     def _refuse_other_process(self) -> None:
@@ -404,9 +456,10 @@ class RWKVComponent(Pipe):
         return check_stream_id(doc._.get(self.settings.stream_id_attr), self.settings.stream_id_attr)
 
     def _annotate(self, doc: Doc, result: DocResult) -> None:
+        spans = [(t.idx, t.idx + len(t.text)) for t in doc]
+        index = align(spans, doc.text, result.ends, result.doc_start, self.settings.tag_alignment)  # type: ignore[arg-type]
+        doc.tensor = self._doc_tensor(index, result)
         if self._tagger is not None and result.tag_ids is not None:
-            spans = [(t.idx, t.idx + len(t.text)) for t in doc]
-            index = align(spans, doc.text, result.ends, result.doc_start, self.settings.tag_alignment)  # type: ignore[arg-type]
             labels = self._tagger.labels
             tags = [None if i is None else labels[result.tag_ids[i]] for i in index]
             self._write_tags(doc, tags)
@@ -414,6 +467,17 @@ class RWKVComponent(Pipe):
         doc._.set("rwkv_vector", result.vector)
         doc._.set("rwkv_offset", result.offset)
         doc._.set("rwkv_pipe", self.uid)
+
+    def _doc_tensor(self, index: list[int | None], result: DocResult) -> np.ndarray:
+        """``[len(doc), n_embd]``: each spaCy token's vector is the hidden vector of the model token it reads."""
+        width = self._engine().model.config.n_embd
+        out = np.zeros((len(index), width), dtype="float32")
+        if result.hidden is not None:
+            hidden = result.hidden.float().cpu().numpy()
+            for i, j in enumerate(index):
+                if j is not None:
+                    out[i] = hidden[j]
+        return out
 
     def _write_tags(self, doc: Doc, tags: list[str | None]) -> None:
         attr = self.settings.tag_attr
@@ -427,6 +491,202 @@ class RWKVComponent(Pipe):
                     setattr(token, attr, tag)
         if self.settings.ents_from_tags:
             doc.ents = [Span(doc, start, end, label=label) for start, end, label in bio_spans(tags)]
+
+    # -------------------------------------------------------------- listeners (spaCy's ListenedToComponent)
+    @property
+    def listeners(self) -> list[Model]:
+        return [m for c in self.listening_components for m in self.listener_map[c]]
+
+    @property
+    def listening_components(self) -> list[str]:
+        return list(self.listener_map.keys())
+
+    def add_listener(self, listener: Model, component_name: str) -> None:
+        found = self.listener_map.setdefault(component_name, [])
+        if listener not in found:
+            found.append(listener)
+
+    def remove_listener(self, listener: Model, component_name: str) -> bool:
+        found = self.listener_map.get(component_name, [])
+        if listener not in found:
+            return False
+        found.remove(listener)
+        if not found:
+            del self.listener_map[component_name]
+        return True
+
+    def find_listeners(self, component: Any) -> None:
+        """Register the :class:`RWKVListener` layers of a later component whose upstream is this one (or *)."""
+        model = getattr(component, "model", None)
+        if isinstance(model, Model):
+            for node in model.walk():
+                if isinstance(node, RWKVListener) and node.upstream_name in ("*", self.name):
+                    self.add_listener(node, component.name)
+
+    def _check_listeners(self) -> None:
+        width = self._ensure_loaded().model.config.n_embd
+        for component, found in self.listener_map.items():
+            for listener in found:
+                if listener.get_dim("nO") != width:
+                    raise ValueError(f"rwkv: the listener in {component!r} has width {listener.get_dim('nO')}, "
+                                     f"the RWKV model makes vectors of {width}: set its width to {width}")
+
+    # -------------------------------------------------------------- training
+    def update(
+        self, examples: Iterable[Example], *, drop: float = 0.0, sgd: Optimizer | None = None,
+        losses: dict[str, float] | None = None,
+    ) -> dict[str, float]:
+        """One batch: the RWKV forward (parallel mode), the heads' losses, vectors for every listener. The
+        backward runs once the listeners have sent their gradients (at ``finish_update``)."""
+        from .spacy_training import PendingBackward, WindowedPass, encode_docs, token_vectors
+
+        losses = {} if losses is None else losses
+        losses.setdefault(self.name, 0.0)
+        self._flush()
+        examples = list(examples)
+        docs = [eg.predicted for eg in examples]
+        sessions, net = self._ensure_loaded(), self._trainable()
+        self._check_listeners()
+        batch = encode_docs(sessions.tokenizer, docs, self.settings.tag_alignment)
+        forward = None if net.rwkv is None else WindowedPass(net.rwkv, batch.padded(), self.settings.window)
+        hidden = self._engine_hidden(docs, batch.max_len) if forward is None else forward.hidden
+        pending = PendingBackward(batch, forward, torch.zeros_like(hidden))
+        losses[self.name] += self._head_losses(net, hidden, pending, examples)
+        self._pending.append(pending)
+        vectors = token_vectors(hidden, batch)
+
+        def backprop(d_vectors: list[Any]) -> list[Doc]:
+            before = pending.listener_loss
+            pending.add_rows(d_vectors)
+            losses[self.name] += pending.listener_loss - before
+            return []
+
+        batch_id = RWKVListener.get_batch_id(docs)
+        for listener in self.listeners:
+            listener.receive(batch_id, vectors, backprop)  # type: ignore[attr-defined]
+        if sgd is not None:
+            self.finish_update(sgd)
+        return losses
+
+    def finish_update(self, sgd: Optimizer) -> None:
+        """Backpropagate the gathered gradients and let spaCy's optimizer update the weights and heads."""
+        from .spacy_training import apply_optimizer
+
+        self._flush()
+        if self._net is not None and apply_optimizer(self._net, sgd, self.model.id, self.settings.weights_learn_rate):
+            self._dirty = True
+
+    def get_loss(self, examples: Iterable[Example], scores: Any) -> tuple[float, Any]:
+        raise NotImplementedError("rwkv computes its losses in update()")
+
+    def _flush(self) -> None:
+        pending, self._pending = self._pending, []
+        for job in pending:
+            job.run()
+
+    def _head_losses(self, net: TrainNet, hidden: torch.Tensor, pending: PendingBackward,
+                     examples: list[Example]) -> float:
+        """Losses of the heads that learn (their gradient reaches the hidden vectors unless frozen)."""
+        from .spacy_training import cats_loss, gold_tags, tag_loss
+
+        leaf = hidden.detach().requires_grad_(pending.forward is not None)
+        terms = []
+        if self._learn["tagger"] and self._tagger is not None and self.settings.tag_attr is not None:
+            gold = [gold_tags(eg, self.settings.tag_attr) for eg in examples]
+            terms.append(tag_loss(net.head(self._head_name("tagger")), leaf, pending.batch, gold))
+        if self._learn["classifier"] and self._classifier is not None:
+            gold_cats = [dict(eg.reference.cats) for eg in examples]
+            terms.append(cats_loss(net.head(self._head_name("classifier")), leaf, pending.batch, gold_cats))
+        present = [t for t in terms if t is not None]
+        if not present:
+            return 0.0
+        total = torch.stack(present).sum()
+        total.backward()
+        if leaf.grad is not None:
+            pending.d_hidden += leaf.grad
+        return float(total.detach())
+
+    def _head_name(self, kind: str) -> str:
+        name = self._heads[kind]
+        assert name is not None
+        return name
+
+    def _engine_hidden(self, docs: list[Doc], length: int) -> torch.Tensor:
+        """Frozen weights: the hidden vectors straight from the streaming engine, ``[B, T, C]``."""
+        from rwkv_stream.sessions import Fragment
+
+        sessions = self._ensure_loaded()
+        results = sessions.feed([Fragment(None, d.text) for d in docs], provisional=True)
+        out = torch.zeros(len(docs), max(length, 1), sessions.model.config.n_embd)
+        for b, res in enumerate(results):
+            parts = [h for h in (res.hidden, res.tail_hidden) if h is not None and len(h)]
+            if parts:
+                rows = torch.cat(parts).float().cpu()
+                out[b, : len(rows)] = rows[:length]
+        return out
+
+    def _trainable(self) -> TrainNet:
+        """The torch modules ``nlp.update`` trains, built from the loaded weights on first use."""
+        from .spacy_training import TrainNet, rwkv_from_tensors
+
+        if self._net is None:
+            loaded = self._loaded
+            assert loaded is not None
+            rwkv = None
+            if not self.settings.freeze_weights:
+                family = getattr(loaded.model, "family", "rwkv4")
+                if family != "rwkv4":
+                    raise ValueError(f"rwkv: fine-tuning runs RWKV-4 models only (this is {family}); "
+                                     "set freeze_weights = true to train heads and listeners on frozen features")
+                rwkv = rwkv_from_tensors(loaded.tensors)
+                rwkv.train()
+            heads = {n: loaded.heads.heads[n] for k, n in self._heads.items() if n and self._learn[k]}
+            self._net = TrainNet(rwkv, heads)
+        return self._net
+
+    def _init_heads(self, loaded: LoadedModel, examples: list[Example]) -> None:
+        """Heads over the labels the gold data has (see :meth:`initialize`); the caller installs them."""
+        from .spacy_training import adapt_head, data_labels
+
+        s = self.settings
+        tag_attr = s.tag_attr if s.tag_head is not None else None
+        tag_labels, cat_labels, multi = data_labels(examples, tag_attr)
+        heads = dict(loaded.heads.heads)
+        n_embd = loaded.model.config.n_embd
+        plan = (("tagger", "tag", s.tag_labels or tag_labels, False),
+                ("classifier", "cats", s.cats_labels or cat_labels, multi))
+        for kind, what, labels, multi_label in plan:
+            want = getattr(s, f"{what}_head")
+            if want is None or not labels:
+                continue
+            name = want if want != "auto" else _auto_head_name(heads, kind, what)
+            old = heads.get(name)
+            if old is not None and old.kind != kind:
+                raise ValueError(f"rwkv: the model's head {name!r} is a {old.kind}; name the new {kind} head "
+                                 f"with {what}_head")
+            heads[name] = adapt_head(old, kind, labels, n_embd, multi_label)
+            setattr(s, f"{what}_head", name)
+            self._learn[kind] = True
+        loaded.heads = type(loaded.heads)(heads, loaded.model.fingerprint)
+
+    def _engine(self) -> SessionTable:
+        """The session table, rebuilt from the trained weights when training changed them (live streams of
+        the old weights are dropped: their states belong to other weights)."""
+        sessions = self._ensure_loaded()
+        if not self._dirty:
+            return sessions
+        from .spacy_training import canonical_tensors
+
+        loaded, net = self._loaded, self._net
+        assert loaded is not None and net is not None
+        if net.rwkv is not None:
+            loaded.tensors = canonical_tensors(net.rwkv, loaded.tensors)
+            loaded.model = type(loaded.model)(loaded.tensors, loaded.model.config, device=self.settings.device,
+                                              dtype=self.settings.dtype)
+            loaded.heads.model_fingerprint = loaded.model.fingerprint
+        self._dirty = False
+        self._install(loaded)
+        return self._ensure_loaded()
 
     # -------------------------------------------------------------- generation
     def generate(self, doc: Doc, max_new_tokens: int | None = None, **overrides: Any) -> str:
@@ -447,7 +707,7 @@ class RWKVComponent(Pipe):
             int(cfg["max_new_tokens"]), float(cfg["temperature"]), float(cfg["top_p"]), cfg["seed"],
             tuple(cfg["stop"] or ()),
         )
-        sessions, key = self._ensure_loaded(), self.stream_key(doc)
+        sessions, key = self._engine(), self.stream_key(doc)
         if key is None:
             return sessions.generate_from(doc.text, sampling)
         if not sessions.exists(key):
@@ -479,14 +739,14 @@ class RWKVComponent(Pipe):
     def export_stream(self, stream_id: Hashable) -> bytes:
         """The stream's complete session as bytes (model state, tokenizer carry, counters; versioned,
         checksummed, tied to the model): :meth:`import_stream` continues it exactly, in any process."""
-        sessions, key = self._ensure_loaded(), self._key(stream_id)
+        sessions, key = self._engine(), self._key(stream_id)
         if not sessions.exists(key):
             raise KeyError(f"stream {key!r} is not live (ended, or never processed)")
         return sessions.export(key)
 
     def import_stream(self, stream_id: Hashable, data: bytes) -> None:
         """Continue a stream from :meth:`export_stream` bytes (replacing a live stream of that id)."""
-        self._ensure_loaded().restore(self._key(stream_id), data)
+        self._engine().restore(self._key(stream_id), data)
 
     def export_streams(self) -> dict[Hashable, bytes]:
         """Every resident stream's :meth:`export_stream` bytes."""
@@ -540,7 +800,7 @@ class RWKVComponent(Pipe):
         ``exclude``: ``"model"`` skips the bundle, ``"cfg"`` the settings record."""
         from rwkv_stream.loading import save_bundle
 
-        self._ensure_loaded()
+        self._engine()  # the trained weights, if any
         assert self._loaded is not None
         path, skip = Path(path), _fields(exclude)
         if "model" not in skip:
@@ -560,6 +820,7 @@ class RWKVComponent(Pipe):
             raise CheckpointError(f"{path} holds no saved rwkv component (no bundle.json)")
         else:
             self._install(load_source(path, device=self.settings.device, dtype=self.settings.dtype, byte_level=True))
+            self._net, self._pending, self._dirty = None, [], False
         record_file = path / COMPONENT_FILE
         if "cfg" not in skip and record_file.is_file():
             self._check_record(srsly.read_json(record_file))
@@ -580,7 +841,7 @@ class RWKVComponent(Pipe):
             return self.from_disk(Path(tmp) / "rwkv", exclude=exclude)
 
     def _record(self) -> dict[str, Any]:
-        sessions = self._ensure_loaded()
+        sessions = self._engine()
         settings = asdict(self.settings)
         settings["model"] = settings["model"] if isinstance(settings["model"], str) else repr(settings["model"])
         return {
@@ -590,16 +851,42 @@ class RWKVComponent(Pipe):
             "tag_labels": self._tagger.labels if self._tagger else None,
             "cats_head": self._heads["classifier"],
             "cats_labels": self.cats_labels,
+            "learn": dict(self._learn),
             "settings": settings,
         }
 
     def _check_record(self, record: dict[str, Any]) -> None:
         if record.get("fingerprint") not in (None, self._ensure_loaded().fingerprint):
             raise ValueError("rwkv: the saved component record belongs to other weights than the saved bundle")
+        self._learn.update({k: bool(v) for k, v in record.get("learn", {}).items() if k in self._learn})
 
 
 # ------------------------------------------------------------------------------------------ helpers
 SERIALIZATION_FIELDS = ("model", "cfg")
+
+
+def _auto_head_name(heads: dict[str, Head], kind: str, what: str) -> str:
+    """The model's only head of ``kind`` (else ``kind`` itself, the name of a new one)."""
+    found = [n for n, h in heads.items() if h.kind == kind]
+    if len(found) > 1:
+        raise ValueError(f"rwkv: the model has several {kind} heads {found}; set {what}_head to one")
+    return found[0] if found else kind
+
+
+def _no_forward(model: Model, docs: Any, is_train: bool) -> Any:
+    raise NotImplementedError("the rwkv component runs its model itself: call the component or nlp.update")
+
+
+def add_heads(loaded: LoadedModel, heads_path: str) -> None:
+    """Add the heads saved in ``heads_path`` to the model's; a name the model already has is an error."""
+    from rwkv_stream.heads import HeadSet
+
+    extra = HeadSet.load(heads_path)
+    clash = sorted(set(extra.heads) & set(loaded.heads.heads))
+    if clash:
+        raise ValueError(f"rwkv: heads_path {heads_path!r} has heads named {clash}, which the model already has; "
+                         "give them other names")
+    loaded.heads = HeadSet({**loaded.heads.heads, **extra.heads}, loaded.model.fingerprint)
 
 
 def _fields(exclude: Iterable[str]) -> set[str]:

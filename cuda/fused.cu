@@ -1,12 +1,13 @@
 // Fused elementwise helpers for an RWKV-4 step (fp32 math; fp16 results saturate instead of overflowing).
 //
-//   relu_square_*:    y[i] = max(x[i], 0)^2 over n contiguous elements (y may alias x).
+//   relu_square_*:    y[i] = max(x[i], 0)^2 over n contiguous elements (y may alias x: no __restrict__).
 //                     Launch: 1-D grid-stride loop, any grid.
 //   add_layernorm_*:  per row n of the fp32 residual stream x [N, C] (row stride ldx):
 //                       x = (x + g * delta) * scale      (g = sigmoid(gate) if gate else 1; delta optional)
 //                       out = (x - mean) / sqrt(var + eps) * weight + bias   (weight, bias fp32 [C])
 //                     Launch: grid (N), block a multiple of 32 (<= 1024), no dynamic shared memory.
-// Suffix: the dtype of delta, gate and out (f32, f16, bf16).
+// Suffix: the dtype of delta, gate and out (f32, f16, bf16). add_layernorm's x and out are written and
+// overlap neither each other nor the inputs.
 #include "rwkv_common.cuh"
 
 namespace rwkv {
@@ -21,9 +22,11 @@ __device__ void relu_square_impl(i64 n, const T* x, T* y) {
 }
 
 template <typename T>
-__device__ void add_layernorm_impl(int N, int C, float* x, i64 ldx, const T* delta, i64 ldd,
-                                   const T* gate, i64 ldg, float scale, const float* weight,
-                                   const float* bias, float eps, T* out, i64 ldo) {
+__device__ void add_layernorm_impl(int N, int C, float* __restrict__ x, i64 ldx,
+                                   const T* __restrict__ delta, i64 ldd, const T* __restrict__ gate,
+                                   i64 ldg, float scale, const float* __restrict__ weight,
+                                   const float* __restrict__ bias, float eps, T* __restrict__ out,
+                                   i64 ldo) {
   __shared__ float shared32[32];
   const int n = blockIdx.x;
   if (n >= N) return;  // uniform per block
@@ -59,9 +62,10 @@ __device__ void add_layernorm_impl(int N, int C, float* x, i64 ldx, const T* del
     rwkv::relu_square_impl<T>(n, x, y);                                                              \
   }                                                                                                  \
   extern "C" __global__ void add_layernorm_##SUFFIX(                                                 \
-      int N, int C, float* x, long long ldx, const T* delta, long long ldd, const T* gate,           \
-      long long ldg, float scale, const float* weight, const float* bias, float eps, T* out,         \
-      long long ldo) {                                                                               \
+      int N, int C, float* __restrict__ x, long long ldx, const T* __restrict__ delta,               \
+      long long ldd, const T* __restrict__ gate, long long ldg, float scale,                         \
+      const float* __restrict__ weight, const float* __restrict__ bias, float eps,                   \
+      T* __restrict__ out, long long ldo) {                                                          \
     rwkv::add_layernorm_impl<T>(N, C, x, ldx, delta, ldd, gate, ldg, scale, weight, bias, eps, out,  \
                                 ldo);                                                                \
   }

@@ -55,17 +55,6 @@ struct StateArena {
   }
 };
 
-// Stream index b owning flat token t: the largest b with offsets[b] <= t (empty streams are skipped
-// because their offset equals the next one). offsets has B + 1 entries and offsets[B] > t.
-__device__ __forceinline__ int stream_of_token(const int* offsets, int B, int t) {
-  int lo = 0, hi = B - 1;
-  while (lo < hi) {
-    int mid = (lo + hi + 1) >> 1;
-    if (offsets[mid] <= t) lo = mid; else hi = mid - 1;
-  }
-  return lo;
-}
-
 // Sum over a thread block (blockDim.x a multiple of 32, at most 1024); every thread gets the result.
 __device__ __forceinline__ float block_sum(float v, float* shared32) {
   for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);

@@ -9,6 +9,8 @@
 //   wkv_ragged_* tokens offsets[b]..offsets[b+1]-1 of a flat [N, C] batch belong to stream b:
 //                grid (ceil(C / block), B), one thread per (stream, channel) looping over its tokens
 // If r is not null the output is sigmoid(r) * wkv (the attention gate fused in).
+// Aliasing: k, v, r, w, u, slots and offsets are only read (they may share memory); out and the state arena
+// are written and must not overlap each other or any input (rwkv_stream.gpu checks this before launching).
 #include "rwkv_common.cuh"
 
 namespace rwkv {
@@ -53,22 +55,23 @@ __device__ __forceinline__ void store_state(const StateArena& st, int slot, int 
 }
 
 template <typename T>
-struct Rows {  // a [rows, C] matrix with row stride ld (channel stride 1); ptr may be null
-  const T* ptr;
+struct Rows {  // a read-only [rows, C] matrix with row stride ld (channel stride 1); ptr may be null
+  const T* __restrict__ ptr;
   i64 ld;
   __device__ __forceinline__ float at(i64 t, int c) const { return to_float(ptr[t * ld + c]); }
 };
 
 template <typename T, typename TO>
-__device__ __forceinline__ void wkv_emit(float y, const Rows<T>& r, TO* out, i64 ldo, i64 t, int c) {
+__device__ __forceinline__ void wkv_emit(float y, const Rows<T>& r, TO* __restrict__ out, i64 ldo, i64 t,
+                                         int c) {
   if (r.ptr != nullptr) y *= sigmoidf(r.at(t, c));
   out[t * ldo + c] = from_float<TO>(y);
 }
 
 template <typename T, typename TO>
-__device__ void wkv_step_impl(int B, int C, Rows<T> k, Rows<T> v, Rows<T> r, const float* w,
-                              const float* u, const int* slots, int layer, StateArena st, TO* out,
-                              i64 ldo) {
+__device__ void wkv_step_impl(int B, int C, Rows<T> k, Rows<T> v, Rows<T> r, const float* __restrict__ w,
+                              const float* __restrict__ u, const int* __restrict__ slots, int layer,
+                              StateArena st, TO* __restrict__ out, i64 ldo) {
   const int c = blockIdx.x * blockDim.x + threadIdx.x;
   const int b = blockIdx.y;
   if (c >= C || b >= B) return;
@@ -80,9 +83,10 @@ __device__ void wkv_step_impl(int B, int C, Rows<T> k, Rows<T> v, Rows<T> r, con
 }
 
 template <typename T, typename TO>
-__device__ void wkv_ragged_impl(int B, int C, const int* offsets, Rows<T> k, Rows<T> v, Rows<T> r,
-                                const float* w, const float* u, const int* slots, int layer,
-                                StateArena st, TO* out, i64 ldo) {
+__device__ void wkv_ragged_impl(int B, int C, const int* __restrict__ offsets, Rows<T> k, Rows<T> v,
+                                Rows<T> r, const float* __restrict__ w, const float* __restrict__ u,
+                                const int* __restrict__ slots, int layer, StateArena st,
+                                TO* __restrict__ out, i64 ldo) {
   const int c = blockIdx.x * blockDim.x + threadIdx.x;
   const int b = blockIdx.y;
   if (c >= C || b >= B) return;
@@ -102,16 +106,20 @@ __device__ void wkv_ragged_impl(int B, int C, const int* offsets, Rows<T> k, Row
 
 #define RWKV_WKV_ENTRY_POINTS(SUFFIX, T, TO)                                                          \
   extern "C" __global__ void wkv_step_##SUFFIX(                                                      \
-      int B, int C, const T* k, long long ldk, const T* v, long long ldv, const T* r, long long ldr, \
-      const float* w, const float* u, const int* slots, int layer, float* state, long long s_slot,   \
-      long long s_layer, long long s_row, TO* out, long long ldo) {                                  \
+      int B, int C, const T* __restrict__ k, long long ldk, const T* __restrict__ v, long long ldv,   \
+      const T* __restrict__ r, long long ldr, const float* __restrict__ w,                           \
+      const float* __restrict__ u, const int* __restrict__ slots, int layer,                         \
+      float* __restrict__ state, long long s_slot, long long s_layer, long long s_row,               \
+      TO* __restrict__ out, long long ldo) {                                                         \
     rwkv::wkv_step_impl<T, TO>(B, C, {k, ldk}, {v, ldv}, {r, ldr}, w, u, slots, layer,               \
                                {state, s_slot, s_layer, s_row}, out, ldo);                           \
   }                                                                                                  \
   extern "C" __global__ void wkv_ragged_##SUFFIX(                                                    \
-      int B, int C, const int* offsets, const T* k, long long ldk, const T* v, long long ldv,        \
-      const T* r, long long ldr, const float* w, const float* u, const int* slots, int layer,        \
-      float* state, long long s_slot, long long s_layer, long long s_row, TO* out, long long ldo) {  \
+      int B, int C, const int* __restrict__ offsets, const T* __restrict__ k, long long ldk,         \
+      const T* __restrict__ v, long long ldv, const T* __restrict__ r, long long ldr,                \
+      const float* __restrict__ w, const float* __restrict__ u, const int* __restrict__ slots,       \
+      int layer, float* __restrict__ state, long long s_slot, long long s_layer, long long s_row,    \
+      TO* __restrict__ out, long long ldo) {                                                         \
     rwkv::wkv_ragged_impl<T, TO>(B, C, offsets, {k, ldk}, {v, ldv}, {r, ldr}, w, u, slots, layer,    \
                                  {state, s_slot, s_layer, s_row}, out, ldo);                         \
   }

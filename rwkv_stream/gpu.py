@@ -7,7 +7,10 @@ Each op mirrors the plain torch reference of the same name in :mod:`rwkv_stream.
 State arena contract: ``pool_data`` fp32 ``[capacity, n_layer, 5, C]`` (channel stride 1), rows per
 layer ``[att_x, aa, bb, pp, ffn_x]``; ``slots`` int32 on the device (negative = stateless padding row);
 ``offsets`` int32 ``[B + 1]`` on the device with ``offsets[B] == N`` (the caller guarantees it; the
-kernels do not read past it). A slot must not appear twice in one batch.
+kernels do not read past it). A slot must not appear twice in one batch: these ops do not check it (that
+would read device memory); :class:`CudaGraphStepper` and ``Model.step`` check the slots they are given.
+Buffers a kernel writes (outputs, the arena) must not overlap the buffers it reads; the ops check that
+(the kernels declare their pointers ``__restrict__``), except ``relu_square``, which may run in place.
 
 CuPy compiles with ``-ftz=true``: fp32 denormals flush to zero inside the kernels (harmless here: they
 only arise as vanishing exp() terms). fp16 outputs saturate at +-65504 instead of overflowing to inf.
@@ -41,7 +44,7 @@ if TYPE_CHECKING:
         from importlib.abc import Traversable
 
 __all__ = [
-    "CudaGraphStepper", "add_layernorm", "load_kernels", "relu_square", "reset_slots",
+    "CudaGraphStepper", "add_layernorm", "load_kernels", "relu_square", "reset_slots", "stream_of_tokens",
     "token_shift_ragged", "wkv_ragged", "wkv_step",
 ]
 
@@ -59,7 +62,7 @@ SIGNATURES: dict[str, tuple[str, ...]] = {
                  "ptr", "i64", "i64", "i64", "ptr", "i64"),
     "wkv_ragged": ("i32", "i32", "ptr", "ptr", "i64", "ptr", "i64", "ptr", "i64", "ptr", "ptr", "ptr",
                    "i32", "ptr", "i64", "i64", "i64", "ptr", "i64"),
-    "token_shift": ("i32", "i32", "i32", "ptr", "i64", "ptr", "ptr", "i32", "i32", "ptr", "i64", "i64",
+    "token_shift": ("i32", "i32", "ptr", "i64", "ptr", "ptr", "ptr", "i32", "i32", "ptr", "i64", "i64",
                     "i64", "i32", "ptr", "ptr", "i64", "i64"),
     "relu_square": ("i64", "ptr", "ptr"),
     "add_layernorm": ("i32", "i32", "ptr", "i64", "ptr", "i64", "ptr", "i64", "f32", "ptr", "ptr", "f32",
@@ -311,6 +314,25 @@ def _check_state(pool_data: torch.Tensor, c: int, layer: int, *index: torch.Tens
             raise ValueError(f"slots/offsets must be contiguous int32, got {ix.dtype}")
 
 
+def _extent(t: torch.Tensor) -> tuple[int, int]:
+    """Byte range [start, end) that a strided tensor can touch."""
+    span = 1 + sum((n - 1) * abs(st) for n, st in zip(t.shape, t.stride(), strict=True)) if t.numel() else 0
+    start = t.data_ptr()
+    return start, start + span * t.element_size()
+
+
+def _check_disjoint(written: Sequence[torch.Tensor | None], read: Sequence[torch.Tensor | None]) -> None:
+    """Kernels declare their pointers ``__restrict__``: a written buffer may not overlap any other buffer."""
+    ws = [t for t in written if t is not None and t.numel()]
+    others = [t for t in read if t is not None and t.numel()]
+    for i, w in enumerate(ws):
+        a0, a1 = _extent(w)
+        for o in ws[i + 1:] + others:
+            b0, b1 = _extent(o)
+            if a0 < b1 and b0 < a1:
+                raise ValueError(f"an output {tuple(w.shape)} overlaps another argument {tuple(o.shape)} in memory")
+
+
 def _suffix(dtype: torch.dtype) -> str:
     try:
         return SUFFIX[dtype]
@@ -347,6 +369,7 @@ def _wkv_checks(k: torch.Tensor, v: torch.Tensor, r: torch.Tensor | None, out: t
     _check_rows(c, out.dtype, out)
     _check_vectors(c, w, u)
     _check_state(pool_data, c, layer, slots, offsets)
+    _check_disjoint((out, pool_data), (k, v, r, w, u, slots, offsets))
     return _check_cuda(k, v, r, out, w, u, pool_data, slots, offsets)
 
 
@@ -398,10 +421,23 @@ def _mix_matrix(mixes: torch.Tensor | Sequence[torch.Tensor], c: int, device: to
     return torch.stack([m.float().reshape(c) for m in mixes]).to(device)
 
 
+def stream_of_tokens(offsets: torch.Tensor, n: int) -> torch.Tensor:
+    """int32 ``[n]``: the stream of each flat token (``b`` for tokens ``offsets[b] .. offsets[b + 1] - 1``),
+    computed once per batch on the device without a host sync (``n == offsets[-1]``, known to the caller)."""
+    b = offsets.numel() - 1
+    streams = torch.arange(b, dtype=torch.int32, device=offsets.device)
+    return torch.repeat_interleave(streams, (offsets[1:] - offsets[:-1]).long(), output_size=n)
+
+
 def token_shift_ragged(xa: torch.Tensor, mixes: torch.Tensor | Sequence[torch.Tensor],
                        pool_data: torch.Tensor, slots: torch.Tensor, offsets: torch.Tensor | None,
-                       layer: int, row: int, out: torch.Tensor | None = None) -> torch.Tensor:
-    """Token-shift mixes ``[n_mix, N, C]`` (xa's dtype); writes each stream's last xa into state ``row``."""
+                       layer: int, row: int, out: torch.Tensor | None = None,
+                       token_stream: torch.Tensor | None = None) -> torch.Tensor:
+    """Token-shift mixes ``[n_mix, N, C]`` (xa's dtype); writes each stream's last xa into state ``row``.
+
+    ``token_stream`` (int32 ``[N]``, :func:`stream_of_tokens`) maps each token to its stream; pass it when
+    several layers share one batch (it is computed here otherwise). Not read when ``offsets`` is None.
+    """
     n, c = xa.shape
     mix = _mix_matrix(mixes, c, xa.device)
     n_mix = mix.shape[0]
@@ -413,12 +449,19 @@ def token_shift_ragged(xa: torch.Tensor, mixes: torch.Tensor | Sequence[torch.Te
     if out.shape != (n_mix, n, c) or out.stride(2) != 1 or out.dtype != xa.dtype or row not in (ATT_X, FFN_X):
         raise ValueError(f"bad out {tuple(out.shape)} {out.dtype} or row {row}")
     _check_rows(c, xa.dtype, xa)
-    _check_state(pool_data, c, layer, slots, offsets)
-    dev = _check_cuda(xa, mix, pool_data, slots, offsets, out)
+    if offsets is not None and token_stream is None:
+        token_stream = stream_of_tokens(offsets, n)
+    if offsets is None:
+        token_stream = None
+    _check_state(pool_data, c, layer, slots, offsets, token_stream)
+    if token_stream is not None and token_stream.numel() != n:
+        raise ValueError(f"token_stream needs one entry per token, got {token_stream.numel()} for {n}")
+    _check_disjoint((out, pool_data), (xa, mix, slots, offsets, token_stream))
+    dev = _check_cuda(xa, mix, pool_data, slots, offsets, token_stream, out)
     if slots.numel() != b:
         raise ValueError(f"need one slot per stream, got {slots.numel()} for {b}")
-    args = (n, b, c, xa, xa.stride(0), offsets, slots, layer, row, pool_data, *_state_strides(pool_data),
-            n_mix, mix, out, out.stride(0), out.stride(1))
+    args = (n, c, xa, xa.stride(0), offsets, token_stream, slots, layer, row, pool_data,
+            *_state_strides(pool_data), n_mix, mix, out, out.stride(0), out.stride(1))
     grid = (_cdiv(c, BLOCK), min(n, MAX_GRID_Y), 1)
     _launch(f"token_shift_{_suffix(xa.dtype)}", grid, (BLOCK, 1, 1), args, dev)
     return out
@@ -456,6 +499,7 @@ def add_layernorm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
     _check_rows(c, torch.float32, x)
     _check_rows(c, dtype, delta, gate, out)
     _check_vectors(c, weight, bias)
+    _check_disjoint((x, out), (delta, gate, weight, bias))
     if gate is not None and delta is None:
         raise ValueError("gate needs delta")
     dev = _check_cuda(x, weight, bias, delta, gate, out)
@@ -646,7 +690,8 @@ class CudaGraphStepper:
         if last_only and bool((lengths == 0).any()):
             raise ValueError("last_only needs at least one token per stream")
         dev = self.device
-        hidden = self._run(toks.to(dev, torch.long), self._slots(slots), offs.to(dev))
+        slot_list = self._checked_slots(slots, len(offs) - 1)
+        hidden = self._run(toks.to(dev, torch.long), self._slots(slot_list), offs.to(dev))
         if last_only:
             hidden = hidden.index_select(0, (offs[1:].long() - 1).to(dev))
         return F.linear(hidden, self.w.head)
@@ -660,9 +705,7 @@ class CudaGraphStepper:
         valid only until the next call.
         """
         toks = torch.as_tensor(tokens).reshape(-1)
-        slot_t = torch.as_tensor(slots).reshape(-1)
-        if toks.numel() != slot_t.numel():
-            raise ValueError("need one slot per token")
+        slot_t = torch.tensor(self._checked_slots(slots, toks.numel()), dtype=torch.int32)
         if not self.use_graphs:
             hidden = self._run(toks.to(self.device, torch.long), self._slots(slot_t), None)
             return F.linear(hidden, self.w.head)
@@ -679,6 +722,21 @@ class CudaGraphStepper:
             self._graph(size)
 
     # -- graphs ---------------------------------------------------------------------------------------
+
+    def _checked_slots(self, slots: torch.Tensor | Sequence[int], count: int) -> list[int]:
+        """The slots as host ints: one per stream, each in [0, capacity), no slot twice (two rows of one
+        batch on one slot race in the kernels). A device tensor is copied to the host (a sync): pass lists."""
+        values = [int(s) for s in (slots.reshape(-1).tolist() if isinstance(slots, torch.Tensor) else slots)]
+        if len(values) != count:
+            raise ValueError(f"need one slot per stream: {len(values)} slots for {count} streams")
+        capacity = self.pool.shape[0]
+        bad = [s for s in values if not 0 <= s < capacity]
+        if bad:
+            raise ValueError(f"slot {bad[0]} out of range for a pool of {capacity}")
+        if len(set(values)) != len(values):
+            dup = next(s for s in values if values.count(s) > 1)
+            raise ValueError(f"slot {dup} appears twice in one batch; feed a stream's tokens as one stream")
+        return values
 
     def _slots(self, slots: torch.Tensor | Sequence[int]) -> torch.Tensor:
         return torch.as_tensor(slots).reshape(-1).to(self.device, torch.int32).contiguous()

@@ -152,11 +152,13 @@ def _previous_rows(xa: torch.Tensor, pool_data: torch.Tensor, slots: torch.Tenso
 def token_shift_ragged(xa: torch.Tensor, mixes: torch.Tensor | Sequence[torch.Tensor],
                        pool_data: torch.Tensor, slots: torch.Tensor,
                        offsets: torch.Tensor | Sequence[int] | None, layer: int, row: int,
-                       out: torch.Tensor | None = None) -> torch.Tensor:
+                       out: torch.Tensor | None = None, token_stream: torch.Tensor | None = None) -> torch.Tensor:
     """Token-shift mixes for a ragged batch: ``out[m, t] = xa[t] * mix[m] + prev[t] * (1 - mix[m])``.
 
     ``mixes`` is [n_mix, C] (or a sequence of C-vectors); ``row`` is ATT_X or FFN_X. The last xa of each
     stream is written into that state row. Returns [n_mix, N, C] in xa's dtype (or fills ``out``).
+    ``token_stream`` (the kernel's precomputed stream of each token) is accepted for the same signature
+    and not needed here.
     """
     n, c = xa.shape
     offs = list(range(n + 1)) if offsets is None else _offsets_list(offsets)

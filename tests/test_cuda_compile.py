@@ -1,7 +1,7 @@
 """Compile every CUDA source with NVRTC (no GPU needed) and check the kernels' parameter lists.
 
 The sources are compiled exactly as :mod:`rwkv_stream.gpu` hands them to CuPy (shared header inlined,
-same options), for sm_80 (A100) and sm_90 (H100/H200). The PTX entry points must match the argument
+same options), for sm_80 (A100), sm_90 (H100/H200) and sm_100 (B200). The PTX entry points must match the argument
 kinds the Python launchers pack, so an argument added on one side only fails here, not on a GPU.
 """
 
@@ -19,7 +19,7 @@ from rwkv_stream import gpu
 from rwkv_stream.state import ROWS
 from rwkv_stream.wkv import EMPTY_PP
 
-ARCHS = ("compute_80", "compute_90")
+ARCHS = ("compute_80", "compute_90", "compute_100")
 PTX_KIND = {"u32": "i32", "s32": "i32", "b32": "i32", "f32": "f32", "u64": "u64", "s64": "u64", "b64": "u64"}
 SIG_KIND = {"ptr": "u64", "i64": "u64", "i32": "i32", "f32": "f32"}
 

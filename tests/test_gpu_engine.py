@@ -113,3 +113,21 @@ def test_graph_replays_match_eager(device, tensors):  # noqa: F811
         a, b = graphs.stepper.step(toks, slots), eager.stepper.step(toks, slots)
         assert torch.allclose(a.float(), b.float(), rtol=1e-2, atol=1e-2 * float(b.abs().max()))
     torch.testing.assert_close(graphs.pool, eager.pool, rtol=1e-2, atol=1e-2)
+
+
+def test_slots_are_checked_at_the_stepper_boundary(device, tensors):  # noqa: F811
+    """A slot twice in one batch (a race in the kernels), out of range or negative is refused before any
+    launch, and the arena is left untouched."""
+    pair = Pair(tensors, torch.float32, device, capacity=6, buckets=(4,))
+    before = pair.pool.clone()
+    bad = {"twice": [1, 3, 1], "out of range": [0, 6, 2], "out of range ": [0, -1, 2]}
+    for what, slots in bad.items():
+        with pytest.raises(ValueError, match=what.strip()):
+            pair.stepper.step([5, 6, 7], slots)
+        with pytest.raises(ValueError, match=what.strip()):
+            pair.stepper.forward([5, 6, 7, 8], [0, 1, 3, 4], slots)
+    with pytest.raises(ValueError, match="one slot per stream"):
+        pair.stepper.step([5, 6, 7], [0, 1])
+    assert torch.equal(pair.pool, before)
+    pair.step([5, 6, 7], [5, 0, 2])  # distinct, in range: runs and matches the reference
+    pair.check_states()

@@ -1,10 +1,12 @@
 """Each CUDA kernel against its torch reference (rwkv_stream.kernels_ref), on two backends:
 
 * ``cuda``: the real kernels through CuPy on a GPU (marked ``gpu``; skipped without CUDA/CuPy);
-* ``emulated``: the same ``.cu`` sources compiled as C++ for the CPU with a small shim (blocks run one
-  after another, the threads of a block as real threads when the kernel synchronizes), called through
-  the same Python launchers. It checks indexing, strides, launch geometry and argument packing
-  without a GPU (skipped when no C++20 compiler is found).
+* ``emulated``: the same ``.cu`` sources compiled as C++ for the CPU with a small shim, called through the
+  same Python launchers. Each launch runs with its blocks in forward, reversed and shuffled order (and
+  grid-stride kernels on a two-block grid) and must give the same bits every time; threads of kernels that
+  synchronize run as real threads, with warp-scoped shuffles that fail when lanes disagree. It checks
+  indexing, strides, launch geometry, argument packing and races between blocks without a GPU (skipped
+  when no C++ compiler is found).
 
 Outputs are NaN-poisoned before each launch, so an element the kernel fails to write shows up.
 """
@@ -34,9 +36,18 @@ CAPACITY = 9
 
 # ---------------------------------------------------------------------------------------------------
 # CPU emulation of the kernels
+#
+# Every launch runs several times from the same inputs, and all runs must leave every buffer the kernel can
+# reach bit-identical: blocks (and, for kernels that never synchronize, the threads of a block) in forward,
+# reversed and shuffled order, and grid-stride kernels once more on a grid of two blocks along their strided
+# axis (so their loops stride). A result that depends on the order of blocks is a race between blocks; one
+# that depends on the grid is a loop that does not stride. Threads of kernels that synchronize run as real
+# threads; a warp shuffle synchronizes only its warp (32 consecutive threads), and the emulator fails the
+# launch when the lanes of a warp disagree: a lane named in the mask exited or never arrives, lanes pass
+# different masks, call from different places, or read a lane outside the mask. __syncthreads fails the
+# same way when threads call it from different places.
 
 EMU_HEADER = r"""
-#include <barrier>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -48,10 +59,11 @@ extern dim3 blockDim, gridDim;
 #define __device__
 #define __host__
 #define __forceinline__ inline
+#define __restrict__ __restrict
 #define __shared__ static
-namespace emu { void syncthreads(); float exchange(float v, int lane_xor); }
-inline void __syncthreads() { emu::syncthreads(); }
-inline float __shfl_xor_sync(unsigned, float v, int o) { return emu::exchange(v, o); }
+namespace emu { void syncthreads(int site); float shfl_xor(unsigned mask, float v, int lane_xor, int site); }
+#define __syncthreads() emu::syncthreads(__LINE__)
+#define __shfl_xor_sync(mask, v, o) emu::shfl_xor((mask), (v), (o), __LINE__)
 inline float rsqrtf(float x) { return 1.0f / std::sqrt(x); }
 struct __half { uint16_t bits; };
 struct __nv_bfloat16 { uint16_t bits; };
@@ -85,100 +97,278 @@ inline __nv_bfloat16 __float2bfloat16_rn(float f) {
 """
 
 EMU_RUNTIME = r"""
+#include <algorithm>
+#include <chrono>
+#include <condition_variable>
+#include <cstdio>
 #include <functional>
+#include <memory>
+#include <mutex>
+#include <numeric>
+#include <random>
+#include <string>
 #include <thread>
 #include <vector>
 thread_local dim3 threadIdx, blockIdx;
 dim3 blockDim, gridDim;
 namespace emu {
-static std::barrier<>* bar = nullptr;
-static float xbuf[1024];
-void syncthreads() { if (bar) bar->arrive_and_wait(); }
-float exchange(float v, int o) {
-  xbuf[threadIdx.x] = v; syncthreads();
-  float r = xbuf[threadIdx.x ^ o]; syncthreads();
-  return r;
+static std::mutex err_mu;
+static std::string error;
+static bool aborted = false;  // after an error every synchronization returns at once (no deadlock)
+static void fail(const std::string& what) {
+  std::lock_guard<std::mutex> g(err_mu);
+  if (error.empty()) error = what;
+  aborted = true;
 }
-void launch(dim3 g, dim3 b, int concurrent, const std::function<void()>& body) {
+
+// A group of threads that synchronize together (a warp for shuffles, the block for __syncthreads).
+// Exited members stop being waited for; a round completes when every member has arrived or exited.
+struct Group {
+  std::mutex mu;
+  std::condition_variable cv;
+  unsigned members = 0, arrived = 0, exited = 0, gen = 0;  // bit masks over lanes (warps); counts (block)
+  int site[32] = {}, src[32] = {};
+  unsigned mask[32] = {};
+  float value[32] = {}, result[32] = {};
+};
+static std::vector<std::unique_ptr<Group>> warps;
+static std::unique_ptr<Group> block_group;  // counts in arrived/exited, members = thread count
+static thread_local unsigned tid = 0;
+
+static void finish_warp(Group& w, unsigned warp) {
+  const unsigned in = w.arrived;
+  unsigned lane0 = __builtin_ctz(in);
+  for (unsigned l = 0; l < 32; ++l) {
+    if (!(in >> l & 1u)) continue;
+    char buf[200];
+    if (w.mask[l] != w.mask[lane0] || w.site[l] != w.site[lane0]) {
+      std::snprintf(buf, sizeof buf, "warp %u: lanes %u and %u disagree at a shuffle (mask %08x/%08x, line %d/%d)",
+                    warp, lane0, l, w.mask[lane0], w.mask[l], w.site[lane0], w.site[l]);
+      fail(buf);
+    } else if ((w.mask[l] & w.members & ~in) != 0) {
+      std::snprintf(buf, sizeof buf, "warp %u: shuffle at line %d names lanes %08x that exited or went elsewhere",
+                    warp, w.site[l], w.mask[l] & ~in);
+      fail(buf);
+    } else if (!(w.mask[l] >> (unsigned)w.src[l] & 1u) || !(in >> (unsigned)w.src[l] & 1u)) {
+      std::snprintf(buf, sizeof buf, "warp %u: lane %u reads lane %d outside the shuffle's mask %08x",
+                    warp, l, w.src[l], w.mask[l]);
+      fail(buf);
+    }
+    w.result[l] = (in >> ((unsigned)w.src[l] & 31u) & 1u) ? w.value[w.src[l] & 31] : NAN;
+  }
+  w.arrived = 0;
+  ++w.gen;
+  w.cv.notify_all();
+}
+
+static bool wait_round(Group& g, std::unique_lock<std::mutex>& lk, unsigned gen, const char* what) {
+  if (!g.cv.wait_for(lk, std::chrono::seconds(20), [&] { return g.gen != gen || aborted; })) {
+    fail(std::string(what) + ": threads never arrived (a deadlock on a GPU)");
+  }
+  return !aborted;
+}
+
+float shfl_xor(unsigned mask, float v, int o, int site) {
+  if (aborted) return v;
+  if (warps.empty()) { fail("a shuffle in a kernel the emulator ran without threads (add it to SYNCING)"); return v; }
+  const unsigned warp = tid / 32, lane = tid % 32;
+  Group& w = *warps[warp];
+  std::unique_lock<std::mutex> lk(w.mu);
+  const unsigned gen = w.gen;
+  w.value[lane] = v; w.mask[lane] = mask; w.src[lane] = int(lane ^ unsigned(o)); w.site[lane] = site;
+  w.arrived |= 1u << lane;
+  if ((w.arrived | w.exited) == w.members) finish_warp(w, warp);
+  else if (!wait_round(w, lk, gen, "warp shuffle")) return v;
+  return w.result[lane];
+}
+
+void syncthreads(int site) {
+  if (aborted) return;
+  if (!block_group) { fail("__syncthreads in a kernel the emulator ran without threads (add it to SYNCING)"); return; }
+  Group& g = *block_group;
+  std::unique_lock<std::mutex> lk(g.mu);
+  const unsigned gen = g.gen;
+  if (g.arrived == 0) g.site[0] = site;
+  else if (g.site[0] != site) fail("__syncthreads called from different places (lines " +
+                                   std::to_string(g.site[0]) + " and " + std::to_string(site) + ")");
+  if (++g.arrived + g.exited == g.members) { g.arrived = 0; ++g.gen; g.cv.notify_all(); }
+  else wait_round(g, lk, gen, "__syncthreads");
+}
+
+static void thread_exit() {
+  const unsigned warp = tid / 32, lane = tid % 32;
+  {
+    Group& w = *warps[warp];
+    std::lock_guard<std::mutex> lk(w.mu);
+    w.exited |= 1u << lane;
+    if (w.arrived != 0 && (w.arrived | w.exited) == w.members) finish_warp(w, warp);
+  }
+  Group& g = *block_group;
+  std::lock_guard<std::mutex> lk(g.mu);
+  ++g.exited;
+  if (g.arrived != 0 && g.arrived + g.exited == g.members) { g.arrived = 0; ++g.gen; g.cv.notify_all(); }
+}
+
+static std::vector<unsigned> ordered(unsigned n, int order, std::mt19937& rng) {
+  std::vector<unsigned> idx(n);
+  std::iota(idx.begin(), idx.end(), 0u);
+  if (order == 1) std::reverse(idx.begin(), idx.end());
+  if (order == 2) std::shuffle(idx.begin(), idx.end(), rng);
+  return idx;
+}
+
+// order: 0 forward, 1 reversed, 2 shuffled with seed (blocks, and the threads of non-concurrent blocks).
+void launch(dim3 g, dim3 b, int concurrent, int order, unsigned seed, const std::function<void()>& body) {
   gridDim = g; blockDim = b;
-  const unsigned nt = b.x * b.y * b.z;
-  for (unsigned bz = 0; bz < g.z; ++bz) for (unsigned by = 0; by < g.y; ++by) for (unsigned bx = 0; bx < g.x; ++bx) {
-    auto run = [&, bx, by, bz](unsigned t) {
-      blockIdx = {bx, by, bz}; threadIdx = {t % b.x, (t / b.x) % b.y, t / (b.x * b.y)}; body();
+  { std::lock_guard<std::mutex> lk(err_mu); error.clear(); aborted = false; }
+  std::mt19937 rng(seed);
+  const unsigned nt = b.x * b.y * b.z, nb = g.x * g.y * g.z;
+  for (unsigned blk : ordered(nb, order, rng)) {
+    const dim3 bi{blk % g.x, (blk / g.x) % g.y, blk / (g.x * g.y)};
+    auto run = [&, bi](unsigned t) {
+      tid = t; blockIdx = bi; threadIdx = {t % b.x, (t / b.x) % b.y, t / (b.x * b.y)}; body();
     };
-    if (!concurrent) { for (unsigned t = 0; t < nt; ++t) run(t); continue; }
-    std::barrier<> block_barrier(nt); bar = &block_barrier;
+    if (!concurrent) { for (unsigned t : ordered(nt, order, rng)) run(t); continue; }
+    warps.clear();
+    for (unsigned w = 0; w * 32 < nt; ++w) {
+      warps.emplace_back(new Group());
+      const unsigned lanes = std::min(32u, nt - w * 32);
+      warps.back()->members = lanes == 32 ? 0xffffffffu : (1u << lanes) - 1u;
+    }
+    block_group.reset(new Group());
+    block_group->members = nt;
     std::vector<std::thread> threads;
-    for (unsigned t = 0; t < nt; ++t) threads.emplace_back(run, t);
+    for (unsigned t : ordered(nt, order, rng)) threads.emplace_back([&, t] { run(t); thread_exit(); });
     for (auto& th : threads) th.join();
-    bar = nullptr;
+    warps.clear();
+    block_group.reset();
+    if (aborted) return;
   }
 }
 }  // namespace emu
+extern "C" const char* emu_error() { return emu::error.c_str(); }
 """
 
 CTYPE = {"ptr": "void*", "i64": "long long", "i32": "int", "f32": "float"}
 CTYPES = {"ptr": ctypes.c_void_p, "i64": ctypes.c_longlong, "i32": ctypes.c_int, "f32": ctypes.c_float}
 SYNCING = {"add_layernorm"}  # kernels that use __syncthreads / shuffles: threads must run concurrently
+GRID_STRIDE = {"relu_square": 0, "token_shift": 1}  # kernels documented to accept any grid along this axis
+ORDERS = ((0, 0), (1, 0), (2, 12345))  # (order, seed): forward, reversed, shuffled
+
+
+def wrapper(name: str, kinds: tuple[str, ...]) -> str:
+    """C++ for ``emu_<name>``: launches the kernel ``name`` (parameter kinds ``kinds``) in the emulator."""
+    params = ", ".join(f"{CTYPE[k]} a{i}" for i, k in enumerate(kinds))
+    call = ", ".join(f"a{i}" for i in range(len(kinds)))
+    return (f'extern "C" void {name}({params});\n'
+            f'extern "C" void emu_{name}(unsigned gx, unsigned gy, unsigned gz, unsigned bx, unsigned by, '
+            f"unsigned bz, int concurrent, int order, unsigned seed, {params}) {{ emu::launch({{gx, gy, gz}}, "
+            f"{{bx, by, bz}}, concurrent, order, seed, [&] {{ {name}({call}); }}); }}")
 
 
 def _wrappers() -> str:
     lines = [EMU_RUNTIME]
     for names in gpu.entry_points().values():
-        for name in names:
-            kinds = gpu.SIGNATURES[gpu.family(name)]
-            params = ", ".join(f"{CTYPE[k]} a{i}" for i, k in enumerate(kinds))
-            call = ", ".join(f"a{i}" for i in range(len(kinds)))
-            lines.append(f'extern "C" void {name}({params});')
-            lines.append(
-                f'extern "C" void emu_{name}(unsigned gx, unsigned gy, unsigned gz, unsigned bx, unsigned by, '
-                f"unsigned bz, int concurrent, {params}) {{ emu::launch({{gx, gy, gz}}, {{bx, by, bz}}, "
-                f"concurrent, [&] {{ {name}({call}); }}); }}"
-            )
+        lines.extend(wrapper(name, gpu.SIGNATURES[gpu.family(name)]) for name in names)
     return "\n".join(lines)
 
 
-def build_emulator(workdir: Path) -> ctypes.CDLL:
-    """Compile the kernel sources + launch wrappers into a shared library for the CPU."""
+def build_emulator(workdir: Path, sources: dict[str, str] | None = None, wrappers: str | None = None) -> ctypes.CDLL:
+    """Compile kernel sources (default: the project's, as gpu hands them to NVRTC, with the same -D constants)
+    and launch wrappers (default: one per entry point) into a shared library for the CPU."""
     cxx = shutil.which("g++") or shutil.which("clang++")
     if cxx is None:
         pytest.skip("no C++ compiler for the kernel emulator")
-    sources = {name: gpu.kernel_source(name) for name in gpu.SOURCES}
-    digest = hashlib.sha256(("".join(sources.values()) + EMU_HEADER + _wrappers()).encode()).hexdigest()[:16]
+    sources = sources if sources is not None else {name: gpu.kernel_source(name) for name in gpu.SOURCES}
+    wrappers = wrappers if wrappers is not None else _wrappers()
+    defines = [f"-D{d[2:]}" for d in gpu.constant_defines()]
+    digest = hashlib.sha256("\0".join([*sources.values(), EMU_HEADER, wrappers, *defines]).encode()).hexdigest()[:16]
     lib_path = workdir / f"rwkv_emu_{digest}.so"
     if not lib_path.exists():
-        include = workdir / "include"
+        include = workdir / f"include_{digest}"
         include.mkdir(parents=True, exist_ok=True)
         for header in ("cuda_fp16.h", "cuda_bf16.h"):
             (include / header).write_text("// emulator: types come from emu.h\n")
         (include / "emu.h").write_text(EMU_HEADER)
         files = []
-        for name, text in {**sources, "emu_runtime.cu": _wrappers()}.items():
-            path = workdir / (name + ".cpp")
+        for name, text in {**sources, "emu_runtime.cu": wrappers}.items():
+            path = include / (name + ".cpp")
             path.write_text(text)
             files.append(str(path))
-        cmd = [cxx, "-std=c++20", "-O1", "-shared", "-fPIC", "-pthread", f"-I{include}", "-include", "emu.h",
-               *files, "-o", str(lib_path)]
+        cmd = [cxx, "-std=c++17", "-O1", "-shared", "-fPIC", "-pthread", f"-I{include}", "-include", "emu.h",
+               *defines, *files, "-o", str(lib_path)]
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode != 0:
-            if "barrier" in proc.stderr and "No such file" in proc.stderr:
-                pytest.skip(f"{cxx} lacks C++20 <barrier>")
             raise AssertionError(f"emulator build failed:\n{proc.stderr[-4000:]}")
-    return ctypes.CDLL(str(lib_path))
+    lib = ctypes.CDLL(str(lib_path))
+    lib.emu_error.restype = ctypes.c_char_p
+    return lib
 
 
-def emulated_launch(lib: ctypes.CDLL) -> Callable[..., None]:
+class _Buffers:
+    """The storages behind a launch's tensor arguments: snapshot, restore, compare bit for bit."""
+
+    def __init__(self, args: Any) -> None:
+        seen: dict[int, torch.Tensor] = {}
+        for a in args:
+            if isinstance(a, torch.Tensor):
+                storage = a.untyped_storage()
+                seen.setdefault(storage.data_ptr(), torch.empty(0, dtype=torch.uint8).set_(storage))
+        self.views = list(seen.values())
+        self.initial = [v.clone() for v in self.views]
+
+    def restore(self) -> None:
+        for v, s in zip(self.views, self.initial, strict=True):
+            v.copy_(s)
+
+    def snapshot(self) -> list[torch.Tensor]:
+        return [v.clone() for v in self.views]
+
+
+def emulated_launch(lib: ctypes.CDLL, syncing: set[str] | None = None,
+                    grid_stride: dict[str, int] | None = None) -> Callable[..., None]:
+    """A drop-in for ``gpu._launch`` that runs the kernel in the emulator under every block order (and, for
+    grid-stride kernels, a two-block grid too) and fails unless all runs leave the same bits everywhere."""
+    syncing = SYNCING if syncing is None else syncing
+    grid_stride = GRID_STRIDE if grid_stride is None else grid_stride
+
     def launch(name: str, grid: tuple[int, int, int], block: tuple[int, int, int], args: Any,
                device: torch.device) -> None:
-        kinds = gpu.SIGNATURES[gpu.family(name)]
+        fam = gpu.family(name) if name in {n for ns in gpu.entry_points().values() for n in ns} else name
+        kinds = gpu.SIGNATURES.get(fam) or KINDS[fam]
         assert len(kinds) == len(args), f"{name}: {len(args)} args for {len(kinds)} params"
         assert all(g >= 1 for g in grid) and 1 <= block[0] * block[1] * block[2] <= 1024
         assert grid[1] <= gpu.MAX_GRID_Y and grid[2] <= gpu.MAX_GRID_Y
         values = [CTYPES[k](_raw(a, k)) for k, a in zip(kinds, args, strict=True)]
         fn = getattr(lib, f"emu_{name}")
-        fn(*(ctypes.c_uint(v) for v in (*grid, *block)), ctypes.c_int(gpu.family(name) in SYNCING), *values)
+        variants: list[tuple[str, tuple[int, int, int], int, int]] = [
+            (f"block order {o}/seed {s}", grid, o, s) for o, s in ORDERS]
+        if fam in grid_stride and grid[grid_stride[fam]] > 2:
+            small = list(grid)
+            small[grid_stride[fam]] = 2
+            variants.append(("a two-block grid (the grid-stride loop must stride)", (small[0], small[1], small[2]),
+                             0, 0))
+        buffers = _Buffers(args)
+        first: list[torch.Tensor] | None = None
+        for i, (what, g, order, seed) in enumerate(variants):
+            if i:
+                buffers.restore()
+            fn(*(ctypes.c_uint(v) for v in (*g, *block)), ctypes.c_int(fam in syncing), ctypes.c_int(order),
+               ctypes.c_uint(seed), *values)
+            error = lib.emu_error().decode()
+            if error:
+                raise AssertionError(f"{name}: {error}")
+            now = buffers.snapshot()
+            if first is None:
+                first = now
+            elif not all(torch.equal(a, b) for a, b in zip(first, now, strict=True)):
+                raise AssertionError(f"{name}: results differ under {what} (a race between blocks, or a "
+                                     "loop that does not cover its range)")
 
     return launch
+
+
+KINDS: dict[str, tuple[str, ...]] = {}  # parameter kinds of test-only kernels (see test_emulator_*)
 
 
 def _raw(value: Any, kind: str) -> Any:
@@ -464,6 +654,35 @@ def test_bad_arguments_are_rejected(device):
         gpu.wkv_step(k.t().contiguous().t(), k, w, w, pool, int32([0, 1], device), 0)
     with pytest.raises(ValueError, match="layer"):
         gpu.wkv_step(k, k, w, w, pool, int32([0, 1], device), LAYERS)
+    with pytest.raises(ValueError, match="overlaps"):  # the kernels' pointers are __restrict__
+        gpu.wkv_step(k, k, w, w, pool, int32([0, 1], device), 0, out=k)
+    with pytest.raises(ValueError, match="overlaps"):
+        gpu.add_layernorm(k, w, w, delta=k.clone(), out=k[:, :])
+    with pytest.raises(ValueError, match="token_stream"):
+        gpu.token_shift_ragged(k, w[None], pool, int32([0], device), int32([0, 2], device), 0, ref.ATT_X,
+                               token_stream=int32([0], device))
+
+
+def test_token_stream_map_is_what_the_kernel_reads(device):
+    """The stream of each token comes from the host-side map: a map given by the caller is used as is
+    (a wrong one changes the result), and the default is computed from the offsets."""
+    lengths = [3, 0, 4, 1, 2]
+    offs = int32(offsets_of(lengths), device)
+    want_map = [b for b, n in enumerate(lengths) for _ in range(n)]
+    assert gpu.stream_of_tokens(offs, sum(lengths)).cpu().tolist() == want_map
+    gen = torch.Generator().manual_seed(5)
+    xa = rows(sum(lengths), torch.float32, gen, device)
+    mixes = torch.rand(2, C, generator=gen).to(device)
+    pool = random_pool(gen, device)
+    slots = int32([5, -1, 8, 0, 2], device)  # stream 2 on a non-empty state
+    runs = []
+    # token 3 opens stream 2; mapped to the empty stream 1 (slot -1) it starts from zeros instead of the state
+    for stream_map in (None, want_map, [0, 0, 0, 1, 2, 2, 2, 3, 4, 4]):
+        p = pool.clone()
+        ts = None if stream_map is None else int32(stream_map, device)
+        runs.append(gpu.token_shift_ragged(xa, mixes, p, slots, offs, 0, ref.FFN_X, token_stream=ts).cpu())
+    assert torch.equal(runs[0], runs[1])
+    assert not torch.equal(runs[0], runs[2])
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
@@ -484,3 +703,88 @@ def test_conversions_bit_exact_over_every_finite_value(device, dtype):
     got = gpu.token_shift_ragged(xa, mixes, pool, slots, None, 0, ref.ATT_X)
     want = ref.token_shift_ragged(xa.cpu(), mixes.cpu(), pool.cpu(), slots.cpu(), None, 0, ref.ATT_X)
     assert torch.equal(got.cpu().view(torch.int16), want.view(torch.int16))
+
+
+# ---------------------------------------------------------------------------------------------------
+# The emulator itself must catch what it is there to catch (each of these kernels is broken on a GPU)
+
+BAD_SUM = r"""
+#include "rwkv_common.cuh"
+// Sums 1 over the block; lanes >= active return first (UB on a GPU when they are named in the mask).
+extern "C" __global__ void bad_sum(int active, float* out) {
+  __shared__ float shared32[32];
+  if ((int)threadIdx.x >= active) return;
+  const float s = rwkv::block_sum(1.f, shared32);
+  if (threadIdx.x == 0) out[blockIdx.x] = s;
+}
+// Lane 0 passes a different mask from its warp mates.
+extern "C" __global__ void bad_mask(int active, float* out) {
+  const unsigned mask = threadIdx.x == 0 ? 0x0000ffffu : 0xffffffffu;
+  out[threadIdx.x] = __shfl_xor_sync(mask, (float)threadIdx.x, active);
+}
+"""
+
+
+@pytest.fixture(scope="module")
+def bad_lib(tmp_path_factory) -> ctypes.CDLL:
+    KINDS.update({"bad_sum": ("i32", "ptr"), "bad_mask": ("i32", "ptr")})
+    header = gpu.source_dir().joinpath(gpu.COMMON_HEADER).read_text().replace("#pragma once", "")
+    src = BAD_SUM.replace('#include "rwkv_common.cuh"', header)
+    wrappers = "\n".join([EMU_RUNTIME, wrapper("bad_sum", KINDS["bad_sum"]), wrapper("bad_mask", KINDS["bad_mask"])])
+    return build_emulator(tmp_path_factory.mktemp("emu_bad"), {"bad.cu": src}, wrappers)
+
+
+def test_emulator_runs_whole_warps_and_block_sums(bad_lib):
+    launch = emulated_launch(bad_lib, syncing={"bad_sum", "bad_mask"})
+    out = torch.zeros(3)
+    launch("bad_sum", (3, 1, 1), (96, 1, 1), (96, out), torch.device("cpu"))
+    assert out.tolist() == [96.0, 96.0, 96.0]
+    launch("bad_sum", (2, 1, 1), (64, 1, 1), (64, out), torch.device("cpu"))
+    assert out.tolist() == [64.0, 64.0, 96.0]
+
+
+def test_emulator_fails_when_lanes_of_a_warp_exit_before_a_shuffle(bad_lib):
+    launch = emulated_launch(bad_lib, syncing={"bad_sum"})
+    with pytest.raises(AssertionError, match="exited or went elsewhere"):
+        launch("bad_sum", (1, 1, 1), (64, 1, 1), (40, torch.zeros(1)), torch.device("cpu"))
+
+
+def test_emulator_fails_when_lanes_disagree_on_the_mask(bad_lib):
+    launch = emulated_launch(bad_lib, syncing={"bad_mask"})
+    with pytest.raises(AssertionError, match="disagree"):
+        launch("bad_mask", (1, 1, 1), (32, 1, 1), (1, torch.zeros(32)), torch.device("cpu"))
+
+
+def test_emulator_fails_a_shuffle_run_without_threads(bad_lib):
+    launch = emulated_launch(bad_lib, syncing=set())
+    with pytest.raises(AssertionError, match="SYNCING"):
+        launch("bad_mask", (1, 1, 1), (32, 1, 1), (1, torch.zeros(32)), torch.device("cpu"))
+
+
+def test_emulator_catches_a_duplicated_slot_race(emulated):
+    """The race the stepper's slot check prevents: two rows of one batch on one slot. Run in block order
+    the second row simply wins; reversed, the first does: the emulator reports the difference."""
+    gen = torch.Generator().manual_seed(1)
+    k, v = rows(2, torch.float32, gen, emulated), rows(2, torch.float32, gen, emulated)
+    w, u = wkv_params(gen, emulated)
+    pool = random_pool(gen, emulated)
+    with pytest.raises(AssertionError, match="block order"):
+        gpu.wkv_step(k, v, w, u, pool, int32([4, 4], emulated), 0)
+    gpu.wkv_step(k, v, w, u, pool, int32([4, 5], emulated), 0)  # distinct slots: fine
+
+
+def test_emulator_catches_a_loop_that_does_not_stride(tmp_path):
+    """relu_square with its grid-stride loop cut to one element per thread is right on a full grid only."""
+    src = gpu.kernel_source("fused.cu")
+    broken = src.replace("i += step)", "i += n)")
+    assert broken != src
+    names = gpu.entry_points()["fused.cu"]
+    wrappers = "\n".join([EMU_RUNTIME, *(wrapper(n, gpu.SIGNATURES[gpu.family(n)]) for n in names)])
+    launch = emulated_launch(build_emulator(tmp_path, {"fused.cu": broken}, wrappers))
+    x = torch.randn(40, 100)
+    with pytest.raises(AssertionError, match="two-block grid"):
+        launch("relu_square_f32", (16, 1, 1), (256, 1, 1), (x.numel(), x, torch.empty_like(x)), torch.device("cpu"))
+    good = emulated_launch(build_emulator(tmp_path, {"fused.cu": src}, wrappers))
+    out = torch.empty_like(x)
+    good("relu_square_f32", (16, 1, 1), (256, 1, 1), (x.numel(), x, out), torch.device("cpu"))
+    assert torch.equal(out, torch.relu(x).square())

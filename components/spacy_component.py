@@ -70,6 +70,8 @@ from rwkv_stream.config import WEIGHT_FORMATS
 
 from .spacy_align import ALIGNMENTS, align, bio_spans
 from .spacy_listener import RWKVListener
+from .spacy_restore import is_transcript_labels, restore_doc
+from .spacy_restore import register_extensions as register_restore_extensions
 
 if TYPE_CHECKING:
     from thinc.api import Optimizer
@@ -253,6 +255,7 @@ def _register_extensions(settings: Settings) -> None:
             Doc.set_extension(attr, default=None)
     if not Doc.has_extension("rwkv_generate"):
         Doc.set_extension("rwkv_generate", method=_doc_generate)
+    register_restore_extensions()
     if settings.tag_attr and settings.tag_attr.startswith("_.") and not Token.has_extension(settings.tag_attr[2:]):
         Token.set_extension(settings.tag_attr[2:], default=None)
 
@@ -463,6 +466,8 @@ class RWKVComponent(TrainablePipe):
             labels = self._tagger.labels
             tags = [None if i is None else labels[result.tag_ids[i]] for i in index]
             self._write_tags(doc, tags)
+            if is_transcript_labels(labels):
+                restore_doc(doc, tags)
         doc.cats.update(result.cats)
         doc._.set("rwkv_vector", result.vector)
         doc._.set("rwkv_offset", result.offset)

@@ -1,0 +1,137 @@
+"""Word-level results of a punctuation-and-case tagger: the restored text on spaCy tokens, not sub-words.
+
+A transcript label (the shipped ``transcript-tagger``, ``rwkv-stream train``'s transcript task, and
+``configs/rwkv_train.cfg`` trained on :mod:`~rwkv_stream.components.spacy_corpus` data) is ``PUNCT-case``: the
+punctuation that goes *before* a word (after the previous word: ``O`` none, ``COMMA``, ``PERIOD``,
+``QUESTION``) and the word's case (``lower``, ``Cap``, ``UPPER``). A *word* is a run of spaCy tokens with no
+whitespace between them ("don't" is spaCy's "do" + "n't"): its decision is read at its first token and applies
+to all of its tokens. A whitespace token carries the punctuation before it too: that is how the end of a stream
+is marked (feed ``"\\n"`` after the last word; the shipped tagger was trained with that end marker), so the
+punctuation after the last word is known. Other whitespace tokens carry no decision.
+
+Extensions set by the ``rwkv`` component when its tag head has transcript labels (else left ``None``):
+
+* ``doc._.rwkv_restored``: the Doc's text with punctuation and case applied. It starts with the punctuation
+  that goes after the *previous* fragment's last word when the Doc continues a stream, so joining the restored
+  texts of a stream's fragments (split between words) gives the restored text of the whole stream.
+* ``token._.rwkv_case``: the case decision of the token's word (``None`` for whitespace);
+  ``token._.rwkv_punct``: the punctuation after the token (``""`` none; ``None`` when not known yet: the Doc's
+  last word, until the next word or the end marker arrives); ``token._.rwkv_restored``: the token's text with
+  its word's case applied and its punctuation appended.
+* ``span._.rwkv_restored``: the restored text of a span's tokens (without the punctuation before its first word).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from spacy.tokens import Doc, Span, Token
+
+MARKS = {"O": "", "COMMA": ",", "PERIOD": ".", "QUESTION": "?"}
+CASES = ("lower", "Cap", "UPPER")
+
+
+def parse_label(label: str | None) -> tuple[str, str] | None:
+    """``("," , "Cap")`` for ``"COMMA-Cap"``; ``None`` when ``label`` is not a transcript label."""
+    if not label:
+        return None
+    punct, _, case = label.partition("-")
+    if punct not in MARKS or case not in CASES:
+        return None
+    return MARKS[punct], case
+
+
+def is_transcript_labels(labels: Sequence[str]) -> bool:
+    return bool(labels) and all(parse_label(label) is not None for label in labels)
+
+
+@dataclass
+class Restored:
+    lead: str  # punctuation owed to the previous fragment's last word
+    texts: list[str]  # per token: cased text plus the punctuation after it
+    cases: list[str | None]
+    puncts: list[str | None]
+
+    def text(self, whitespace: Sequence[str]) -> str:
+        return self.lead + "".join(t + w for t, w in zip(self.texts, whitespace, strict=True))
+
+
+def restore_tokens(words: Sequence[str], spaces: Sequence[bool], gaps: Sequence[bool],
+                   labels: Sequence[str | None]) -> Restored:
+    """Restoration over tokens: ``words`` their texts, ``spaces`` whether a token is whitespace, ``gaps``
+    whether whitespace precedes it (a token without one continues the previous word), ``labels`` the tags."""
+    out = Restored("", list(words), [None] * len(words), [None] * len(words))
+    last_word_end: int | None = None  # index of the last token of the previous word
+    case = "lower"
+    for i, (text, space, label) in enumerate(zip(words, spaces, labels, strict=True)):
+        starts_word = not space and (i == 0 or gaps[i] or spaces[i - 1])
+        decision = parse_label(label) if (starts_word or (space and "\n" in text)) else None
+        if decision is not None:
+            _attach(out, last_word_end, decision[0])
+        if space:
+            continue
+        if starts_word:
+            if last_word_end is not None and out.puncts[last_word_end] is None:
+                out.puncts[last_word_end] = ""
+            case = decision[1] if decision is not None else "lower"
+            out.texts[i] = apply_case(text, case)
+        else:
+            out.puncts[i - 1] = ""
+            out.texts[i] = text.upper() if case == "UPPER" else text
+        out.cases[i] = case
+        last_word_end = i
+    return out
+
+
+def _attach(out: Restored, word_end: int | None, mark: str) -> None:
+    """Put ``mark`` after the previous word (once), or owe it to the previous fragment."""
+    if word_end is None:
+        out.lead = out.lead or mark
+        return
+    if out.puncts[word_end] is None:
+        out.puncts[word_end] = mark
+        out.texts[word_end] += mark
+
+
+def apply_case(text: str, case: str) -> str:
+    if case == "UPPER":
+        return text.upper()
+    if case == "Cap":
+        return text[:1].upper() + text[1:]
+    return text
+
+
+# ------------------------------------------------------------------------------------------ spaCy
+def register_extensions() -> None:
+    for attr in ("rwkv_restored",):
+        if not Doc.has_extension(attr):
+            Doc.set_extension(attr, default=None)
+    for attr in ("rwkv_case", "rwkv_punct", "rwkv_restored"):
+        if not Token.has_extension(attr):
+            Token.set_extension(attr, default=None)
+    if not Span.has_extension("rwkv_restored"):
+        Span.set_extension("rwkv_restored", getter=_span_restored)
+
+
+def _span_restored(span: Span) -> str | None:
+    if not len(span) or any(t._.rwkv_restored is None for t in span):
+        return None
+    return "".join(t._.rwkv_restored + t.whitespace_ for t in span[:-1]) + span[-1]._.rwkv_restored
+
+
+def restore_doc(doc: Doc, labels: Sequence[str | None]) -> bool:
+    """Set the restoration extensions of ``doc`` from one transcript label per token (e.g. the tags of the
+    rwkv component, or of a spaCy ``tagger`` trained on transcript labels: ``[t.tag_ for t in doc]``).
+    Returns False, setting nothing, when the labels are not transcript labels."""
+    register_extensions()
+    if not all(label is None or parse_label(label) is not None for label in labels):
+        return False
+    gaps = [i > 0 and bool(doc[i - 1].whitespace_) for i in range(len(doc))]
+    result = restore_tokens([t.text for t in doc], [t.is_space for t in doc], gaps, labels)
+    doc._.rwkv_restored = result.text([t.whitespace_ for t in doc])
+    for token, text, case, punct in zip(doc, result.texts, result.cases, result.puncts, strict=True):
+        token._.rwkv_restored = text
+        token._.rwkv_case = case
+        token._.rwkv_punct = punct
+    return True

@@ -1,4 +1,4 @@
-"""RWKV-7 ("x070", Goose) as an RNN over ragged batches of streams (torch; CPU, and CUDA without kernels).
+"""RWKV-7 ("x070", Goose) as an RNN over ragged batches of streams (torch; on CUDA the WKV runs as CuPy kernels).
 
 Per layer, on the residual stream ``x`` (equations in ``shared/notes/rwkv7-facts.md``; BlinkDL
 ``RWKV-v7/rwkv_v7_numpy.py`` is the readable reference):
@@ -25,12 +25,18 @@ walk, equal within fp32 rounding:
   ``S_t = S_0 Γ_t + Σ_{s≤t} (sa_s b_s^T + v_s k_s^T) diag(Γ_t / Γ_s)`` where ``sa_t = S_{t-1} a_t`` solves a
   unit lower-triangular T x T system per head. The decay is at least ``exp(-e^-1/2) = 0.545`` per token, so
   ``Γ`` over a chunk of 64 stays above 1e-17: plain fp32 ratios, no rescaling needed.
+
+On a CUDA device the matrix-state walk runs in the kernels of :mod:`rwkv_stream.gpu7` (one-token step and
+ragged prefill, token by token with the state in registers) when CuPy is installed; ``RWKV_STREAM_KERNELS=0``
+keeps the torch forms above. The CPU path never touches them.
 """
 
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
+from types import ModuleType
 
 import torch
 import torch.nn.functional as F
@@ -95,6 +101,7 @@ class Rwkv7Model(RecurrentModel):
     ) -> None:
         super().__init__(tensors, config, device, dtype)
         self.chunk = chunk
+        self._kernels = _load_cuda_kernels(self.device, config.head_size)
 
     # ----------------------------------------------------------------- weights
     def _prepare(self, t: dict[str, Tensor]) -> None:
@@ -158,15 +165,17 @@ class Rwkv7Model(RecurrentModel):
         for i, layer in enumerate(self.layers):
             st = states[:, i]
             xa = F.layer_norm(x, x.shape[-1:], *layer.ln1, LN_EPS)
-            dx, v_first = self._time_mix(layer, xa, st, rag, v_first, sequential)
+            dx, v_first = self._time_mix(layer, xa, states, i, rag, v_first, sequential)
             x = x + dx
             xf = F.layer_norm(x, x.shape[-1:], *layer.ln2, LN_EPS)
             x = x + self._channel_mix(layer, xf, st[:, c : 2 * c], rag)
         return self._norm_out(x)
 
     def _time_mix(
-        self, layer: _Layer, xa: Tensor, st: Tensor, rag: Ragged, v_first: Tensor | None, sequential: bool
+        self, layer: _Layer, xa: Tensor, states: Tensor, index: int, rag: Ragged, v_first: Tensor | None,
+        sequential: bool,
     ) -> tuple[Tensor, Tensor]:
+        st = states[:, index]
         n_rows, c = xa.shape
         h, n = self.n_head, self.head_size
         sx = token_shift(xa, st[:, :c], rag)
@@ -185,8 +194,11 @@ class Rwkv7Model(RecurrentModel):
         else:
             v1, v2 = layer.lora_v
             v = v + (v_first - v) * torch.sigmoid(layer.v0 + v2(v1(xs[3])))
-        s = st[:, 2 * c :].view(-1, h, n, n)
-        y = self._wkv(s, r, log_decay, k, v, -kk, kk * a, rag, sequential)
+        if self._kernels is not None:  # CUDA: the arena is this step's states, stream b in row b
+            y = self._wkv_kernels(states, index, r, log_decay, k, v, -kk, kk * a, rag)
+        else:
+            s = st[:, 2 * c :].view(-1, h, n, n)
+            y = self._wkv(s, r, log_decay, k, v, -kk, kk * a, rag, sequential)
         y = F.group_norm(y, h, *layer.ln_x, eps=self.gn_eps)
         bonus = (r * k * layer.r_k).view(n_rows, h, n).sum(-1, keepdim=True) * v.view(n_rows, h, n)
         y = y + bonus.view(n_rows, c)
@@ -218,6 +230,28 @@ class Rwkv7Model(RecurrentModel):
             _sequential(s, (r, log_decay.exp(), k, v, a, b), y, rest, [starts[i] for i in rest],
                         [rag.lengths[i] for i in rest])
         return y.view(-1, h * n)
+
+
+    def _wkv_kernels(
+        self, states: Tensor, index: int, r: Tensor, log_decay: Tensor, k: Tensor, v: Tensor, a: Tensor, b: Tensor,
+        rag: Ragged,
+    ) -> Tensor:
+        """The WKV of layer ``index`` by the CUDA kernels on ``states`` ``[B, L, 2C + H*N*N]`` (in place)."""
+        kern = self._kernels
+        assert kern is not None
+        vecs = tuple(x.contiguous() for x in (r, log_decay, k, v, a, b))
+        if rag.single_token:
+            return kern.wkv7_step(*vecs, states, rag.slots_i32, index)
+        return kern.wkv7_ragged(*vecs, states, rag.slots_i32, rag.offsets_i32, index)
+
+
+def _load_cuda_kernels(device: torch.device, head_size: int) -> ModuleType | None:
+    """:mod:`rwkv_stream.gpu7` on CUDA devices when it can run this head size (compiled once); else None."""
+    if device.type != "cuda" or os.environ.get("RWKV_STREAM_KERNELS", "1") == "0":
+        return None
+    from .. import gpu7
+
+    return gpu7 if head_size in gpu7.HEAD_SIZES and gpu7.available(device) else None
 
 
 def wkv7_step(s: Tensor, r: Tensor, decay: Tensor, k: Tensor, v: Tensor, a: Tensor, b: Tensor) -> Tensor:

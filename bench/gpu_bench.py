@@ -1,14 +1,17 @@
-"""GPU benchmark: the CUDA-graph stepper (rwkv_stream.gpu) against peers on the same GPU, same weights.
+"""GPU benchmark: this project's RWKV-4 on CUDA against peers on the same GPU, same weights.
 
 Random weights of the real shapes (169M: 12 x 768; 1.5B: 24 x 2048; vocab 50277). Per shape:
-  * ms per step at batch 1 (one token, graph replay, logits copied out),
-  * tokens/s with 256 streams stepping one token each,
-  * p50/p99 step latency at 256 streams with states synthesized at position 1e3 and at 1e6 (a position
-    only changes the magnitudes of aa/bb/pp, not the work),
-  * prefill tokens/s (one ragged forward of 16 streams x 256 tokens),
-and the same steps for peers that import: this project's torch engine on CUDA (rwkv_stream.Model),
-HF transformers RwkvForCausalLM, and the `rwkv` pip package (usually absent on the GPU image).
-Writes JSON and prints a short table. Run: ``python bench/gpu_bench.py --out results.json``.
+  * ``rwkv-stream``: the engine as production runs it (``Model.step`` on the slot arena, kernels in place):
+    ms per step and tokens/s at each batch size (``--batches``, default 1,16,64,256), and p50/p99 step
+    latency at the largest batch with states synthesized at stream position 1e3 and at 1e6 (a position only
+    changes the magnitudes of aa/bb/pp, not the work); prefill tokens/s (16 streams x 256 tokens);
+  * ``rwkv-stream graphs``: the same model's weights through ``CudaGraphStepper`` (CUDA graph replays);
+  * peers that import: HF transformers ``RwkvForCausalLM`` and the ``rwkv`` pip package run as its users run
+    it (``RWKV_JIT_ON=1``, ``RWKV_CUDA_ON=1``: its CUDA kernel; if that kernel cannot be built the row says so);
+  * agreement: max relative difference of our GPU logits against each peer's over the same 32 tokens.
+Every measurement is one JSON row appended to ``<out>l`` (JSON Lines, flushed as measured) and the
+whole result is rewritten to ``<out>`` after each row, so a timeout loses nothing already measured.
+Run: ``python bench/gpu_bench.py --out results.json`` (``--cpu-smoke`` exercises it on the CPU).
 """
 
 from __future__ import annotations
@@ -45,7 +48,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--shapes", default="169m,1.5b")
     p.add_argument("--dtype", default="float16", choices=sorted(DTYPES))
-    p.add_argument("--streams", type=int, default=256)
+    p.add_argument("--streams", type=int, default=256, help="the largest batch (streams stepping together)")
+    p.add_argument("--batches", default="1,16,64,256", help="batch sizes measured (capped at --streams)")
     p.add_argument("--steps", type=int, default=200, help="timed steps per measurement")
     p.add_argument("--peers", default="engine,transformers,rwkv", help="comma list; '' for none")
     p.add_argument("--peer-shapes", default="169m,1.5b", help="shapes on which peers are measured")
@@ -54,7 +58,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="exercise this script on the CPU (tiny shape, reference ops, no graphs)")
     args = p.parse_args(argv)
     if args.cpu_smoke:
-        args.shapes, args.peer_shapes, args.steps, args.streams = "tiny", "tiny", 8, 8
+        args.shapes, args.peer_shapes, args.steps, args.streams, args.batches = "tiny", "tiny", 8, 8, "1,8"
     return args
 
 
@@ -132,15 +136,117 @@ def random_weights(cfg: ModelConfig, dtype: torch.dtype, device: torch.device, s
     return out
 
 
-def synthesize_position(pool: torch.Tensor, weights: dict, cfg: ModelConfig, slots: list[int],
-                        position: float, seed: int = 1) -> None:
+# ---------------------------------------------------------------------------------------------------
+# Rows as they are measured
+
+
+class Rows:
+    """Appends each measurement as one JSON line (flushed and synced) and rewrites the whole result."""
+
+    def __init__(self, out: str, result: dict) -> None:
+        self.result = result
+        self.json = Path(out) if out else None
+        self.lines = Path(out + "l") if out else None
+        if self.json is not None and self.lines is not None:
+            self.json.parent.mkdir(parents=True, exist_ok=True)
+            self.lines.write_text("")
+            self._write_json()
+
+    def emit(self, shape: str, impl: str, metric: str, value: Any) -> None:
+        self.result["shapes"].setdefault(shape, {}).setdefault(impl, {})[metric] = value
+        row = {"shape": shape, "impl": impl, "metric": metric, "value": value,
+               "t_s": round(time.perf_counter() - T0, 1)}
+        print(json.dumps(row), file=sys.stderr, flush=True)
+        if self.lines is not None:
+            with self.lines.open("a") as f:
+                f.write(json.dumps(row) + "\n")
+                f.flush()
+                os.fsync(f.fileno())
+            self._write_json()
+
+    def _write_json(self) -> None:
+        assert self.json is not None
+        tmp = self.json.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self.result, indent=2) + "\n")
+        tmp.replace(self.json)
+
+
+T0 = time.perf_counter()
+
+
+def batches(args: argparse.Namespace) -> list[int]:
+    return sorted({min(int(b), args.streams) for b in args.batches.split(",") if b.strip()})
+
+
+# ---------------------------------------------------------------------------------------------------
+# This project: the engine (Model.step, arena in place) and the graph stepper on the same weights
+
+
+def build_model(cfg: ModelConfig, weights: dict, dtype: torch.dtype) -> Any:
+    from rwkv_stream.models.rwkv4 import Rwkv4Model
+
+    return Rwkv4Model(weights, cfg, device=Env.device, dtype=dtype)
+
+
+def bench_engine(name: str, cfg: ModelConfig, model: Any, args: argparse.Namespace, rows: Rows) -> None:
+    impl = "rwkv-stream"
+    rows.emit(name, impl, "kernels", model._kernels is not None)
+    pool = model.new_pool(args.streams, growable=False)
+    slots = [pool.alloc() for _ in range(args.streams)]
+    vocab = cfg.vocab_size
+    for n in batches(args):
+        times = timed(lambda i, n=n: model.step(pool, slots[:n], [[(i + s) % vocab] for s in range(n)],
+                                                 logits="last"), max(4, args.steps // 4))
+        rows.emit(name, impl, f"batch{n}", summarize(times, n))
+    n = args.streams
+    for pos in (1e3, 1e6):
+        synthesize_position(pool.data, model, cfg, slots, pos)
+        times = timed(lambda i: model.step(pool, slots, [[(i + s) % vocab] for s in range(n)], logits="last"),
+                      max(4, args.steps // 4), warmup=0)
+        out = model.step(pool, slots, [[s % vocab] for s in range(n)], logits="last")
+        finite = all(bool(torch.isfinite(lg).all()) for lg in out.logits or [])
+        rows.emit(name, impl, f"batch{n}_pos{pos:.0e}", {**summarize(times, n), "finite": finite})
+    n_pre, len_pre = min(16, args.streams), 256 if Env.device.type == "cuda" else 8
+    for s in slots[:n_pre]:
+        pool.reset(s)
+    toks = torch.randint(0, vocab, (n_pre, len_pre)).tolist()
+    times = timed(lambda i: model.step(pool, slots[:n_pre], toks, logits="last"), 3, warmup=1)
+    rows.emit(name, impl, f"prefill_{n_pre}x{len_pre}", summarize(times, n_pre * len_pre))
+
+
+def bench_graphs(name: str, cfg: ModelConfig, model: Any, args: argparse.Namespace, rows: Rows) -> None:
+    impl = "rwkv-stream graphs"
+    streams = args.streams
+    pool = model.new_pool(streams + 1, growable=False)
+    t0 = time.perf_counter()
+    stepper = CudaGraphStepper(model, pool, ops=Env.ops)
+    stepper.capture()
+    rows.emit(name, impl, "setup_s", round(time.perf_counter() - t0, 2))
+    vocab, slots = cfg.vocab_size, list(range(streams))
+    for n in batches(args):
+        times = timed(lambda i, n=n: stepper.step([(i * 7 + s) % vocab for s in range(n)], slots[:n]),
+                      max(4, args.steps // 2))
+        rows.emit(name, impl, f"batch{n}", summarize(times, n))
+    for pos in (1e3, 1e6):
+        synthesize_position(pool.data, model, cfg, slots, pos)
+        times = timed(lambda i: stepper.step([(i + s) % vocab for s in slots], slots), max(4, args.steps // 2),
+                      warmup=0)
+        logits = stepper.step(list(range(streams)), slots)
+        rows.emit(name, impl, f"batch{streams}_pos{pos:.0e}",
+                  {**summarize(times, streams), "finite": bool(torch.isfinite(logits).all())})
+    if Env.device.type == "cuda":
+        rows.emit(name, impl, "peak_mem_gib", round(torch.cuda.max_memory_allocated() / 2**30, 2))
+
+
+def synthesize_position(pool: torch.Tensor, model: Any, cfg: ModelConfig, slots: list[int], position: float,
+                        seed: int = 1) -> None:
     """States as after ``position`` tokens: denominator = sum of decayed weights (bb * e^pp), numerator a
     weighted mean of values; previous-token rows like layer-norm outputs."""
     gen = torch.Generator(device=pool.device).manual_seed(seed)
     idx = torch.tensor(slots, device=pool.device)
     n, c = len(slots), cfg.n_embd
-    for i in range(cfg.n_layer):
-        w = -torch.exp(weights[f"blocks.{i}.att.time_decay"].float())
+    for i, layer in enumerate(model.layers):
+        w = layer.w.float().to(pool.device)
         log_den = torch.log(-torch.expm1(w * position)) - torch.log(-torch.expm1(w))  # log sum_j e^{j w}
         k_max = 3.0 + torch.rand(n, c, generator=gen, device=pool.device)
         pool[idx, i, ref.PP] = k_max + log_den - 2.0
@@ -151,68 +257,24 @@ def synthesize_position(pool: torch.Tensor, weights: dict, cfg: ModelConfig, slo
 
 
 # ---------------------------------------------------------------------------------------------------
-# This project's stepper
+# Peers: speed, and agreement of logits with ours over the same tokens
+
+AGREE_TOKENS = 32
 
 
-def bench_stepper(cfg: ModelConfig, weights: dict, dtype: torch.dtype, args: argparse.Namespace) -> dict:
-    streams = args.streams
-    pool = torch.empty(streams + 1, cfg.n_layer, 5, cfg.n_embd, device=Env.device)
-    ref.reset_slots(pool, range(streams + 1))
-    t0 = time.perf_counter()
-    stepper = CudaGraphStepper(weights, cfg.n_layer, cfg.n_embd, pool, dtype=dtype, ops=Env.ops)
-    stepper.capture()
-    setup_s = time.perf_counter() - t0
-    vocab, slots = cfg.vocab_size, list(range(streams))
-    res: dict[str, Any] = {"setup_s": round(setup_s, 2)}
-    res["batch1"] = summarize(timed(lambda i: stepper.step([i % vocab], [streams]), args.steps), 1)
-    res["eager_batch1"] = summarize(timed(lambda i: _eager(stepper, [i % vocab], [streams]), 20), 1)
-    batch = timed(lambda i: stepper.step([(i * 7 + s) % vocab for s in slots], slots), args.steps // 2)
-    res[f"streams{streams}"] = summarize(batch, streams)
-    for pos in (1e3, 1e6):
-        synthesize_position(pool, weights, cfg, slots, pos)
-        times = timed(lambda i: stepper.step([(i + s) % vocab for s in slots], slots), args.steps // 2, warmup=0)
-        logits = stepper.step(list(range(streams)), slots)
-        res[f"streams{streams}_pos{pos:.0e}"] = {**summarize(times, streams),
-                                                 "finite": bool(torch.isfinite(logits).all())}
-    n_pre, len_pre = min(16, streams), 256 if Env.device.type == "cuda" else 8
-    res[f"prefill_{n_pre}x{len_pre}"] = _prefill(stepper, cfg, n_pre, len_pre)
-    if Env.device.type == "cuda":
-        res["peak_mem_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
-    return res
+def our_logits(model: Any, cfg: ModelConfig) -> torch.Tensor:
+    """Our logits token by token (the streaming path) for the agreement checks, fp32 on the CPU."""
+    pool = model.new_pool(1)
+    slot = pool.alloc()
+    toks = [(17 * i + 3) % cfg.vocab_size for i in range(AGREE_TOKENS)]
+    return torch.cat([model.step(pool, [slot], [[t]]).logits[0] for t in toks]).float().cpu()  # type: ignore[index]
 
 
-def _eager(stepper: CudaGraphStepper, tokens: list[int], slots: list[int]) -> torch.Tensor:
-    graphs, stepper.use_graphs = stepper.use_graphs, False
-    try:
-        return stepper.step(tokens, slots)
-    finally:
-        stepper.use_graphs = graphs
-
-
-def _prefill(stepper: CudaGraphStepper, cfg: ModelConfig, n_streams: int, length: int) -> dict:
-    ref.reset_slots(stepper.pool, range(n_streams))
-    toks = torch.randint(0, cfg.vocab_size, (n_streams * length,))
-    offs = [i * length for i in range(n_streams + 1)]
-    times = timed(lambda i: stepper.forward(toks, offs, list(range(n_streams))), 3, warmup=1)
-    return summarize(times, n_streams * length)
-
-
-# ---------------------------------------------------------------------------------------------------
-# Peers
-
-
-def bench_engine(cfg: ModelConfig, weights: dict, dtype: torch.dtype, args: argparse.Namespace) -> dict:
-    """This project's torch engine (rwkv_stream.Model) on the same GPU: the non-kernel baseline."""
-    from rwkv_stream.model import Model
-
-    model = Model(weights, cfg, device=Env.device, dtype=dtype)
-    pool = model.new_pool(args.streams, growable=False)
-    slots = [pool.alloc() for _ in range(args.streams)]
-    vocab = cfg.vocab_size
-    one = timed(lambda i: model.step(pool, slots[:1], [[i % vocab]], logits="last"), args.steps // 4)
-    many = timed(lambda i: model.step(pool, slots, [[(i + s) % vocab] for s in range(args.streams)],
-                                      logits="last"), args.steps // 4)
-    return {"batch1": summarize(one, 1), f"streams{args.streams}": summarize(many, args.streams)}
+def agreement(ours: torch.Tensor, theirs: torch.Tensor) -> dict:
+    theirs = theirs.float().cpu()
+    diff = (ours - theirs).abs()
+    return {"max_rel": float(diff.max() / theirs.abs().max()),
+            "argmax_same": float((ours.argmax(-1) == theirs.argmax(-1)).float().mean())}
 
 
 def _hf_names(weights: dict) -> dict:
@@ -221,34 +283,56 @@ def _hf_names(weights: dict) -> dict:
     return to_hf_names(weights)
 
 
-def bench_transformers(cfg: ModelConfig, weights: dict, dtype: torch.dtype, args: argparse.Namespace) -> dict:
+def bench_transformers(name: str, cfg: ModelConfig, weights: dict, dtype: torch.dtype, args: argparse.Namespace,
+                       rows: Rows, ours: torch.Tensor) -> None:
     import transformers
     from transformers import RwkvConfig, RwkvForCausalLM
 
+    impl = "transformers"
+    rows.emit(name, impl, "version", transformers.__version__)
     hf_cfg = RwkvConfig(vocab_size=cfg.vocab_size, hidden_size=cfg.n_embd, num_hidden_layers=cfg.n_layer,
                         attention_hidden_size=cfg.n_embd, intermediate_size=cfg.ffn_dim,
                         rescale_every=6 if dtype == torch.float16 else 0, tie_word_embeddings=False)
     with Env.device:
         model = RwkvForCausalLM(hf_cfg).to(dtype).eval()
     model.load_state_dict({k: v.to(dtype) for k, v in _hf_names(weights).items()}, strict=False)
-    vocab, n = cfg.vocab_size, args.streams
-    state: list = [None, None]
+    toks = [(17 * i + 3) % cfg.vocab_size for i in range(AGREE_TOKENS)]
+    st = None
+    theirs = []
+    for t in toks:
+        out = model(torch.tensor([[t]], device=Env.device), state=st, use_cache=True)
+        st = out.state
+        theirs.append(out.logits[0])
+    rows.emit(name, impl, "agreement", agreement(ours, torch.cat(theirs)))
+    vocab = cfg.vocab_size
+    for n in batches(args):
+        state: list = [None]
 
-    def one(i: int) -> None:
-        state[0] = model(torch.tensor([[i % vocab]], device=Env.device), state=state[0], use_cache=True).state
+        def step(i: int, n: int = n, state: list = state) -> None:
+            ids = torch.tensor([[(i + s) % vocab] for s in range(n)], device=Env.device)
+            state[0] = model(ids, state=state[0], use_cache=True).state
 
-    def many(i: int) -> None:
-        ids = torch.tensor([[(i + s) % vocab] for s in range(n)], device=Env.device)
-        state[1] = model(ids, state=state[1], use_cache=True).state
-
-    return {"version": transformers.__version__, "batch1": summarize(timed(one, args.steps // 4), 1),
-            f"streams{n}": summarize(timed(many, args.steps // 8), n)}
+        rows.emit(name, impl, f"batch{n}", summarize(timed(step, max(4, args.steps // 8)), n))
 
 
-def bench_rwkv_package(cfg: ModelConfig, weights: dict, dtype: torch.dtype, args: argparse.Namespace) -> dict:
-    os.environ.setdefault("RWKV_JIT_ON", "1")
-    os.environ.setdefault("RWKV_CUDA_ON", "0")
-    from rwkv.model import RWKV
+def bench_rwkv_package(name: str, cfg: ModelConfig, weights: dict, dtype: torch.dtype, args: argparse.Namespace,
+                       rows: Rows, ours: torch.Tensor) -> None:
+    """The `rwkv` package as its users run it: TorchScript on and, on CUDA, its own CUDA kernel."""
+    impl = "rwkv"
+    if "rwkv.model" not in sys.modules:
+        os.environ["RWKV_JIT_ON"] = "1"
+        os.environ["RWKV_CUDA_ON"] = "1" if Env.device.type == "cuda" else "0"
+    try:
+        from rwkv.model import RWKV
+    except ImportError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - its CUDA kernel failed to build (no nvcc/ninja): run without it
+        rows.emit(name, impl, "cuda_kernel_error", f"{type(exc).__name__}: {exc}"[:300])
+        for mod in [m for m in sys.modules if m == "rwkv" or m.startswith("rwkv.")]:
+            del sys.modules[mod]
+        os.environ["RWKV_CUDA_ON"] = "0"
+        from rwkv.model import RWKV
+    rows.emit(name, impl, "env", {k: os.environ.get(k) for k in ("RWKV_JIT_ON", "RWKV_CUDA_ON")})
 
     from rwkv_stream.checkpoint import save_pth
 
@@ -256,27 +340,33 @@ def bench_rwkv_package(cfg: ModelConfig, weights: dict, dtype: torch.dtype, args
         save_pth({k: v.cpu() for k, v in weights.items()}, Path(tmp) / "m.pth")
         strategy = f"{Env.device.type} {'fp16' if dtype == torch.float16 else 'fp32'}"
         model = RWKV(str(Path(tmp) / "m.pth"), strategy=strategy, verbose=False)
+    rows.emit(name, impl, "strategy", strategy)
+    toks = [(17 * i + 3) % cfg.vocab_size for i in range(AGREE_TOKENS)]
+    st = None
+    theirs = []
+    for t in toks:
+        out, st = model.forward([t], st)
+        theirs.append(out.reshape(1, -1))
+    rows.emit(name, impl, "agreement", agreement(ours, torch.cat(theirs)))
     state: list = [None]
 
     def one(i: int) -> None:
         _, state[0] = model.forward([i % cfg.vocab_size], state[0])
 
-    return {"strategy": strategy, "batch1": summarize(timed(one, args.steps // 4), 1)}
+    rows.emit(name, impl, "batch1", summarize(timed(one, max(4, args.steps // 4)), 1))
 
 
-PEERS: dict[str, Callable[..., dict]] = {
-    "engine": bench_engine, "transformers": bench_transformers, "rwkv": bench_rwkv_package,
-}
+PEERS: dict[str, Callable[..., None]] = {"transformers": bench_transformers, "rwkv": bench_rwkv_package}
 
 
-def run_peer(name: str, cfg: ModelConfig, weights: dict, dtype: torch.dtype, args: argparse.Namespace) -> dict:
+def run_peer(peer: str, name: str, rows: Rows, *call: Any) -> None:
     try:
         with torch.inference_mode():
-            return PEERS[name](cfg, weights, dtype, args)
+            PEERS[peer](name, *call[:4], rows, call[4])
     except ImportError as exc:
-        return {"skipped": f"not importable: {exc}"}
+        rows.emit(name, peer, "skipped", f"not importable: {exc}")
     except Exception as exc:  # noqa: BLE001 - a peer failing must not lose the other results
-        return {"error": f"{type(exc).__name__}: {exc}"[:500]}
+        rows.emit(name, peer, "error", f"{type(exc).__name__}: {exc}"[:500])
     finally:
         release()
 
@@ -301,38 +391,50 @@ def machine() -> dict:
             "cuda": torch.version.cuda, "cupy": cupy.__version__, "python": sys.version.split()[0]}
 
 
-def bench_shape(name: str, args: argparse.Namespace) -> dict:
+def bench_shape(name: str, args: argparse.Namespace, rows: Rows) -> None:
     cfg, dtype = SHAPES[name], DTYPES[args.dtype]
     weights = random_weights(cfg, dtype, Env.device)
-    out: dict[str, Any] = {"config": cfg.to_dict(), "dtype": args.dtype}
+    rows.result["shapes"].setdefault(name, {})["config"] = cfg.to_dict()
+    if Env.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
     with torch.inference_mode():
-        if Env.device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats()
-        out["rwkv-stream gpu"] = bench_stepper(cfg, weights, dtype, args)
+        model = build_model(cfg, weights, dtype)
+        for fn in (bench_engine, bench_graphs):
+            try:
+                fn(name, cfg, model, args, rows)
+            except Exception as exc:  # noqa: BLE001 - keep going: the other rows still count
+                rows.emit(name, fn.__name__, "error", f"{type(exc).__name__}: {exc}"[:500])
+        ours = our_logits(model, cfg) if name in args.peer_shapes.split(",") else None
+    del model
     release()
-    if name in args.peer_shapes.split(","):
+    if ours is not None:
         for peer in filter(None, args.peers.split(",")):
-            out[peer] = run_peer(peer, cfg, weights, dtype, args)
-    return out
+            if peer in PEERS:
+                run_peer(peer, name, rows, cfg, weights, dtype, args, ours)
 
 
-def table(result: dict) -> str:
-    rows = [f"{'shape':6} {'impl':16} {'b1 ms p50':>10} {'b1 ms p99':>10} {'N tok/s':>11} {'N ms p99':>9}"
-            f" {'p99@1e3':>8} {'p99@1e6':>8}"]
-    n = result["streams"]
+def table(result: dict, sizes: list[int]) -> str:
+    cols = [f"b{n} ms p50" for n in sizes] + [f"b{sizes[-1]} tok/s", "p99@1e3", "p99@1e6", "max_rel"]
+    lines = [f"{'shape':6} {'impl':20} " + " ".join(f"{c:>11}" for c in cols)]
+    n = sizes[-1]
     for shape, res in result["shapes"].items():
+        if shape == "all":
+            continue
         for impl, r in res.items():
-            if not isinstance(r, dict) or impl == "config":
+            if impl == "config" or not isinstance(r, dict):
                 continue
-            if "batch1" not in r:
-                rows.append(f"{shape:6} {impl:16} {next(iter(r.values()))!s:.70}")
-                continue
-            many = r.get(f"streams{n}", {})
-            pos = [r.get(f"streams{n}_pos{p}", {}).get("ms_p99", float("nan")) for p in ("1e+03", "1e+06")]
-            rows.append(f"{shape:6} {impl:16} {r['batch1']['ms_p50']:10.3f} {r['batch1']['ms_p99']:10.3f} "
-                        f"{many.get('tokens_per_s', float('nan')):11.0f} {many.get('ms_p99', float('nan')):9.3f} "
-                        f"{pos[0]:8.3f} {pos[1]:8.3f}")
-    return "\n".join(rows)
+
+            def get(metric: str, key: str, r: dict = r) -> float:
+                v = r.get(metric)
+                return float(v.get(key, math.nan)) if isinstance(v, dict) else math.nan
+
+            vals = [get(f"batch{b}", "ms_p50") for b in sizes] + [
+                get(f"batch{n}", "tokens_per_s"), get(f"batch{n}_pos1e+03", "ms_p99"),
+                get(f"batch{n}_pos1e+06", "ms_p99"), get("agreement", "max_rel")]
+            note = next((f"{k}: {v}" for k, v in r.items() if k in ("error", "skipped", "cuda_kernel_error")), "")
+            cells = " ".join(f"{v:11.4g}" for v in vals)
+            lines.append(f"{shape:6} {impl:20} {cells}" + (f"  {note:.80}" if note else ""))
+    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -342,19 +444,17 @@ def main(argv: list[str] | None = None) -> int:
     elif not torch.cuda.is_available():
         print("no CUDA device (use --cpu-smoke to exercise the script on the CPU)", file=sys.stderr)
         return 2
-    t0 = time.perf_counter()
-    result: dict[str, Any] = {"machine": machine(), "streams": args.streams, "shapes": {}}
+    result: dict[str, Any] = {"machine": machine(), "dtype": args.dtype, "streams": args.streams, "shapes": {}}
+    rows = Rows(args.out, result)
     for name in filter(None, args.shapes.split(",")):
-        result["shapes"][name] = bench_shape(name, args)
+        bench_shape(name, args, rows)
         release()
-    result["wall_s"] = round(time.perf_counter() - t0, 1)
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    result["wall_s"] = round(time.perf_counter() - T0, 1)
+    rows.emit("all", "bench", "wall_s", result["wall_s"])
     print(json.dumps(result["machine"]))
-    print(table(result))
-    print(f"({args.dtype}; N = {args.streams} streams; p99@pos: N-stream step latency with states at that "
-          f"position; wall {result['wall_s']} s)")
+    print(table(result, batches(args)))
+    print(f"({args.dtype}; batch = streams stepping one token each; p99@pos: largest-batch step latency with "
+          f"states at that stream position; max_rel: logits vs ours; wall {result['wall_s']} s)")
     return 0
 
 

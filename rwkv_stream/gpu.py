@@ -536,12 +536,14 @@ def _warm_up(device: torch.device) -> None:
 
 @dataclass
 class _Layer:
+    """One block's tensors, all views of the model's own (nothing is copied)."""
+
     ln1: tuple[torch.Tensor, torch.Tensor]      # fp32 weight, bias
     ln2: tuple[torch.Tensor, torch.Tensor]
     att_mix: torch.Tensor                       # fp32 [3, C]: k, v, r
     att_w: torch.Tensor                         # fp32 [C]: -exp(time_decay)
     att_u: torch.Tensor                         # fp32 [C]: time_first
-    att_kvr: torch.Tensor                       # [3, C, C] key, value, receptance (out, in)
+    att_kvr: tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # key, value, receptance [C, C] (out, in)
     att_out: torch.Tensor                       # [C, C]
     ffn_mix: torch.Tensor                       # fp32 [2, C]: k, r
     ffn_key: torch.Tensor                       # [F, C]
@@ -561,77 +563,71 @@ class _Graph:
 DEFAULT_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 
 
+def _dense(linear: Any, what: str) -> torch.Tensor:
+    weight = getattr(linear, "weight", None)
+    if not isinstance(weight, torch.Tensor) or weight.dtype not in SUFFIX:
+        raise ValueError(f"CudaGraphStepper needs float32/float16/bfloat16 weights; {what} is {type(linear).__name__}")
+    return weight
+
+
 class _Weights:
-    """Per-layer tensors prepared from a BlinkDL-named state dict (on ``device``, matmuls in ``dtype``)."""
+    """The stepper's view of an RWKV-4 model's prepared weights (:class:`rwkv_stream.models.rwkv4.Rwkv4Model`):
+    the same tensors in the same memory, ln0 already folded into the embeddings, fp16 rescaling already in
+    the output matrices."""
 
-    def __init__(self, weights: dict[str, torch.Tensor], n_layer: int, dtype: torch.dtype,
-                 device: torch.device, rescale_every: int) -> None:
-        self.dtype, self.device = dtype, device
-        self._src = weights
-        emb = self._f32("emb.weight")
-        self.emb = F.layer_norm(emb, (emb.shape[1],), *self._ln("blocks.0.ln0")).to(dtype)  # ln0 folded in
-        self.head = self._mat("head.weight")
-        self.ln_out = self._ln("ln_out")
-        self.layers = [self._layer(i, n_layer, rescale_every) for i in range(n_layer)]
-        del self._src
+    def __init__(self, model: Any) -> None:
+        from .models import rwkv4
 
-    def _f32(self, name: str) -> torch.Tensor:
-        return self._src[name].detach().to(device=self.device, dtype=torch.float32).contiguous()
-
-    def _mat(self, name: str, divide: float = 1.0) -> torch.Tensor:
-        t = self._src[name].detach().to(self.device)
-        return (t.float() / divide).to(self.dtype).contiguous() if divide != 1.0 else t.to(self.dtype).contiguous()
-
-    def _ln(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
-        return self._f32(f"{name}.weight").reshape(-1), self._f32(f"{name}.bias").reshape(-1)
-
-    def _mixes(self, prefix: str, keys: str) -> torch.Tensor:
-        return torch.stack([self._f32(f"{prefix}.time_mix_{k}").reshape(-1) for k in keys]).contiguous()
-
-    def _layer(self, i: int, n_layer: int, rescale_every: int) -> _Layer:
-        p = f"blocks.{i}"
-        div = float(2 ** (i // rescale_every)) if rescale_every > 0 else 1.0
-        halve = rescale_every > 0 and (i + 1) % rescale_every == 0  # as HF: also after the last block
-        kvr = [self._mat(f"{p}.att.{n}.weight") for n in ("key", "value", "receptance")]
-        return _Layer(
-            ln1=self._ln(f"{p}.ln1"), ln2=self._ln(f"{p}.ln2"),
-            att_mix=self._mixes(f"{p}.att", "kvr"),
-            att_w=(-torch.exp(self._f32(f"{p}.att.time_decay"))).reshape(-1).contiguous(),
-            att_u=self._f32(f"{p}.att.time_first").reshape(-1),
-            att_kvr=torch.stack(kvr).contiguous(), att_out=self._mat(f"{p}.att.output.weight", div),
-            ffn_mix=self._mixes(f"{p}.ffn", "kr"),
-            ffn_key=self._mat(f"{p}.ffn.key.weight"), ffn_rec=self._mat(f"{p}.ffn.receptance.weight"),
-            ffn_val=self._mat(f"{p}.ffn.value.weight", div), scale=0.5 if halve else 1.0,
-        )
+        if getattr(model, "family", None) != "rwkv4":
+            raise ValueError(f"CudaGraphStepper runs RWKV-4 models, not {getattr(model, 'family', type(model))}")
+        self.dtype: torch.dtype = model.dtype
+        self.device: torch.device = model.device
+        self.emb: torch.Tensor = model.emb
+        self.head = _dense(model.head_linear, "the head")
+        self.ln_out: tuple[torch.Tensor, torch.Tensor] = model.ln_out
+        every = rwkv4.FP16_RESCALE_EVERY if model._rescale else 0
+        self.layers = []
+        for i, layer in enumerate(model.layers):
+            c = layer.w.numel()
+            self.layers.append(_Layer(
+                ln1=layer.ln1, ln2=layer.ln2, att_mix=layer.att_mix.reshape(3, c), att_w=layer.w, att_u=layer.u,
+                att_kvr=(_dense(layer.att_key, "att.key"), _dense(layer.att_value, "att.value"),
+                         _dense(layer.att_receptance, "att.receptance")),
+                att_out=_dense(layer.att_output, "att.output"), ffn_mix=layer.ffn_mix.reshape(2, c),
+                ffn_key=_dense(layer.ffn_key, "ffn.key"), ffn_rec=_dense(layer.ffn_receptance, "ffn.receptance"),
+                ffn_val=_dense(layer.ffn_value, "ffn.value"),
+                scale=0.5 if every and (i + 1) % every == 0 else 1.0))
 
 
 class CudaGraphStepper:
-    """Runs RWKV-4 over a batch of state slots: torch (cuBLAS) matmuls + this module's kernels.
+    """Runs an RWKV-4 model over a batch of state slots: torch (cuBLAS) matmuls + this module's kernels.
 
-    ``weights``: BlinkDL-named tensors (``emb.weight``, ``blocks.{i}.att.key.weight``, ...,
-    ``ln_out.weight``, ``head.weight``); ``pool_data``: the fp32 state arena [capacity, n_layer, 5, C].
+    ``model``: an RWKV-4 model (``rwkv_stream.load(..., device="cuda", dtype=...)``) in float32, float16 or
+    bfloat16; the stepper uses its prepared weights as they are (one copy in GPU memory). ``pool``: the
+    model's :class:`~rwkv_stream.pool.StatePool` (``model.new_pool(n, growable=False)``: graphs hold the
+    arena's address) or a bare fp32 arena ``[capacity, n_layer, 5, C]``.
     :meth:`step` runs one token per stream and, on CUDA, replays a CUDA graph captured per batch-size
     bucket (static token/slot buffers; padding rows use slot -1, which reads the initial state and
-    writes nothing). :meth:`forward` runs a ragged multi-token batch eagerly (prefill / chunks).
-    ``ops`` defaults to this module; pass :mod:`rwkv_stream.kernels_ref` to run the same pipeline on
-    the CPU. fp16 uses the usual RWKV-4 rescaling (``rescale_every=6``); the residual stream is fp32.
-    Logits come back in the weight dtype.
+    writes nothing). :meth:`forward` runs a ragged multi-token batch eagerly (prefill / chunks). Slots are
+    checked (distinct, in range) before anything runs. ``ops`` defaults to this module; pass
+    :mod:`rwkv_stream.kernels_ref` to run the same pipeline on the CPU. Logits come back in the weight dtype.
     """
 
-    def __init__(self, weights: dict[str, torch.Tensor], n_layer: int, n_embd: int,
-                 pool_data: torch.Tensor, *, dtype: torch.dtype | None = None, ops: ModuleType | None = None,
-                 buckets: Sequence[int] = DEFAULT_BUCKETS, use_graphs: bool | None = None,
-                 rescale_every: int | None = None) -> None:
-        self.device = pool_data.device
-        self.dtype = dtype or weights["emb.weight"].dtype
-        self.n_layer, self.n_embd = n_layer, n_embd
-        if tuple(pool_data.shape[1:]) != (n_layer, 5, n_embd) or not pool_data.is_contiguous():
-            raise ValueError(f"pool_data must be contiguous [capacity, {n_layer}, 5, {n_embd}]")
+    def __init__(self, model: Any, pool: Any, *, ops: ModuleType | None = None,
+                 buckets: Sequence[int] = DEFAULT_BUCKETS, use_graphs: bool | None = None) -> None:
+        self.w = _Weights(model)
+        self.device, self.dtype = self.w.device, self.w.dtype
+        self.n_layer, self.n_embd = len(self.w.layers), int(self.w.emb.shape[1])
+        self._pool_owner = pool if not isinstance(pool, torch.Tensor) else None
+        pool_data = pool if isinstance(pool, torch.Tensor) else pool.data
+        if tuple(pool_data.shape[1:]) != (self.n_layer, 5, self.n_embd) or not pool_data.is_contiguous():
+            raise ValueError(f"the arena must be contiguous [capacity, {self.n_layer}, 5, {self.n_embd}]")
+        if pool_data.device != self.device or pool_data.dtype != torch.float32:
+            raise ValueError(f"the arena must be fp32 on {self.device}, got {pool_data.dtype} on {pool_data.device}")
+        if self._pool_owner is not None and getattr(self._pool_owner, "growable", False):
+            raise ValueError("graphs hold the arena's address: use a fixed pool (new_pool(n, growable=False))")
         self.pool = pool_data
         self.ops = ops if ops is not None else sys.modules[__name__]
-        if rescale_every is None:
-            rescale_every = 6 if self.dtype == torch.float16 else 0
-        self.w = _Weights(weights, n_layer, self.dtype, self.device, rescale_every)
         self.buckets = tuple(sorted(buckets))
         on_cuda = self.device.type == "cuda"
         self.use_graphs = on_cuda if use_graphs is None else (use_graphs and on_cuda)
@@ -644,30 +640,33 @@ class CudaGraphStepper:
     def _run(self, tokens: torch.Tensor, slots: torch.Tensor, offsets: torch.Tensor | None) -> torch.Tensor:
         """Final ln_out output [N, C] (weight dtype) for token ids; updates the state slots."""
         ops, w = self.ops, self.w
+        token_stream = None if offsets is None else stream_of_tokens(offsets, tokens.numel())
         x = w.emb.index_select(0, tokens).float()             # residual stream, fp32 [N, C]
         xa = ops.add_layernorm(x, *w.layers[0].ln1, out_dtype=self.dtype)
         for i, layer in enumerate(w.layers):
             nxt = w.layers[i + 1].ln1 if i + 1 < self.n_layer else w.ln_out
-            xf = self._time_mix(i, layer, x, xa, slots, offsets)
-            xa = self._channel_mix(i, layer, nxt, x, xf, slots, offsets)
+            xf = self._time_mix(i, layer, x, xa, slots, offsets, token_stream)
+            xa = self._channel_mix(i, layer, nxt, x, xf, slots, offsets, token_stream)
         return xa
 
     def _time_mix(self, i: int, layer: _Layer, x: torch.Tensor, xa: torch.Tensor, slots: torch.Tensor,
-                  offsets: torch.Tensor | None) -> torch.Tensor:
+                  offsets: torch.Tensor | None, token_stream: torch.Tensor | None) -> torch.Tensor:
         ops = self.ops
-        mixed = ops.token_shift_ragged(xa, layer.att_mix, self.pool, slots, offsets, i, ATT_X)
-        kvr = torch.bmm(mixed, layer.att_kvr.transpose(1, 2))  # [3, N, C] in one cuBLAS call
+        mixed = ops.token_shift_ragged(xa, layer.att_mix, self.pool, slots, offsets, i, ATT_X,
+                                       token_stream=token_stream)
+        k, v, r = (F.linear(m, wt) for m, wt in zip(mixed, layer.att_kvr, strict=True))
         if offsets is None:
-            y = ops.wkv_step(kvr[0], kvr[1], layer.att_w, layer.att_u, self.pool, slots, i, r=kvr[2])
+            y = ops.wkv_step(k, v, layer.att_w, layer.att_u, self.pool, slots, i, r=r)
         else:
-            y = ops.wkv_ragged(kvr[0], kvr[1], layer.att_w, layer.att_u, self.pool, slots, offsets, i,
-                               r=kvr[2])
+            y = ops.wkv_ragged(k, v, layer.att_w, layer.att_u, self.pool, slots, offsets, i, r=r)
         return ops.add_layernorm(x, *layer.ln2, delta=F.linear(y, layer.att_out))
 
     def _channel_mix(self, i: int, layer: _Layer, nxt: tuple[torch.Tensor, torch.Tensor], x: torch.Tensor,
-                     xf: torch.Tensor, slots: torch.Tensor, offsets: torch.Tensor | None) -> torch.Tensor:
+                     xf: torch.Tensor, slots: torch.Tensor, offsets: torch.Tensor | None,
+                     token_stream: torch.Tensor | None) -> torch.Tensor:
         ops = self.ops
-        mixed = ops.token_shift_ragged(xf, layer.ffn_mix, self.pool, slots, offsets, i, FFN_X)
+        mixed = ops.token_shift_ragged(xf, layer.ffn_mix, self.pool, slots, offsets, i, FFN_X,
+                                       token_stream=token_stream)
         k = F.linear(mixed[0], layer.ffn_key)
         k = ops.relu_square(k, out=k)
         r = F.linear(mixed[1], layer.ffn_rec)

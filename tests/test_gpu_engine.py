@@ -1,4 +1,4 @@
-"""CudaGraphStepper (kernels + cuBLAS + CUDA graphs) against the plain reference forward.
+"""CudaGraphStepper (kernels + cuBLAS + CUDA graphs, on a Model's own weights) against the plain reference.
 
 Runs on the GPU (marked ``gpu``; CUDA graphs on) and on the CPU kernel emulator from
 ``test_gpu_kernels`` (no graphs), across chunking, batch composition, bucket padding and graph replays.
@@ -14,6 +14,7 @@ from test_gpu_kernels import device, emulated, emulator_lib  # noqa: F401  (fixt
 from rwkv_stream import ModelConfig
 from rwkv_stream import kernels_ref as ref
 from rwkv_stream.gpu import CudaGraphStepper
+from rwkv_stream.models import rwkv4
 from rwkv_stream.random_checkpoint import random_tensors
 
 CFG = ModelConfig(n_layer=3, n_embd=160, vocab_size=101, ffn_dim=4 * 160)
@@ -37,8 +38,9 @@ class Pair:
 
     def __init__(self, tensors, dtype: torch.dtype, dev: torch.device, capacity: int = 12, **kw) -> None:
         self.weights = {k: v.to(dtype) for k, v in tensors.items()}
+        self.model = rwkv4.Rwkv4Model(self.weights, CFG, device=dev, dtype=dtype)
         self.pool, self.ref_pool = new_pool(capacity, dev), new_pool(capacity, torch.device("cpu"))
-        self.stepper = CudaGraphStepper(self.weights, CFG.n_layer, CFG.n_embd, self.pool, **kw)
+        self.stepper = CudaGraphStepper(self.model, self.pool, **kw)
         self.tol = TOL[dtype]
 
     def check(self, got: torch.Tensor, want: torch.Tensor, what: str) -> None:
@@ -77,9 +79,13 @@ class Pair:
 
 @pytest.mark.parametrize("dtype,rescale", [(torch.float32, 0), (torch.float16, 1), (torch.bfloat16, 0)],
                          ids=["fp32", "fp16-rescaled", "bf16"])
-def test_chunks_and_steps_match_reference(device, tensors, dtype, rescale):  # noqa: F811
-    """fp16 runs with the residual halved after every block (weights pre-divided), as deep models do."""
-    pair = Pair(tensors, dtype, device, buckets=(1, 2, 4), rescale_every=rescale)
+def test_chunks_and_steps_match_reference(device, tensors, dtype, rescale, monkeypatch):  # noqa: F811
+    """fp16 runs with the residual halved after every block (the model's weights pre-divided, as deep
+    models have it every 6 blocks)."""
+    if rescale:
+        monkeypatch.setattr(rwkv4, "FP16_RESCALE_EVERY", rescale)
+    pair = Pair(tensors, dtype, device, buckets=(1, 2, 4))
+    assert [lay.scale for lay in pair.stepper.w.layers] == ([0.5] * 3 if rescale else [1.0] * 3)
     slots = [7, 0, 11, 3, 5]
     pair.forward([s[:3] for s in STREAMS], slots)                  # prefill, ragged
     pair.forward([STREAMS[0][3:5], [], STREAMS[3][3:9]], [7, 11, 3])  # an empty stream
@@ -131,3 +137,17 @@ def test_slots_are_checked_at_the_stepper_boundary(device, tensors):  # noqa: F8
     assert torch.equal(pair.pool, before)
     pair.step([5, 6, 7], [5, 0, 2])  # distinct, in range: runs and matches the reference
     pair.check_states()
+
+
+def test_stepper_uses_the_models_weights_in_place(device, tensors):  # noqa: F811
+    """One set of weights: every matrix the stepper multiplies by is the model's tensor itself."""
+    pair = Pair(tensors, torch.bfloat16, device)
+    model, w = pair.model, pair.stepper.w
+    assert w.emb is model.emb and w.head is model.head_linear.weight
+    for mine, theirs in zip(w.layers, model.layers, strict=True):
+        assert mine.att_kvr[0] is theirs.att_key.weight and mine.ffn_val is theirs.ffn_value.weight
+        assert mine.att_mix.data_ptr() == theirs.att_mix.data_ptr() and mine.att_w is theirs.w
+    with pytest.raises(ValueError, match="growable"):
+        CudaGraphStepper(model, model.new_pool(4))
+    with pytest.raises(ValueError, match="float32/float16/bfloat16"):
+        CudaGraphStepper(rwkv4.Rwkv4Model(tensors, CFG, dtype="int8"), new_pool(2, torch.device("cpu")))

@@ -15,6 +15,8 @@ from conftest import TINY
 
 from rwkv_stream import kernels_ref as ref
 from rwkv_stream.gpu import CudaGraphStepper
+from rwkv_stream.models import rwkv4
+from rwkv_stream.models.rwkv4 import Rwkv4Model
 from rwkv_stream.wkv import EMPTY_PP
 
 C = 24
@@ -231,7 +233,7 @@ def test_stepper_pipeline_on_cpu_matches_reference(tiny_tensors, dtype, tol):
     """forward (ragged chunks) then step (one token per stream, shuffled slots) vs the reference."""
     weights = {k: v.to(dtype) for k, v in tiny_tensors.items()}
     pool, expected_pool = fresh_pool(6), fresh_pool(6)
-    stepper = CudaGraphStepper(weights, TINY.n_layer, TINY.n_embd, pool, ops=ref)
+    stepper = CudaGraphStepper(Rwkv4Model(weights, TINY, dtype=dtype), pool, ops=ref)
     streams, slots = _streams(), [4, 0, 5, 2]
     prefix = [s[:-2] for s in streams]
     offs = offsets_of([len(p) for p in prefix])
@@ -249,15 +251,18 @@ def test_stepper_pipeline_on_cpu_matches_reference(tiny_tensors, dtype, tol):
     assert (pool - expected_pool).abs().max() < tol * 100
 
 
-def test_stepper_fp16_rescaling_matches_reference(tiny_tensors):
-    """fp16 weights with the residual halved every layer (rescale_every=1) still match fp32 logits."""
+def test_stepper_fp16_rescaling_matches_reference(tiny_tensors, monkeypatch):
+    """fp16 weights with the residual halved every layer (the model's rescaling every 1 layer) still match
+    fp32 logits."""
     weights = {k: v.half() for k, v in tiny_tensors.items()}
     try:
         F.linear(torch.ones(1, 2, dtype=torch.float16), torch.ones(2, 2, dtype=torch.float16))
     except RuntimeError:
         pytest.skip("no fp16 matmul on this CPU build")
     pool, expected_pool = fresh_pool(2), fresh_pool(2)
-    stepper = CudaGraphStepper(weights, TINY.n_layer, TINY.n_embd, pool, ops=ref, rescale_every=1)
+    monkeypatch.setattr(rwkv4, "FP16_RESCALE_EVERY", 1)
+    stepper = CudaGraphStepper(Rwkv4Model(weights, TINY, dtype=torch.float16), pool, ops=ref)
+    assert [layer.scale for layer in stepper.w.layers] == [0.5] * TINY.n_layer
     got = stepper.forward(TOKENS, [0, len(TOKENS)], [1], last_only=False).float()
     want = ref.reference_forward(weights, TINY.n_layer, TOKENS, [0, len(TOKENS)], [1], expected_pool)
     assert (got - want).abs().max() / want.abs().max() < 2e-2

@@ -135,6 +135,17 @@ class RecurrentModel:
         tokens are grouped into calls); otherwise a family may use a faster parallel form."""
         raise NotImplementedError
 
+    def _steps_arena_in_place(self, pool: StatePool) -> bool:
+        """Whether :meth:`step` runs :meth:`_run_arena` on ``pool.data`` directly (a family with kernels that
+        address the arena by slot, on the pool's device) instead of gathering the streams' states into a copy
+        and scattering them back."""
+        return False
+
+    def _run_arena(self, ids: Tensor, arena: Tensor, slots: Tensor, rag: Ragged) -> Tensor:
+        """:meth:`_run` over the arena ``[capacity, *state_shape]`` in place: stream ``b`` of ``rag`` is slot
+        ``slots[b]`` (int32 on the device, distinct)."""
+        raise NotImplementedError
+
     # ----------------------------------------------------------------- public API
     def new_state(self) -> State:
         return State(empty_state_tensor(self.config, self.device), 0, self.fingerprint, family=self.family)
@@ -219,16 +230,20 @@ class RecurrentModel:
             busy_slots = [slots[i] for i in busy]
             ids = self._token_tensor([tok for i in busy for tok in tokens[i]])
             rag = Ragged.from_lengths([len(tokens[i]) for i in busy], self.device)
-            index = torch.tensor(busy_slots, dtype=torch.long, device=pool.device)
-            work = pool.data.index_select(0, index).to(self.device)
             pad = self._padding(len(ids)) if batch_invariant else 0
-            if pad:  # scratch one-token streams: rows for the products, no extra state time steps
-                scratch = empty_state_tensor(self.config, self.device, batch=pad)
-                work = torch.cat((work, scratch))
-                ids = torch.cat((ids, ids.new_zeros(pad)))
-                rag = Ragged.from_lengths([*rag.lengths, *[1] * pad], self.device)
-            flat = self._run(ids, work, rag, sequential=batch_invariant)
-            pool.data.index_copy_(0, index, work[: len(busy)].to(pool.device))
+            if not pad and self._steps_arena_in_place(pool):  # CUDA kernels: the arena's slots, no copies
+                arena_slots = torch.tensor(busy_slots, dtype=torch.int32, device=self.device)
+                flat = self._run_arena(ids, pool.data, arena_slots, rag)
+            else:
+                index = torch.tensor(busy_slots, dtype=torch.long, device=pool.device)
+                work = pool.data.index_select(0, index).to(self.device)
+                if pad:  # scratch one-token streams: rows for the products, no extra state time steps
+                    scratch = empty_state_tensor(self.config, self.device, batch=pad)
+                    work = torch.cat((work, scratch))
+                    ids = torch.cat((ids, ids.new_zeros(pad)))
+                    rag = Ragged.from_lengths([*rag.lengths, *[1] * pad], self.device)
+                flat = self._run(ids, work, rag, sequential=batch_invariant)
+                pool.data.index_copy_(0, index, work[: len(busy)].to(pool.device))
             for i, rows in zip(busy, flat.split(rag.lengths), strict=False):  # scratch streams come last
                 hidden[i] = rows
             for slot, n in zip(busy_slots, rag.lengths, strict=False):

@@ -19,8 +19,12 @@ from torch import Tensor
 
 from ..config import FP16_RESCALE_EVERY, AnyConfig
 from ..linear import Linear, make_linear, project
+from ..pool import StatePool
+from ..state import ROWS
 from ..wkv import wkv_ragged
 from .base import LN_EPS, Ragged, RecurrentModel, token_shift
+
+ATT_X, FFN_X = ROWS.index("att_x"), ROWS.index("ffn_x")  # state rows the token shifts keep
 
 
 @dataclass
@@ -110,31 +114,60 @@ class Rwkv4Model(RecurrentModel):
     def _run(self, ids: Tensor, states: Tensor, rag: Ragged, *, sequential: bool = False) -> Tensor:
         """Hidden vectors for flat token ids; ``states`` ``[B, L, 5, C]`` is advanced in place (the WKV
         recurrence is always token by token, so ``sequential`` changes nothing)."""
+        if self._kernels is not None:  # CUDA: the kernels address states by slot (here 0 .. B-1)
+            return self._run_arena(ids, states, rag.slots_i32, rag)
         x = self.emb[ids].float()
         for i, layer in enumerate(self.layers):
             st = states[:, i]
             xa = F.layer_norm(x, x.shape[-1:], *layer.ln1, LN_EPS)
-            x = x + self._time_mix(layer, xa, st, rag, (states, i))
+            x = x + self._time_mix(layer, xa, st, rag)
             x = x + self._channel_mix(layer, F.layer_norm(x, x.shape[-1:], *layer.ln2, LN_EPS), st, rag)
             if self._rescale and (i + 1) % FP16_RESCALE_EVERY == 0:
                 x = x / 2
         return self._norm_out(x)
 
-    def _time_mix(self, layer: _Layer, xa: Tensor, st: Tensor, rag: Ragged, where: tuple[Tensor, int]) -> Tensor:
+    def _time_mix(self, layer: _Layer, xa: Tensor, st: Tensor, rag: Ragged) -> Tensor:
         sx = token_shift(xa, st[:, 0], rag)
         k, v, r = project((layer.att_key, layer.att_value, layer.att_receptance), torch.lerp(sx, xa, layer.att_mix))
         r = torch.sigmoid(r)
-        if self._kernels is not None:  # CUDA: one kernel over all streams and tokens, state updated in place
-            states, index = where
-            wkv = self._kernels.wkv_ragged(k, v, layer.w, layer.u, states, rag.slots_i32, rag.offsets_i32, index)
-        else:
-            wkv = wkv_ragged(k, v, layer.w, layer.u, st[:, 1:4], rag.starts, rag.lengths, rag.time_major)
+        wkv = wkv_ragged(k, v, layer.w, layer.u, st[:, 1:4], rag.starts, rag.lengths, rag.time_major)
         return layer.att_output(r * wkv)
 
     def _channel_mix(self, layer: _Layer, xf: Tensor, st: Tensor, rag: Ragged) -> Tensor:
         sx = token_shift(xf, st[:, 4], rag)
         k, r = project((layer.ffn_key, layer.ffn_receptance), torch.lerp(sx, xf, layer.ffn_mix))
         return torch.sigmoid(r) * layer.ffn_value(torch.relu(k).square())
+
+    # ----------------------------------------------------------------- CUDA: the slot arena in place
+    def _steps_arena_in_place(self, pool: StatePool) -> bool:
+        return self._kernels is not None and pool.data.device == self.device
+
+    def _run_arena(self, ids: Tensor, arena: Tensor, slots: Tensor, rag: Ragged) -> Tensor:
+        """The network with the CUDA kernels (:mod:`rwkv_stream.gpu`): token shift and WKV read and update the
+        arena's rows of ``slots`` in place; matrix products and layer norms are torch's."""
+        ops = self._kernels
+        assert ops is not None
+        offsets = None if rag.single_token else rag.offsets_i32
+        token_stream = None if offsets is None else ops.stream_of_tokens(offsets, len(ids))
+        x = self.emb[ids].float()
+        for i, layer in enumerate(self.layers):
+            xa = F.layer_norm(x, x.shape[-1:], *layer.ln1, LN_EPS)
+            mixed = ops.token_shift_ragged(xa, layer.att_mix.reshape(3, -1), arena, slots, offsets, i, ATT_X,
+                                           token_stream=token_stream)
+            k, v, r = project((layer.att_key, layer.att_value, layer.att_receptance), mixed)
+            if offsets is None:  # gate sigmoid(r) fused into the kernel
+                wkv = ops.wkv_step(k, v, layer.w, layer.u, arena, slots, i, r=r)
+            else:
+                wkv = ops.wkv_ragged(k, v, layer.w, layer.u, arena, slots, offsets, i, r=r)
+            x = x + layer.att_output(wkv)
+            xf = F.layer_norm(x, x.shape[-1:], *layer.ln2, LN_EPS)
+            mixed = ops.token_shift_ragged(xf, layer.ffn_mix.reshape(2, -1), arena, slots, offsets, i, FFN_X,
+                                           token_stream=token_stream)
+            k, r = project((layer.ffn_key, layer.ffn_receptance), mixed)
+            x = x + torch.sigmoid(r) * layer.ffn_value(torch.relu(k).square())
+            if self._rescale and (i + 1) % FP16_RESCALE_EVERY == 0:
+                x = x / 2
+        return self._norm_out(x)
 
 
 def _load_cuda_kernels(device: torch.device) -> ModuleType | None:

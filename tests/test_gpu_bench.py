@@ -1,0 +1,48 @@
+"""bench/gpu_bench.py on the CPU (``--cpu-smoke``): rows reach the disk as they are measured."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parent.parent / "bench" / "gpu_bench.py"
+
+
+@pytest.fixture
+def bench(monkeypatch):
+    spec = importlib.util.spec_from_file_location("gpu_bench_under_test", BENCH)
+    assert spec and spec.loader
+    module = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, spec.name, module)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_rows_are_on_disk_before_a_later_step_dies(bench, tmp_path, monkeypatch, one_torch_thread):
+    def dies(*args, **kw):
+        raise KeyboardInterrupt  # what a timeout does to the rest of the run
+
+    monkeypatch.setattr(bench, "bench_graphs", dies)
+    out = tmp_path / "gpu_bench.json"
+    with pytest.raises(KeyboardInterrupt):
+        bench.main(["--cpu-smoke", "--peers", "", "--out", str(out)])
+    rows = [json.loads(line) for line in (tmp_path / "gpu_bench.jsonl").read_text().splitlines()]
+    metrics = {r["metric"] for r in rows if r["impl"] == "rwkv-stream"}
+    assert {"batch1", "batch8", "batch8_pos1e+03", "batch8_pos1e+06", "prefill_8x8"} <= metrics
+    whole = json.loads(out.read_text())
+    assert whole["shapes"]["tiny"]["rwkv-stream"]["batch8"]["tokens_per_s"] > 0
+
+
+def test_cpu_smoke_runs_every_part(bench, tmp_path, one_torch_thread):
+    out = tmp_path / "r.json"
+    assert bench.main(["--cpu-smoke", "--peers", "transformers", "--out", str(out)]) == 0
+    shapes = json.loads(out.read_text())["shapes"]["tiny"]
+    assert shapes["rwkv-stream graphs"]["batch8"]["ms_p50"] > 0
+    assert shapes["rwkv-stream"]["batch8_pos1e+06"]["finite"]
+    hf = shapes["transformers"]
+    assert "error" not in hf, hf
+    assert hf["agreement"]["max_rel"] < 5e-3  # fp16 weights, fp32 CPU math on both sides

@@ -1,4 +1,4 @@
-"""``rwkv-stream train``: train an RWKV-4 model and its task heads in parallel mode, then evaluate."""
+"""``rwkv-stream train``: train an RWKV-4 or RWKV-7 model and its task heads in parallel mode, then evaluate."""
 
 from __future__ import annotations
 
@@ -8,14 +8,15 @@ import sys
 import time
 from collections import Counter
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 import torch
 
 from rwkv_stream.train import data as D
 from rwkv_stream.train import transcript
-from rwkv_stream.train.loop import LoopConfig, Trainable, head_set, make_heads, train
+from rwkv_stream.train.loop import LoopConfig, Trainable, TrainModel, head_set, make_heads, train
 from rwkv_stream.train.model import RWKV4, TrainConfig
+from rwkv_stream.train.model7 import RWKV7, Train7Config
 
 if TYPE_CHECKING:
     from rwkv_stream.heads import HeadSet
@@ -35,6 +36,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--marker-prob", type=float, default=0.5,
                    help="transcript: chance of an end marker after a paragraph inside a training stream")
     g = p.add_argument_group("model")
+    g.add_argument("--family", choices=["rwkv4", "rwkv7"],
+                   help="model family to train (default: --init's family, else rwkv4)")
+    g.add_argument("--head-size", type=int, default=64, help="rwkv7: channels per head (n-embd a multiple)")
     g.add_argument("--init", help="start from this checkpoint or bundle, or 'shipped[:NAME]' (else from scratch)")
     g.add_argument("--tokenizer", type=Path, help="tokenizer.json (default: --init's, else train a BPE)")
     g.add_argument("--vocab-size", type=int, default=4096, help="vocabulary of a newly trained BPE")
@@ -181,29 +185,41 @@ def majority_class(data: D.Dataset) -> str | None:
 # ------------------------------------------------------------------------------------------ model
 
 
-def build_model(args: argparse.Namespace, vocab_size: int) -> RWKV4:
+def build_model(args: argparse.Namespace, vocab_size: int) -> TrainModel:
+    family = getattr(args, "family", None)
     if args.init is None:
+        if family == "rwkv7":
+            if args.n_embd % args.head_size:
+                raise SystemExit(f"--n-embd {args.n_embd} is not a multiple of --head-size {args.head_size}")
+            return RWKV7(Train7Config(vocab_size, args.n_embd, args.n_layer, head_size=args.head_size,
+                                      chunk_len=args.chunk_len))
         return RWKV4(TrainConfig(vocab_size, args.n_embd, args.n_layer, chunk_len=args.chunk_len))
     from rwkv_stream.checkpoint import load_canonical
 
     init = Path(args.init)
     weights = init / "model.safetensors" if (init / "bundle.json").exists() else init
-    tensors, _ = load_canonical(weights)
-    model = RWKV4.from_state_dict(tensors, args.chunk_len)
+    tensors, config = load_canonical(weights)
+    if family is not None and config.family != family:
+        raise SystemExit(f"--init {args.init} is an {config.family} model, not {family}")
+    model: TrainModel
+    if config.family == "rwkv7":
+        model = RWKV7.from_state_dict(tensors, args.chunk_len)
+    else:
+        model = RWKV4.from_state_dict(tensors, args.chunk_len)
     if model.cfg.vocab_size < vocab_size:
         raise SystemExit(f"--init has {model.cfg.vocab_size} embeddings, the tokenizer {vocab_size} ids")
     return model
 
 
 @torch.no_grad()
-def round_to_fp16(model: RWKV4) -> None:
+def round_to_fp16(model: TrainModel) -> None:
     """Round the matrices as the bundle stores them (fp16), so metrics describe the shipped weights."""
     for p in model.parameters():
         if p.dim() == 2:
             p.copy_(p.half().float())
 
 
-def shipped_tensors(model: RWKV4) -> dict[str, torch.Tensor]:
+def shipped_tensors(model: TrainModel) -> dict[str, torch.Tensor]:
     """The engine's canonical tensors (vectors flattened, fp32) with fp16 matrices, as a bundle stores them."""
     from rwkv_stream.checkpoint import infer_config, validate
 
@@ -212,7 +228,7 @@ def shipped_tensors(model: RWKV4) -> dict[str, torch.Tensor]:
     return {k: v.half() if v.dim() == 2 else v for k, v in tensors.items()}
 
 
-def shipped_fingerprint(model: RWKV4) -> str:
+def shipped_fingerprint(model: TrainModel) -> str:
     from rwkv_stream.checkpoint import infer_config
     from rwkv_stream.model import weights_fingerprint
 
@@ -220,8 +236,9 @@ def shipped_fingerprint(model: RWKV4) -> str:
     return weights_fingerprint(tensors, infer_config(tensors))
 
 
-def training_info(args: argparse.Namespace, model: RWKV4, data: D.Dataset) -> dict:
-    return {"task": args.task, **model.cfg.to_dict(), "ctx": args.ctx, "batch_size": args.batch_size,
+def training_info(args: argparse.Namespace, model: TrainModel, data: D.Dataset) -> dict:
+    family = "rwkv7" if isinstance(model, RWKV7) else "rwkv4"
+    return {"task": args.task, "family": family, **model.cfg.to_dict(), "ctx": args.ctx, "batch_size": args.batch_size,
             "lr": args.lr, "train_tokens": data.n_tokens, "seed": args.seed,
             "params": sum(p.numel() for p in model.parameters()), "torch": torch.__version__}
 
@@ -232,11 +249,13 @@ def evaluate_run(net: Trainable, eval_data: D.Dataset, tok: Tokenizer, majority:
     end_id = D.WordEncoder(tok).end[0]
     heads = net.head_modules()
     lm = None if net.model is None else net.model.head
+    model = cast(RWKV4, net.model)  # either family: training_hidden_fn only calls forward_hidden(ids, state)
     with torch.no_grad():
-        return evaluate(eval_data, training_hidden_fn(net.model), lm, heads, tok, end_id, majority)
+        return evaluate(eval_data, training_hidden_fn(model), lm, heads, tok, end_id, majority)
 
 
-def write_run_bundle(args: argparse.Namespace, model: RWKV4, tok_path: Path, heads: HeadSet, metrics: dict) -> None:
+def write_run_bundle(args: argparse.Namespace, model: TrainModel, tok_path: Path, heads: HeadSet,
+                     metrics: dict) -> None:
     from rwkv_stream.bundle import write_bundle
 
     write_bundle(args.bundle, shipped_tensors(model), tok_path, heads, name=args.name,

@@ -18,8 +18,10 @@ from tqdm import tqdm
 from rwkv_stream.heads import Head, HeadSet
 from rwkv_stream.train.data import IGNORE, Batch, Dataset, sample_batches
 from rwkv_stream.train.model import RWKV4
+from rwkv_stream.train.model7 import RWKV7
 
 STATE_FILE = "last.pt"
+TrainModel = RWKV4 | RWKV7  # the families `rwkv-stream train` builds (same forward_hidden/head interface)
 
 
 @dataclass
@@ -42,9 +44,9 @@ class LoopConfig:
 
 
 class Trainable(nn.Module):
-    """The RWKV-4 model and its heads, trained together (or the heads alone on a frozen model)."""
+    """The model (RWKV-4 or RWKV-7) and its heads, trained together (or the heads alone on a frozen model)."""
 
-    def __init__(self, model: RWKV4, heads: dict[str, Head]) -> None:
+    def __init__(self, model: TrainModel, heads: dict[str, Head]) -> None:
         super().__init__()
         self.model = model
         self.heads = nn.ModuleDict(heads)

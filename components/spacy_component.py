@@ -38,6 +38,17 @@ Config (``[components.rwkv]``):
 * ``vector``: store the mean hidden vector of the Doc's tokens in ``doc._.rwkv_vector``.
 * ``[generation]``: ``max_new_tokens``, ``temperature``, ``top_p``, ``stop``, ``seed`` for
   ``doc._.rwkv_generate(...)`` / :meth:`RWKVComponent.generate`.
+* Training (``nlp.update`` / ``spacy train``, see :mod:`rwkv_stream.components.spacy_training`):
+  ``freeze_weights`` (only the heads learn; listeners get the engine's features), ``weights_learn_rate`` (the
+  RWKV weights' learning rate as a multiple of the optimizer's), ``window`` (model tokens per training window;
+  the state is carried between windows, so memory is bounded for long Docs).
+
+Every processed Doc gets ``doc.tensor`` (``[len(doc), n_embd]``: each spaCy token's hidden vector, read at the
+model token the alignment rule picks), which ``rwkv_stream.RWKVListener.v1`` layers
+(:mod:`rwkv_stream.components.spacy_listener`) feed to spaCy's own components. With transcript labels
+(``PUNCT-case``) the tags also give word-level results: ``doc._.rwkv_restored`` and per-token decisions
+(:mod:`rwkv_stream.components.spacy_restore`). Training replaces the engine's weights: streams opened before an
+update are dropped when the engine is rebuilt (their states belong to the old weights).
 """
 
 from __future__ import annotations
@@ -288,8 +299,8 @@ class RWKVComponent(TrainablePipe):
         settings.validate()
         self.name = name
         self.vocab = nlp.vocab
-        self.cfg = {}
-        self.model = Model("rwkv", _no_forward)  # spaCy's handle; the weights are torch modules (see _trainable)
+        self.cfg: dict[str, Any] = {}
+        self.model: Model = Model("rwkv", _no_forward)  # spaCy's handle; the weights are torch modules (see _trainable)
         self.settings = settings
         self.listener_map: dict[str, list[Model]] = {}
         self._net: TrainNet | None = None
@@ -549,6 +560,9 @@ class RWKVComponent(TrainablePipe):
         losses.setdefault(self.name, 0.0)
         self._flush()
         examples = list(examples)
+        self._ensure_loaded()
+        if not self.listeners and not any(self._learn.values()):
+            return losses  # nothing learns from this component's outputs
         docs = [eg.predicted for eg in examples]
         sessions, net = self._ensure_loaded(), self._trainable()
         self._check_listeners()

@@ -20,7 +20,7 @@ listeners, and when ``rwkv`` is in ``[training] frozen_components`` it must also
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import Any, cast
 
 from spacy.tokens import Doc
 from spacy.util import registry
@@ -90,7 +90,7 @@ def _doc_vectors(model: RWKVListener, doc: Doc, is_train: bool) -> Floats2d:
     if doc.tensor.shape[1] != width:
         raise ValueError(f"rwkv listener: width is {width} but doc.tensor has {doc.tensor.shape[1]} columns "
                          f"(set width to the RWKV model's n_embd)")
-    return doc.tensor
+    return cast(Floats2d, doc.tensor)
 
 
 def _no_backprop(d_outputs: Any) -> list[Doc]:

@@ -543,6 +543,8 @@ class RWKVComponent(TrainablePipe):
         width = self._ensure_loaded().model.config.n_embd
         for component, found in self.listener_map.items():
             for listener in found:
+                if listener.has_dim("nO") is None:
+                    listener.set_dim("nO", width)
                 if listener.get_dim("nO") != width:
                     raise ValueError(f"rwkv: the listener in {component!r} has width {listener.get_dim('nO')}, "
                                      f"the RWKV model makes vectors of {width}: set its width to {width}")

@@ -5,7 +5,7 @@ Use it as the ``tok2vec`` of any built-in component::
 
     [components.tagger.model.tok2vec]
     @architectures = "rwkv_stream.RWKVListener.v1"
-    width = 192          # the RWKV model's n_embd
+    width = 192          # the RWKV model's n_embd (omit it: the rwkv component sets it at initialize)
     upstream = "rwkv"    # the rwkv component's name, or "*"
 
 In training, the ``rwkv`` component runs each batch once in :meth:`update` and hands every listener the
@@ -36,7 +36,7 @@ class RWKVListener(Model):
 
     name = LISTENER_NAME
 
-    def __init__(self, upstream_name: str, width: int, grad_factor: float = 1.0) -> None:
+    def __init__(self, upstream_name: str, width: int | None, grad_factor: float = 1.0) -> None:
         Model.__init__(self, name=self.name, forward=listener_forward, dims={"nO": width},
                        attrs={"grad_factor": grad_factor})
         self.upstream_name = upstream_name
@@ -98,7 +98,10 @@ def _no_backprop(d_outputs: Any) -> list[Doc]:
 
 
 @registry.architectures("rwkv_stream.RWKVListener.v1")
-def rwkv_listener(width: int, upstream: str = "rwkv", grad_factor: float = 1.0) -> Model[list[Doc], list[Floats2d]]:
-    """The rwkv component's token vectors as a ``tok2vec`` layer. ``width``: the model's ``n_embd``;
+def rwkv_listener(
+    width: int | None = None, upstream: str = "rwkv", grad_factor: float = 1.0
+) -> Model[list[Doc], list[Floats2d]]:
+    """The rwkv component's token vectors as a ``tok2vec`` layer. ``width``: the model's ``n_embd`` (``None``:
+    set by the rwkv component's ``initialize``, which must then run, i.e. rwkv is not frozen);
     ``upstream``: the rwkv component's name or ``"*"``; ``grad_factor``: scales the gradient sent to rwkv."""
     return RWKVListener(upstream, width, grad_factor)

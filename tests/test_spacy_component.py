@@ -201,7 +201,8 @@ def test_default_config_is_lazy_and_points_at_the_shipped_model():
             nlp("hello there")
 
 
-CONFIGS = sorted((Path(__file__).parent.parent / "configs").glob("*.cfg"))
+CONFIGS = [p for p in sorted((Path(__file__).parent.parent / "configs").glob("*.cfg"))
+           if "RWKVListener" not in p.read_text()]  # listener pipelines need training data: test_spacy_training.py
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)

@@ -267,3 +267,17 @@ def test_listener_architecture_is_an_entry_point():
     eps = importlib.metadata.entry_points(group="spacy_architectures")
     assert eps["rwkv_stream.RWKVListener.v1"].value == "rwkv_stream.components.spacy_listener:rwkv_listener"
     assert spacy.registry.architectures.get("rwkv_stream.RWKVListener.v1")(width=8).get_dim("nO") == 8
+
+
+def test_listeners_config_trains_and_predicts(bundle, paragraphs):
+    path = Path(__file__).resolve().parents[1] / "configs" / "rwkv_listeners.cfg"
+    config = spacy.util.load_config(path, overrides={"paths.rwkv_model": str(bundle)})
+    nlp = spacy.util.load_model_from_config(config)
+    examples = rich_examples(nlp, paragraphs)
+    history = train(nlp, examples, 6)
+    assert nlp.get_pipe("tagger").model.get_ref("tok2vec").get_dim("nO") == N_EMBD  # width set by rwkv
+    assert history[-1]["tagger"] < history[1]["tagger"] and history[-1]["rwkv"] > 0
+    doc = nlp(examples[2].reference.text)
+    assert all(t.tag_ for t in doc) and set(doc.cats) == set(TOPICS)
+    scores = nlp.evaluate(examples[:8])
+    assert {"tag_acc", "cats_score", "ents_f"} <= set(scores)

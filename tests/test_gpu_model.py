@@ -110,3 +110,20 @@ def test_cuda_branch_steps_the_arena_in_place_emulated(emulated, tiny_tensors, m
     b, state_b = kern.forward([3, 1, 4, 1, 5])
     torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(state_b.tensor, state_a.tensor, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype,tol", [("float32", 1e-5), ("float16", 2e-3)])
+@on_gpu[0]
+@on_gpu[1]
+def test_gpu_logits_match_transformers_on_the_gpu(tiny_hf, dtype, tol):
+    """Model on CUDA (kernels) against HF transformers' RwkvForCausalLM on the same GPU and checkpoint."""
+    transformers = pytest.importorskip("transformers")
+    torch_dtype = getattr(torch, dtype)
+    hf = transformers.RwkvForCausalLM.from_pretrained(tiny_hf).to("cuda", torch_dtype).eval()
+    ours = load(tiny_hf, device="cuda", dtype=dtype)
+    assert ours._kernels is not None, "CUDA kernels did not load"
+    with torch.no_grad():
+        theirs = hf(torch.tensor([TEXT], device="cuda")).logits[0].float().cpu()
+    got, _ = ours.forward(TEXT)
+    err = float((got.cpu() - theirs).abs().max() / theirs.abs().max())
+    assert err <= tol, f"{dtype}: relative error {err:.2e} against transformers"

@@ -70,6 +70,7 @@ def train(nlp: Language, train_docs: list[Doc], budget: float, batch_words: int)
         order = examples[epoch % len(examples):] + examples[: epoch % len(examples)]
         for batch in minibatch_by_words(order, size=batch_words):
             nlp.update(batch, sgd=optimizer)
+            optimizer.step_schedules()  # as spacy train does (learning-rate warmup and decay)
             steps += 1
             if time.monotonic() - start >= budget:
                 break
@@ -106,6 +107,9 @@ def main() -> None:
         "budget_s": args.budget, "threads": torch.get_num_threads(),
         "most_frequent_tag_per_word_acc": round(most_frequent_tag_accuracy(train_docs, dev_docs), 4),
     }
+    shipped = rwkv_pipeline()
+    shipped.initialize(lambda: [Example(shipped.make_doc(d.text), d) for d in train_docs])
+    result["rwkv_before_training"] = evaluate(shipped, dev_docs)  # the shipped heads, relabelled to the data
     for name, make in (("rwkv", rwkv_pipeline), ("cnn_tok2vec", cnn_pipeline)):
         nlp = make()
         result[name] = {**train(nlp, train_docs, args.budget, args.batch_words), **evaluate(nlp, dev_docs)}

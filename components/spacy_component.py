@@ -556,7 +556,7 @@ class RWKVComponent(TrainablePipe):
     ) -> dict[str, float]:
         """One batch: the RWKV forward (parallel mode), the heads' losses, vectors for every listener. The
         backward runs once the listeners have sent their gradients (at ``finish_update``)."""
-        from .spacy_training import PendingBackward, WindowedPass, encode_docs, token_vectors
+        from .spacy_training import BatchPass, PendingBackward, encode_docs, token_vectors
 
         losses = {} if losses is None else losses
         losses.setdefault(self.name, 0.0)
@@ -569,7 +569,7 @@ class RWKVComponent(TrainablePipe):
         sessions, net = self._ensure_loaded(), self._trainable()
         self._check_listeners()
         batch = encode_docs(sessions.tokenizer, docs, self.settings.tag_alignment)
-        forward = None if net.rwkv is None else WindowedPass(net.rwkv, batch.padded(), self.settings.window)
+        forward = None if net.rwkv is None else BatchPass(net.rwkv, batch, self.settings.window)
         hidden = self._engine_hidden(docs, batch.max_len) if forward is None else forward.hidden
         pending = PendingBackward(batch, forward, torch.zeros_like(hidden))
         losses[self.name] += self._head_losses(net, hidden, pending, examples)

@@ -120,12 +120,47 @@ class WindowedPass:
             h.backward(d)
 
 
+class BatchPass:
+    """The hidden vectors ``[B, T, C]`` of a batch of Docs, run in groups of similar length (less padding),
+    each group a :class:`WindowedPass`."""
+
+    def __init__(self, rwkv: RWKV4, batch: EncodedBatch, window: int, slack: float = 1.3) -> None:
+        lengths = [max(len(ids), 1) for ids in batch.ids]
+        self.hidden = torch.zeros(len(lengths), max(lengths, default=1), rwkv.cfg.n_embd)
+        self.parts: list[tuple[list[int], WindowedPass]] = []
+        for group in length_groups(lengths, slack):
+            ids = EncodedBatch([batch.ids[b] for b in group], []).padded()
+            run = WindowedPass(rwkv, ids, window)
+            self.hidden[group, : ids.shape[1]] = run.hidden
+            self.parts.append((group, run))
+
+    def backward(self, d_hidden: Tensor) -> None:
+        for group, run in self.parts:
+            d = d_hidden[group, : run.ids.shape[1]]
+            if bool(d.any()):
+                run.backward(d)
+
+
+def length_groups(lengths: Sequence[int], slack: float) -> list[list[int]]:
+    """Indices grouped by length so that a group's padded size stays within ``slack`` times its tokens."""
+    groups: list[list[int]] = []
+    group: list[int] = []
+    total = 0
+    for b in sorted(range(len(lengths)), key=lambda i: lengths[i]):
+        if group and (len(group) + 1) * lengths[b] > slack * (total + lengths[b]):
+            groups.append(group)
+            group, total = [], 0
+        group.append(b)
+        total += lengths[b]
+    return [*groups, group] if group else groups
+
+
 @dataclass
 class PendingBackward:
     """The gradient with respect to one batch's hidden vectors, gathered from heads and listeners."""
 
     batch: EncodedBatch
-    forward: WindowedPass | None  # None: the RWKV weights are frozen
+    forward: BatchPass | None  # None: the RWKV weights are frozen
     d_hidden: Tensor
     done: bool = False
     listener_loss: float = 0.0

@@ -14,7 +14,13 @@ import spacy
 import torch
 from rwkv_stream.components.spacy_corpus import TOPICS, synthetic_paragraphs, transcript_doc
 from rwkv_stream.components.spacy_listener import RWKVListener
-from rwkv_stream.components.spacy_training import WindowedPass, encode_docs, rwkv_from_tensors
+from rwkv_stream.components.spacy_training import (
+    BatchPass,
+    WindowedPass,
+    encode_docs,
+    length_groups,
+    rwkv_from_tensors,
+)
 from spacy.tokens import Doc, Span, SpanGroup
 from spacy.training import Example
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -90,6 +96,18 @@ def test_parallel_training_forward_equals_the_streaming_engine(bundle, paragraph
             rows = np.stack([hidden[b, j].numpy() for j in batch.index[b]])
             assert np.abs(rows - doc.tensor).max() < 1e-4
     assert all(doc.tensor.shape == (len(doc), N_EMBD) for doc in docs)
+    grouped = BatchPass(net, batch, 7, slack=1.0)  # docs of different lengths run in separate groups
+    assert len(grouped.parts) > 1
+    for b, ids in enumerate(batch.ids):
+        assert torch.allclose(grouped.hidden[b, : len(ids)], hidden[b, : len(ids)], atol=1e-5)
+
+
+def test_length_groups_bound_the_padding():
+    lengths = [3, 50, 4, 48, 5, 200]
+    groups = length_groups(lengths, 1.3)
+    assert sorted(b for g in groups for b in g) == list(range(6))
+    for g in groups:
+        assert len(g) * max(lengths[b] for b in g) <= 1.3 * sum(lengths[b] for b in g)
 
 
 def test_windowed_backward_keeps_one_window_and_gives_gradients(bundle, paragraphs):

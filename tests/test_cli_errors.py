@@ -31,6 +31,8 @@ CASES = [  # (arguments, what the one line must name)
     (["consume", "--delivery", "twice"], "twice"),
     (["consume", "--max-streams", "-3"], "-3"),
     (["consume", "--bootstrap-servers", "127.0.0.1:1", "--max-streams", "lots"], "lots"),
+    (["kafka", "init-topics", "--bootstrap-servers", "127.0.0.1:1"], "127.0.0.1:1"),
+    (["kafka", "dlq-replay", "--bootstrap-servers", "127.0.0.1:1"], "127.0.0.1:1"),
     (["consume", "--config", "{toml:max_stream = 3}"], "did you mean 'max_streams'"),
     (["consume", "--config", "{toml:max_streams = 'lots'}"], "'lots'"),
     (["consume", "--config", "{toml:[client]\nrequest_timout_ms = 3}"], "did you mean 'request_timeout_ms'"),

@@ -117,23 +117,48 @@ def run_from_args(args: argparse.Namespace) -> int:
         return EXIT_CONFIG
 
 
+TOOL_BOOTSTRAP_TIMEOUT_MS = 5000  # one-shot commands: an unreachable cluster is an answer, not a wait
+
+
+def _client_options(cfg: ConsumerConfig, known: dict[str, Any]) -> dict[str, Any]:
+    """[client] options the client knows, with a short bootstrap timeout unless the user set one."""
+    return {"bootstrap_timeout_ms": TOOL_BOOTSTRAP_TIMEOUT_MS,
+            **{k: v for k, v in cfg.client.items() if k in known}}
+
+
+def _unreachable(cfg: ConsumerConfig, command: str, exc: Exception) -> int:
+    seconds = cfg.client.get("bootstrap_timeout_ms", TOOL_BOOTSTRAP_TIMEOUT_MS) / 1000
+    print(f"rwkv-stream kafka {command}: no Kafka broker reachable at bootstrap_servers={cfg.bootstrap_servers!r} "
+          f"within {seconds:g} s ({type(exc).__name__}); is the broker running, and is the address right?",
+          file=sys.stderr)
+    return EXIT_CONFIG
+
+
 def _admin(cfg: ConsumerConfig) -> Any:
     from kafka import KafkaAdminClient
 
-    options = {k: v for k, v in cfg.client.items() if k in KafkaAdminClient.DEFAULT_CONFIG}
-    return KafkaAdminClient(bootstrap_servers=cfg.bootstrap_servers, client_id="rwkv-stream-admin", **options)
+    return KafkaAdminClient(bootstrap_servers=cfg.bootstrap_servers, client_id="rwkv-stream-admin",
+                            **_client_options(cfg, KafkaAdminClient.DEFAULT_CONFIG))
 
 
 def init_topics_from_args(args: argparse.Namespace) -> int:
+    from kafka.errors import KafkaConnectionError, KafkaTimeoutError
+
     from .topics import init_topics
 
     try:
         cfg = config_from_args(args)
+    except (ConfigError, ValueError) as exc:
+        print(f"rwkv-stream kafka init-topics: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    try:
         admin = _admin(cfg)
         try:
             report = init_topics(admin, cfg, args.partitions)
         finally:
             admin.close()
+    except (KafkaTimeoutError, KafkaConnectionError) as exc:
+        return _unreachable(cfg, "init-topics", exc)
     except (ConfigError, ValueError) as exc:
         print(f"rwkv-stream kafka init-topics: {exc}", file=sys.stderr)
         return EXIT_CONFIG
@@ -143,6 +168,7 @@ def init_topics_from_args(args: argparse.Namespace) -> int:
 
 def dlq_replay_from_args(args: argparse.Namespace) -> int:
     from kafka import KafkaConsumer, KafkaProducer
+    from kafka.errors import KafkaConnectionError, KafkaTimeoutError
 
     from .replay import replay
 
@@ -151,11 +177,14 @@ def dlq_replay_from_args(args: argparse.Namespace) -> int:
     except (ConfigError, ValueError) as exc:
         print(f"rwkv-stream kafka dlq-replay: {exc}", file=sys.stderr)
         return EXIT_CONFIG
-    consumer = KafkaConsumer(bootstrap_servers=cfg.bootstrap_servers, group_id=None, enable_auto_commit=False,
-                             isolation_level="read_committed",
-                             **{k: v for k, v in cfg.client.items() if k in KafkaConsumer.DEFAULT_CONFIG})
-    producer = KafkaProducer(bootstrap_servers=cfg.bootstrap_servers, acks="all",
-                             **{k: v for k, v in cfg.client.items() if k in KafkaProducer.DEFAULT_CONFIG})
+    try:
+        consumer = KafkaConsumer(bootstrap_servers=cfg.bootstrap_servers, group_id=None, enable_auto_commit=False,
+                                 isolation_level="read_committed",
+                                 **_client_options(cfg, KafkaConsumer.DEFAULT_CONFIG))
+        producer = KafkaProducer(bootstrap_servers=cfg.bootstrap_servers, acks="all",
+                                 **_client_options(cfg, KafkaProducer.DEFAULT_CONFIG))
+    except (KafkaTimeoutError, KafkaConnectionError) as exc:
+        return _unreachable(cfg, "dlq-replay", exc)
     try:
         report = replay(consumer, producer, cfg.dead_letter_topic, cfg.input_topic, reasons=set(args.reason),
                         after_offset=args.after_offset, dry_run=args.dry_run)

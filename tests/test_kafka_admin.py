@@ -23,6 +23,11 @@ from rwkv_stream.loading import load_source  # noqa: E402
 pytestmark = [pytest.mark.kafka, pytest.mark.usefixtures("one_torch_thread")]
 
 
+
+def metric(proc, name: str, **labels: str) -> float:
+    """A sample of the processor's registry, as Prometheus would scrape it (0 when not yet recorded)."""
+    return proc.metrics.registry.get_sample_value(name, labels) or 0.0
+
 @pytest.fixture(scope="module")
 def bundle_dir(tiny_bundle_dir):
     return tiny_bundle_dir
@@ -97,7 +102,7 @@ def test_json_headers_lag_readiness_and_dlq_replay(kafka_bootstrap, bundle_dir, 
         assert json.loads(ready.read_text())["state"] == "ready"
         _wait(lambda: len(read_topic(kafka_bootstrap, cfg.output_topic)) >= 2, "outputs")
         _wait(lambda: len(read_topic(kafka_bootstrap, cfg.dead_letter_topic)) >= 1, "dead letter")
-        _wait(lambda: proc.metrics.consumer_lag.labels(str(records[0].partition))._value.get() == 0, "lag 0", 10)
+        _wait(lambda: metric(proc, "rwkv_stream_consumer_lag", partition=str(records[0].partition)) == 0, "lag 0", 10)
         assert proc.metrics.registry.get_sample_value("rwkv_stream_readiness",
                                                       {"rwkv_stream_readiness": "ready"}) == 1
     finally:

@@ -38,6 +38,11 @@ pytestmark = [pytest.mark.kafka, pytest.mark.usefixtures("one_torch_thread")]
 SEED = 1129
 
 
+
+def metric(proc, name: str, **labels: str) -> float:
+    """A sample of the processor's registry, as Prometheus would scrape it (0 when not yet recorded)."""
+    return proc.metrics.registry.get_sample_value(name, labels) or 0.0
+
 @pytest.fixture(scope="module")
 def bundle_dir(tiny_bundle_dir):
     return tiny_bundle_dir
@@ -101,7 +106,7 @@ def test_happy_path_outputs_equal_streams_fed_alone(kafka_bootstrap, bundle_dir,
                                 timeout_s=60)
     counts = check_outputs(ref, outs, exactly_once=True)
     assert counts["outputs"] == len(records)
-    assert proc.metrics.records.labels("processed")._value.get() == len(records)
+    assert metric(proc, "rwkv_stream_records_total", result="processed") == len(records)
     # Output keys are the stream ids; generations were made.
     assert any(schema.decode_output(v)["generated"] for _, v in outs)
     # The state topic: a snapshot per open stream at its last offset, an end marker/tombstone for ended ones.
@@ -169,7 +174,7 @@ def test_bad_input_goes_to_dead_letter_and_leaves_streams_unchanged(kafka_bootst
     assert sorted(got.values()) == sorted([schema.NOT_MSGPACK, schema.SCHEMA_VERSION_MISMATCH, schema.INVALID_UTF8,
                                            schema.FRAGMENT_TOO_LARGE, schema.UNKNOWN_ACTION, schema.INVALID_UTF8,
                                            schema.BAD_GENERATION])
-    assert proc.metrics.dead_letters.labels(schema.INVALID_UTF8)._value.get() == 2
+    assert metric(proc, "rwkv_stream_dead_letters_total", reason=schema.INVALID_UTF8) == 2
 
 
 def test_restart_restores_chunked_states_and_evicted_streams(kafka_bootstrap, bundle_dir, bundle):
@@ -188,8 +193,8 @@ def test_restart_restores_chunked_states_and_evicted_streams(kafka_bootstrap, bu
         wait_for_outputs(kafka_bootstrap, cfg.output_topic, {(r.partition, r.offset) for r in first},
                          read_committed=True, timeout_s=60)
         time.sleep(2.0)  # idle streams get evicted
-    assert proc.metrics.evictions.labels("lru")._value.get() > 0
-    assert proc.metrics.evictions.labels("idle")._value.get() > 0
+    assert metric(proc, "rwkv_stream_evictions_total", reason="lru") > 0
+    assert metric(proc, "rwkv_stream_evictions_total", reason="idle") > 0
     chunks = [k for _p, _o, k, _v in read_topic(kafka_bootstrap, cfg.state_topic) if b"\x1f" in k]
     assert chunks, "snapshots over state_chunk_bytes must be chunked"
     rest = produce(kafka_bootstrap, cfg.input_topic, plan[half:])
@@ -197,7 +202,7 @@ def test_restart_restores_chunked_states_and_evicted_streams(kafka_bootstrap, bu
     with running(cfg, bundle) as proc:
         outs = wait_for_outputs(kafka_bootstrap, cfg.output_topic, set(ref.outputs), read_committed=True,
                                 timeout_s=60)
-    assert proc.metrics.restores._value.get() > 0
+    assert metric(proc, "rwkv_stream_restored_streams_total") > 0
     check_outputs(ref, outs, exactly_once=True)
 
 
@@ -218,18 +223,19 @@ def test_backpressure_and_metrics_endpoint(kafka_bootstrap, bundle_dir, bundle):
     paused_seen = 0.0
     with running(cfg, bundle) as proc:
         deadline = time.monotonic() + 60
-        while proc.metrics.records.labels("processed")._value.get() < len(records) and time.monotonic() < deadline:
-            paused_seen = max(paused_seen, proc.metrics.paused._value.get())
+        while (metric(proc, "rwkv_stream_records_total", result="processed") < len(records)
+               and time.monotonic() < deadline):
+            paused_seen = max(paused_seen, metric(proc, "rwkv_stream_paused_partitions"))
             time.sleep(0.01)
         outs = wait_for_outputs(kafka_bootstrap, cfg.output_topic, set(ref.outputs), read_committed=True,
                                 timeout_s=30)
         text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
     check_outputs(ref, outs, exactly_once=True)
     assert paused_seen > 0, "fetching was never paused"
-    for metric in ("rwkv_stream_tokens_total", "rwkv_stream_fragment_latency_seconds_bucket",
-                   "rwkv_stream_live_streams", "rwkv_stream_state_bytes", "rwkv_stream_rebalances_total",
-                   "rwkv_stream_dead_letters_total", "rwkv_stream_checkpoints_total"):
-        assert metric in text, metric
+    for name in ("rwkv_stream_tokens_total", "rwkv_stream_fragment_latency_seconds_bucket",
+                 "rwkv_stream_live_streams", "rwkv_stream_state_bytes", "rwkv_stream_rebalances_total",
+                 "rwkv_stream_dead_letters_total", "rwkv_stream_checkpoints_total"):
+        assert name in text, name
     tokens = [line for line in text.splitlines() if line.startswith("rwkv_stream_tokens_total")]
     assert float(tokens[0].split()[-1]) > 0
 

@@ -93,7 +93,7 @@ def test_config_layers(tmp_path):
     assert ConsumerConfig(dtype="w8a8").dtype == "w8a8"
     bad = tmp_path / "bad.toml"
     bad.write_text("no_such_setting = 1\n")
-    with pytest.raises(ValueError, match="unknown settings"):
+    with pytest.raises(ValueError, match="unknown setting"):
         load_config(bad, env={})
 
 

@@ -4,7 +4,8 @@ wall-clock training budget; prints JSON (tag accuracy, cats macro F1, steps, tra
 
 Data: the Austen corpus of ``scripts/make_corpus.sh`` (``--corpus DIR``: train on the first ``--train``
 paragraphs of ``train.txt``, evaluate on the first ``--dev`` of ``test.txt``, the split the shipped model never
-saw; the shipped model was pretrained on all of ``train.txt``), or generated prose (``--synthetic``).
+saw; the shipped model was pretrained on all of ``train.txt``; both drawn at random, seed 0), or generated prose
+(``--synthetic``).
 
     OMP_NUM_THREADS=1 .venv/bin/python bench/spacy_vs_cnn.py --corpus data/corpus --budget 180
 """
@@ -14,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import random
 import time
 from pathlib import Path
 
@@ -44,9 +46,10 @@ def corpus(args: argparse.Namespace) -> tuple[list[Doc], list[Doc]]:
         train, dev = synthetic_paragraphs(args.train, 1), synthetic_paragraphs(args.dev, 2)
     else:
         def read(name: str, n: int) -> list[tuple[str, str | None]]:
-            lines = [x for x in (args.corpus / f"{name}.txt").read_text().split("\n") if x.strip()][:n]
-            books = [x for x in (args.corpus / f"{name}.books.txt").read_text().split("\n") if x.strip()][:n]
-            return list(zip(lines, books, strict=True))
+            lines = [x for x in (args.corpus / f"{name}.txt").read_text().split("\n") if x.strip()]
+            books = [x for x in (args.corpus / f"{name}.books.txt").read_text().split("\n") if x.strip()]
+            pairs: list[tuple[str, str | None]] = list(zip(lines, books, strict=True))
+            return random.Random(0).sample(pairs, min(n, len(pairs)))  # all six novels, not the first one
         train, dev = read("train", args.train), read("test", args.dev)
         labels = sorted({b for _, b in train + dev if b})
     return ([*make_docbin(nlp, train, labels).get_docs(nlp.vocab)],
@@ -82,9 +85,11 @@ def evaluate(nlp: Language, dev_docs: list[Doc]) -> dict:
     examples = [Example(nlp.make_doc(d.text), d) for d in dev_docs]
     scores = nlp.evaluate(examples)
     texts = [d.text for d in dev_docs]
-    start = time.monotonic()
-    n_words = sum(len(doc) for doc in nlp.pipe(texts))
-    seconds = time.monotonic() - start
+    seconds, n_words = float("inf"), 0
+    for _ in range(3):  # the best of three passes: the machine is shared
+        start = time.monotonic()
+        n_words = sum(len(doc) for doc in nlp.pipe(texts))
+        seconds = min(seconds, time.monotonic() - start)
     return {"tag_acc": round(scores["tag_acc"], 4), "cats_macro_f": round(scores["cats_macro_f"], 4),
             "words_per_s": round(n_words / seconds)}
 
@@ -93,8 +98,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--corpus", type=Path, default=ROOT / "data" / "corpus")
     parser.add_argument("--synthetic", action="store_true")
-    parser.add_argument("--train", type=int, default=1500, help="training paragraphs")
-    parser.add_argument("--dev", type=int, default=300, help="evaluation paragraphs")
+    parser.add_argument("--train", type=int, default=1500, help="training paragraphs (a random sample)")
+    parser.add_argument("--dev", type=int, default=300, help="evaluation paragraphs (a random sample)")
     parser.add_argument("--budget", type=float, default=180.0, help="training seconds per pipeline")
     parser.add_argument("--batch-words", type=int, default=1000)
     args = parser.parse_args()

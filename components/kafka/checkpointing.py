@@ -185,11 +185,20 @@ class Checkpointer:
             self.delivery.abort()
             self.rollback()
         else:
-            owned = {tp.partition for tp in self.book.assigned}
-            for p, offset in job.offsets.items():
-                if p in owned:
-                    self.book.processed.setdefault(p, offset)
+            self._keep_for_next_checkpoint(job)
         return False
+
+    def _keep_for_next_checkpoint(self, job: CheckpointJob) -> None:
+        """The job's work stays uncommitted: its offsets go with the next checkpoint, and so does the member id
+        it was polled under. Without that, a member fenced out of the group whose checkpoints failed meanwhile
+        (e.g. frozen past its session timeout) rejoined under a new member id with its old work unmarked, and
+        its final checkpoint on revocation wrote stale snapshots and offsets over its successor's (soak test)."""
+        owned = {tp.partition for tp in self.book.assigned}
+        for p, offset in job.offsets.items():
+            if p in owned:
+                self.book.processed.setdefault(p, offset)
+        if job.member is not None:
+            self._work_member = job.member  # the older membership is the one the work must still belong to
 
     def _discard_stale_work(self, member: str) -> None:
         """This consumer was fenced out of the group and rejoined since the uncommitted work was polled (e.g.

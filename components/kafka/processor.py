@@ -20,7 +20,9 @@ import gc
 import logging
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 
 from kafka import KafkaConsumer
 from kafka.structs import MemberState
@@ -180,11 +182,14 @@ class Processor:
     def _close_clients(self) -> None:
         if self.parts is not None:
             self.parts.rebalance.closing = True  # partitions revoked while leaving get no final checkpoint
-        for client, close in ((self.consumer, lambda: self.consumer.close(autocommit=False)),
-                              (self.delivery, lambda: self.delivery.close()),
-                              (self.store, lambda: self.store.reader.close(autocommit=False))):
-            if client is None:
-                continue
+        closers: list[Callable[[], None]] = []
+        if self.consumer is not None:
+            closers.append(partial(self.consumer.close, autocommit=False))
+        if self.delivery is not None:
+            closers.append(self.delivery.close)
+        if self.store is not None:
+            closers.append(partial(self.store.reader.close, autocommit=False))
+        for close in closers:  # the consumer first: leaving the group revokes its partitions
             try:
                 close()
             except Exception as exc:  # closing after a failure: report, go on
@@ -234,6 +239,7 @@ class Processor:
         client_compat.unpark_fetched_records(self.consumer)
         timeout = 0 if book.has_ready_records() else cfg.poll_timeout_ms
         polled = self.consumer.poll(timeout_ms=timeout, max_records=cfg.max_poll_records)
+        self._drop_partitions_gone_silently()
         if parts.residency.restore_due():
             repositioned = parts.residency.try_restore()
             polled = {tp: records for tp, records in polled.items() if tp not in repositioned}  # re-fetched
@@ -248,9 +254,18 @@ class Processor:
         parts.residency.evict_idle()
         parts.checkpointer.maybe_checkpoint()
 
+    def _drop_partitions_gone_silently(self) -> None:
+        """Partitions held here that the consumer no longer has (no rebalance callback said so): lost."""
+        assert self.parts is not None and self.consumer is not None
+        held = self.book.assigned | self.book.to_restore
+        gone = held - set(self.consumer.assignment() or ()) if held else set()
+        if gone:
+            self.parts.rebalance.on_gone(gone)
+
     def _update_readiness(self) -> None:
         if self.book.to_restore:
             return  # restoring, or waiting for the broker to restore
+        assert self.consumer is not None
         stable = self.consumer.group_metadata().state == MemberState.STABLE
         self.readiness.set("ready" if stable else "starting")
 

@@ -61,6 +61,20 @@ class RebalanceHandler:
             self.checkpointer.rollback()
         self.residency.drop_partitions(lost)
 
+    def on_gone(self, gone: set[TopicPartition]) -> None:
+        """Main thread: partitions this member still holds that the consumer no longer has, without a callback
+        having said so. Seen in soak runs with kafka-python 3.0.12: a member frozen past its session timeout
+        woke up, rejoined and was assigned other partitions, with neither ``on_partitions_lost`` nor
+        ``on_partitions_revoked`` for the ones it had; it then processed their buffered records under its new
+        membership and (exactly-once) committed duplicates. Handled like lost partitions."""
+        log.warning("partitions gone without a rebalance callback", extra={"partitions": _numbers(gone)})
+        self.metrics.rebalances.labels("lost").inc()
+        self.residency.drop_partitions(gone)  # first: a rollback must not seek partitions the consumer lacks
+        self.checkpointer.await_background_job()
+        self.delivery.abort()
+        if self.delivery.exactly_once:  # the aborted transaction covered every partition
+            self.checkpointer.rollback()
+
 
 class RebalanceListener(AsyncConsumerRebalanceListener):
     """Runs on kafka-python's I/O thread; slow work goes to a worker thread that it awaits."""

@@ -63,8 +63,3 @@ def _jsonable(value: Any) -> Any:
 def to_json(obj: Any) -> bytes:
     return json.dumps(_jsonable(obj), ensure_ascii=False, separators=(",", ":")).encode()
 
-
-def is_json(value: bytes | None) -> bool:
-    """JSON or msgpack? A JSON object starts with ``{`` (after whitespace); those bytes are never a msgpack map
-    (in msgpack they are small integers), so the two encodings are told apart without ambiguity."""
-    return bool(value) and value.lstrip(b" \t\r\n")[:1] == b"{"

@@ -221,7 +221,23 @@ class Block(nn.Module):
         return x, (att_last.float(), aa, bb, pp, ffn_last.float())
 
 
-class RWKV4(nn.Module):
+class CheckpointedLM(nn.Module):
+    """What the parallel-mode language models of every family share: the LM loss and BlinkDL-named checkpoints.
+    A subclass defines ``forward(tokens) -> logits [B, T, V]`` and names its parameters as BlinkDL does."""
+
+    def loss(self, tokens: Tensor, targets: Tensor) -> Tensor:
+        logits = self.forward(tokens)
+        return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100)
+
+    def checkpoint_state_dict(self) -> dict[str, Tensor]:
+        """fp32, contiguous, detached copy of the parameters under BlinkDL's key names."""
+        return {k: v.detach().float().contiguous().cpu().clone() for k, v in self.state_dict().items()}
+
+    def save_checkpoint(self, path: str | Path) -> None:
+        torch.save(self.checkpoint_state_dict(), Path(path))
+
+
+class RWKV4(CheckpointedLM):
     """RWKV-4 language model for parallel training; ``state_dict()`` has BlinkDL's key names."""
 
     def __init__(self, cfg: TrainConfig) -> None:
@@ -263,17 +279,6 @@ class RWKV4(nn.Module):
         """Logits [B, T, V] for token ids [B, T]."""
         hidden, _ = self.forward_hidden(tokens, state)
         return self.head(hidden)
-
-    def loss(self, tokens: Tensor, targets: Tensor) -> Tensor:
-        logits = self.forward(tokens)
-        return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100)
-
-    def checkpoint_state_dict(self) -> dict[str, Tensor]:
-        """fp32, contiguous, detached copy of the parameters under BlinkDL's key names."""
-        return {k: v.detach().float().contiguous().cpu().clone() for k, v in self.state_dict().items()}
-
-    def save_checkpoint(self, path: str | Path) -> None:
-        torch.save(self.checkpoint_state_dict(), Path(path))
 
     @classmethod
     def from_state_dict(cls, sd: dict[str, Tensor], chunk_len: int = 16) -> RWKV4:

@@ -17,13 +17,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
 from rwkv_stream.models.rwkv7 import DECAY_SCALE
+
+from .model import CheckpointedLM
 
 # One layer's recurrent state: (att shift [B, C], S [B, H, N(value), N(key)], ffn shift [B, C]), fp32.
 LayerState7 = tuple[Tensor, Tensor, Tensor]
@@ -242,7 +243,7 @@ class Block7(nn.Module):
         return x + dx, (att_last.float(), s_new, ffn_last.float()), v_first
 
 
-class RWKV7(nn.Module):
+class RWKV7(CheckpointedLM):
     """RWKV-7 language model for parallel training; ``state_dict()`` has BlinkDL's x070 key names."""
 
     def __init__(self, cfg: Train7Config) -> None:
@@ -271,17 +272,6 @@ class RWKV7(nn.Module):
     def forward(self, tokens: Tensor, state: list[LayerState7] | None = None) -> Tensor:
         """Logits ``[B, T, V]`` for token ids ``[B, T]``."""
         return self.head(self.forward_hidden(tokens, state)[0])
-
-    def loss(self, tokens: Tensor, targets: Tensor) -> Tensor:
-        logits = self.forward(tokens)
-        return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100)
-
-    def checkpoint_state_dict(self) -> dict[str, Tensor]:
-        """fp32, contiguous, detached copy of the parameters under BlinkDL's x070 key names."""
-        return {k: v.detach().float().contiguous().cpu().clone() for k, v in self.state_dict().items()}
-
-    def save_checkpoint(self, path: str | Path) -> None:
-        torch.save(self.checkpoint_state_dict(), Path(path))
 
     @classmethod
     def from_state_dict(cls, sd: dict[str, Tensor], chunk_len: int = 16) -> RWKV7:

@@ -31,6 +31,19 @@ START_TIMEOUT=${KAFKA_START_TIMEOUT:-90}
 STOP_TIMEOUT=${KAFKA_STOP_TIMEOUT:-30}
 
 log() { echo "kafka: $*" >&2; }
+# Run a long command with a progress line on stderr every 10 s (elapsed time, local Maven repository size).
+with_heartbeat() {
+    "$@" &
+    local pid=$! start=$SECONDS
+    while kill -0 "$pid" 2>/dev/null; do
+        sleep 2
+        if (( (SECONDS - start) % 10 < 2 && SECONDS - start >= 10 )); then
+            echo "kafka: still fetching: $((SECONDS - start)) s, $(du -sm "$HOME/.m2/repository" 2>/dev/null \
+                | cut -f1) MB in ~/.m2" >&3
+        fi
+    done
+    wait "$pid"
+}
 die() { echo "kafka: error: $*" >&2; exit 1; }
 
 usage() { sed -n '2,18p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//' >&2; }
@@ -59,12 +72,14 @@ cmd_fetch() {
         local tmp="$KAFKA_HOME/jars.tmp.$$"
         rm -rf "$tmp"
         log "fetching Kafka jars from Maven Central into $JARS_DIR ..."
-        if ! mvn -q -B -Dstyle.color=never -f "$POM" dependency:copy-dependencies -DincludeScope=runtime \
-                -DoutputDirectory="$tmp" >"$KAFKA_HOME/fetch.log" 2>&1; then
+        exec 3>&2  # progress lines go to the caller's stderr; mvn's own output goes to fetch.log
+        if ! with_heartbeat mvn -q -B -Dstyle.color=never -f "$POM" dependency:copy-dependencies \
+                -DincludeScope=runtime -DoutputDirectory="$tmp" >"$KAFKA_HOME/fetch.log" 2>&1; then
             rm -rf "$tmp"
             tail -n 40 "$KAFKA_HOME/fetch.log" >&2
             die "mvn dependency:copy-dependencies failed (full output: $KAFKA_HOME/fetch.log)"
         fi
+        exec 3>&-
         compgen -G "$tmp/kafka_2.13-*.jar" >/dev/null || { rm -rf "$tmp"; die "no kafka_2.13 jar after fetch"; }
         echo "$stamp" > "$tmp/.pom.sha256"
         rm -rf "$JARS_DIR"

@@ -241,6 +241,8 @@ class SessionTable:
         self.model = model
         self.tokenizer = tokenizer
         self.heads = {name: head.to(model.device) for name, head in (heads or {}).items()}
+        self.taggers = {n: h for n, h in self.heads.items() if h.kind == "tagger"}
+        self.classifiers = {n: h for n, h in self.heads.items() if h.kind == "classifier"}
         for name, head in self.heads.items():
             if head.n_embd != model.config.n_embd:
                 raise ValueError(f"head {name!r} reads vectors of size {head.n_embd}, the model makes "
@@ -440,10 +442,11 @@ class SessionTable:
         return self._resident[key].last_hidden
 
     def _tag(self, rows: list[Tensor | None], results: list[FragmentResult]) -> None:
-        taggers = {n: h for n, h in self.heads.items() if h.kind == "tagger"}
+        if not self.taggers:
+            return
         counts = [0 if r is None else len(r) for r in rows]
         flat = torch.cat([r for r in rows if r is not None and len(r)]) if sum(counts) else None
-        for name, head in taggers.items():
+        for name, head in self.taggers.items():
             best = [] if flat is None else self._head(head, flat).argmax(dim=-1).tolist()
             pos = 0
             for res, n in zip(results, counts, strict=True):
@@ -451,12 +454,11 @@ class SessionTable:
                 pos += n
 
     def _classify(self, lasts: list[Tensor | None], results: list[FragmentResult]) -> None:
-        classifiers = {n: h for n, h in self.heads.items() if h.kind == "classifier"}
         present = [i for i, h in enumerate(lasts) if h is not None]
-        if not classifiers or not present:
+        if not self.classifiers or not present:
             return
         rows = torch.stack([lasts[i] for i in present])  # type: ignore[misc]
-        for name, head in classifiers.items():
+        for name, head in self.classifiers.items():
             scores = self._head(head, rows).float()
             probs = torch.sigmoid(scores) if head.multi_label else torch.softmax(scores, dim=-1)
             for i, row in zip(present, probs.tolist(), strict=True):

@@ -134,6 +134,15 @@ def _unreachable(cfg: ConsumerConfig, command: str, exc: Exception) -> int:
     return EXIT_CONFIG
 
 
+def _tool_config(args: argparse.Namespace, command: str) -> ConsumerConfig | None:
+    """The configuration of a one-shot kafka command, or None after saying in one line why it is invalid."""
+    try:
+        return config_from_args(args)
+    except (ConfigError, ValueError) as exc:
+        print(f"rwkv-stream kafka {command}: {exc}", file=sys.stderr)
+        return None
+
+
 def _admin(cfg: ConsumerConfig) -> Any:
     from kafka import KafkaAdminClient
 
@@ -146,10 +155,8 @@ def init_topics_from_args(args: argparse.Namespace) -> int:
 
     from .topics import init_topics
 
-    try:
-        cfg = config_from_args(args)
-    except (ConfigError, ValueError) as exc:
-        print(f"rwkv-stream kafka init-topics: {exc}", file=sys.stderr)
+    cfg = _tool_config(args, "init-topics")
+    if cfg is None:
         return EXIT_CONFIG
     try:
         admin = _admin(cfg)
@@ -172,10 +179,8 @@ def dlq_replay_from_args(args: argparse.Namespace) -> int:
 
     from .replay import replay
 
-    try:
-        cfg = config_from_args(args)
-    except (ConfigError, ValueError) as exc:
-        print(f"rwkv-stream kafka dlq-replay: {exc}", file=sys.stderr)
+    cfg = _tool_config(args, "dlq-replay")
+    if cfg is None:
         return EXIT_CONFIG
     try:
         consumer = KafkaConsumer(bootstrap_servers=cfg.bootstrap_servers, group_id=None, enable_auto_commit=False,

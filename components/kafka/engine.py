@@ -92,10 +92,10 @@ class StreamEngine:
         return SamplingConfig(request.max_tokens, request.temperature, request.top_p, seed=seed, stop=request.stop)
 
     def _result(self, res: FragmentResult) -> StepResult:
-        taggers = {n: h for n, h in self.heads.items() if h.kind == "tagger"}
         tokens = []
         for i, t in enumerate(res.tokens):
-            tags = {name: head.labels[res.tags[name][i]] for name, head in taggers.items() if name in res.tags}
+            tags = {name: head.labels[res.tags[name][i]] for name, head in self.sessions.taggers.items()
+                    if name in res.tags}
             tokens.append(TokenOut(t.id, t.text, t.start, t.end, tags))
         return StepResult(tokens, res.cats or None, res.held_back, len(res.tokens), res.skipped, res.generated)
 

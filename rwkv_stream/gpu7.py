@@ -1,10 +1,13 @@
 """CuPy backend of RWKV-7's WKV: ``cuda/rwkv7/wkv7.cu`` compiled with NVRTC, launched on torch's stream.
 
-Two ops over the slot arena (each mirrors the function of the same name in :mod:`rwkv_stream.kernels_ref7`):
+Three ops over the slot arena (each mirrors the function of the same name in :mod:`rwkv_stream.kernels_ref7`),
+all the model needs to step streams in place in the pool (``Rwkv7Model._run_arena``; nothing gathered):
 
 * :func:`wkv7_step`: one token for a batch of streams, each addressed by its slot index;
 * :func:`wkv7_ragged`: a ragged flat batch of tokens (prefill), stream ``i`` owning rows
-  ``offsets[i] .. offsets[i+1]-1``.
+  ``offsets[i] .. offsets[i+1]-1``;
+* :func:`token_shift7`: the token-shift mixes of one layer's time mix (six) or channel mix (one), reading and
+  updating the arena's shift vectors (the kernel ``shift7``).
 
 Arena contract: ``pool_data`` fp32 ``[capacity, n_layer, 2C + H*N*N]`` (last axis contiguous), per layer
 ``[att shift C | ffn shift C | S as H x N(value) x N(key)]``: :class:`rwkv_stream.pool.StatePool`'s ``data``
@@ -12,7 +15,8 @@ for RWKV-7, or any tensor of that layout (the engine passes the gathered states 
 ``[B]`` on the device (negative: a stateless row that starts from zero and writes nothing back; a slot must
 not appear twice in one call); ``offsets`` int32 ``[B + 1]`` with ``offsets[B] == rows``. The vectors
 ``r, w, k, v, a, b`` are fp32 ``[rows, C]`` sharing one row stride (channel stride 1): ``w`` is the log of the
-decay, ``a = -kk``, ``b = kk * iclr``. Head sizes 16, 32 and 64 are compiled (every released model uses 64).
+decay, ``a = -kk``, ``b = kk * iclr``. Head sizes 16, 32 and 64 are compiled (every released model uses 64);
+the token shift works for any head size.
 
 Kernel design: one block per (head, stream), one thread per value row of the head's N x N state; the row
 lives in registers for the whole call, so a call reads and writes each state once, whatever its token count,
@@ -37,12 +41,15 @@ import torch
 
 from rwkv_stream import gpu
 
-__all__ = ["HEAD_SIZES", "SIGNATURES", "SOURCE", "available", "entry_points", "kernel_source", "load_kernels",
-           "wkv7_ragged", "wkv7_step"]
+__all__ = ["ATT_SHIFT", "FFN_SHIFT", "HEAD_SIZES", "SIGNATURES", "SOURCE", "available", "entry_points",
+           "kernel_source", "load_kernels", "stream_of_tokens", "token_shift7", "wkv7_ragged", "wkv7_step"]
 
 SOURCE = "rwkv7/wkv7.cu"  # under the kernel directory (gpu.source_dir())
 HEAD_SIZES = (16, 32, 64)
 MAX_GRID_Y = 65535
+SHIFT_BLOCK = 128  # threads per block of shift7 (along channels)
+ATT_SHIFT, FFN_SHIFT = 0, 1  # which shift vector of a layer's arena row: offset 0 or C
+stream_of_tokens = gpu.stream_of_tokens  # int32 [rows]: the stream of each flat token (torch, no host sync)
 
 # Parameter kinds per entry-point family, in order (checked against the PTX by tests/test_rwkv7_kernels.py).
 SIGNATURES: dict[str, tuple[str, ...]] = {
@@ -50,15 +57,18 @@ SIGNATURES: dict[str, tuple[str, ...]] = {
                   "i64", "ptr", "i64"),
     "wkv7_ragged": ("i32", "i32", "ptr", "ptr", "ptr", "ptr", "ptr", "ptr", "ptr", "i64", "ptr", "i32", "ptr",
                     "i64", "i64", "ptr", "i64"),
+    "shift7": ("i32", "i32", "ptr", "i64", "ptr", "ptr", "ptr", "i32", "i32", "ptr", "i64", "i64", "i32", "ptr",
+               "ptr", "i64", "i64"),
 }
+PER_HEAD_SIZE = ("wkv7_step", "wkv7_ragged")  # families compiled once per head size (``_n16`` ...)
 
 
 def entry_points() -> list[str]:
-    return [f"{fam}_n{n}" for n in HEAD_SIZES for fam in SIGNATURES]
+    return [*(f"{fam}_n{n}" for n in HEAD_SIZES for fam in PER_HEAD_SIZE), "shift7"]
 
 
 def family(name: str) -> str:
-    """``wkv7_step_n64`` -> ``wkv7_step``."""
+    """``wkv7_step_n64`` -> ``wkv7_step``; ``shift7`` -> ``shift7``."""
     return name.rsplit("_n", 1)[0]
 
 
@@ -201,6 +211,10 @@ def _check_disjoint(written: Sequence[torch.Tensor], read: Sequence[torch.Tensor
                 raise ValueError(f"an output {tuple(w.shape)} overlaps another argument {tuple(o.shape)} in memory")
 
 
+def _cdiv(a: int, b: int) -> int:
+    return (a + b - 1) // b
+
+
 def _out(r: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
     return torch.empty(r.shape, dtype=torch.float32, device=r.device) if out is None else out
 
@@ -242,4 +256,53 @@ def wkv7_ragged(r: torch.Tensor, w: torch.Tensor, k: torch.Tensor, v: torch.Tens
     args = (n_streams, c, offsets, r, w, k, v, a, b, r.stride(0), slots, layer, pool_data, pool_data.stride(0),
             pool_data.stride(1), out, out.stride(0))
     _launch(f"wkv7_ragged_n{n}", (c // n, n_streams, 1), (n, 1, 1), args, dev)
+    return out
+
+
+def token_shift7(x: torch.Tensor, mix: torch.Tensor, pool_data: torch.Tensor, slots: torch.Tensor,
+                 offsets: torch.Tensor | None, layer: int, which: int, out: torch.Tensor | None = None,
+                 token_stream: torch.Tensor | None = None) -> torch.Tensor:
+    """Token-shift mixes ``[n_mix, rows, C]`` fp32 of ``x`` ``[rows, C]`` (fp32, channel stride 1):
+    ``x + (prev - x) * mix[m]`` with ``prev`` the stream's previous row, or for its first row the shift vector
+    ``which`` (:data:`ATT_SHIFT` or :data:`FFN_SHIFT`) of layer ``layer`` of its slot, which then holds the
+    stream's last row. ``mix`` fp32 ``[n_mix, C]`` contiguous. ``offsets`` None: one row per stream (``slots``
+    ``[rows]``); else stream ``i`` owns rows ``offsets[i] .. offsets[i+1]-1``, and ``token_stream``
+    (:func:`stream_of_tokens`, computed here when not given) maps each row to its stream."""
+    rows, c = x.shape
+    n_mix = mix.shape[0]
+    if out is None:
+        out = torch.empty((n_mix, rows, c), dtype=torch.float32, device=x.device)
+    n_streams = rows if offsets is None else offsets.numel() - 1
+    if rows == 0 or n_streams <= 0:
+        return out
+    if x.dtype != torch.float32 or x.stride(1) != 1:
+        raise ValueError(f"x must be fp32 [rows, C] with channel stride 1, got {x.dtype} strides {x.stride()}")
+    if mix.dtype != torch.float32 or mix.shape != (n_mix, c) or not mix.is_contiguous():
+        raise ValueError(f"mix must be contiguous fp32 [n_mix, {c}], got {tuple(mix.shape)} {mix.dtype}")
+    if out.dtype != torch.float32 or out.shape != (n_mix, rows, c) or out.stride(2) != 1:
+        raise ValueError(f"out must be fp32 [{n_mix}, {rows}, {c}] with channel stride 1, got {tuple(out.shape)}")
+    if which not in (ATT_SHIFT, FFN_SHIFT):
+        raise ValueError(f"which must be ATT_SHIFT ({ATT_SHIFT}) or FFN_SHIFT ({FFN_SHIFT}), not {which}")
+    if pool_data.dtype != torch.float32 or pool_data.dim() != 3 or pool_data.stride(2) != 1 \
+            or pool_data.shape[2] < 2 * c:
+        raise ValueError(f"pool_data must be fp32 [capacity, n_layer, 2C + H*N*N] with a contiguous last axis, "
+                         f"got {tuple(pool_data.shape)} {pool_data.dtype}")
+    if not 0 <= layer < pool_data.shape[1]:
+        raise ValueError(f"layer {layer} out of range for {pool_data.shape[1]} layers")
+    if offsets is not None and token_stream is None:
+        token_stream = stream_of_tokens(offsets, rows)
+    if offsets is None:
+        token_stream = None
+    for ix in (slots, offsets, token_stream):
+        if ix is not None and (ix.dtype != torch.int32 or not ix.is_contiguous()):
+            raise ValueError(f"slots/offsets/token_stream must be contiguous int32, got {ix.dtype}")
+    if slots.numel() != n_streams:
+        raise ValueError(f"need one slot per stream, got {slots.numel()} for {n_streams}")
+    if token_stream is not None and token_stream.numel() != rows:
+        raise ValueError(f"token_stream needs one entry per row, got {token_stream.numel()} for {rows}")
+    _check_disjoint((out, pool_data), (x, mix, slots, *(t for t in (offsets, token_stream) if t is not None)))
+    dev = _device_of(x, mix, pool_data, slots, offsets, token_stream, out)
+    args = (rows, c, x, x.stride(0), offsets, token_stream, slots, layer, which, pool_data, pool_data.stride(0),
+            pool_data.stride(1), n_mix, mix, out, out.stride(0), out.stride(1))
+    _launch("shift7", (_cdiv(c, SHIFT_BLOCK), min(rows, MAX_GRID_Y), 1), (SHIFT_BLOCK, 1, 1), args, dev)
     return out

@@ -6,8 +6,9 @@
   forward, reversed and shuffled order must give the same bits; block threads run as real threads so
   __syncthreads is exercised), called through gpu7's own launchers;
 * the real kernels on a GPU (marked ``gpu``; skipped without CUDA/CuPy, failures under RWKV_REQUIRE_GPU=1);
-* the engine: Rwkv7Model with its CUDA dispatch routed to the emulated kernels equals the CPU model, and the
-  CPU path never calls the kernels.
+* the engine: Rwkv7Model's CUDA branch (token shifts and WKV on the pool's slot arena in place, nothing gathered
+  or scattered) routed to the emulated kernels, and to the torch references, equals the CPU model; the CPU path
+  never calls the kernels; on a GPU the model matches the CPU model in fp32 and fp16 and steps the arena in place.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from rwkv_stream import gpu7
 from rwkv_stream import kernels_ref7 as ref
 from rwkv_stream.models import Rwkv7Model
 from rwkv_stream.models.rwkv7 import wkv7_chunk
+from rwkv_stream.pool import StatePool
 from rwkv_stream.random_checkpoint import random_tensors, rwkv7_config
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -85,6 +87,9 @@ def _emulator_wrappers() -> str:
     return "\n".join([EMU_RUNTIME, *(wrapper(n, KINDS[n]) for n in gpu7.entry_points())])
 
 
+SYNCING7 = {name for name in gpu7.entry_points() if gpu7.family(name) in gpu7.PER_HEAD_SIZE}  # __syncthreads
+
+
 @pytest.fixture(scope="session")
 def emulator7(tmp_path_factory) -> ctypes.CDLL:
     wrappers = _emulator_wrappers()
@@ -100,7 +105,7 @@ def _cpu_device(*tensors: torch.Tensor | None) -> torch.device:
 @pytest.fixture
 def emulated(emulator7, monkeypatch) -> torch.device:
     KINDS.update({name: gpu7.SIGNATURES[gpu7.family(name)] for name in gpu7.entry_points()})
-    monkeypatch.setattr(gpu7, "_launch", emulated_launch(emulator7, syncing=set(gpu7.entry_points()), grid_stride={}))
+    monkeypatch.setattr(gpu7, "_launch", emulated_launch(emulator7, syncing=SYNCING7, grid_stride={"shift7": 1}))
     monkeypatch.setattr(gpu7, "_device_of", _cpu_device)
     return torch.device("cpu")
 
@@ -245,6 +250,56 @@ def test_step_after_prefill_continues_the_stream(device):
     assert_close(pool, whole, "arena", tol=1e-6)
 
 
+@pytest.mark.parametrize("lengths", [None, [1, 1, 1, 1], [5, 0, 20, 1], [0, 0, 3, 0]])
+@pytest.mark.parametrize(("which", "n_mix"), [(gpu7.ATT_SHIFT, 6), (gpu7.FFN_SHIFT, 1)])
+def test_token_shift7(device, lengths, which, n_mix):
+    """The token shift on the arena: mixes of each row with its stream's previous row (the slot's shift vector
+    for a stream's first row; zero for a stateless row), the stream's last row written back; streams without
+    rows, other layers, the other shift vector and every state matrix untouched."""
+    c, n = 64, 16
+    gen = torch.Generator().manual_seed(7 + which + sum(lengths or []))
+    rows = len(SLOTS) if lengths is None else sum(lengths)
+    x = torch.randn(rows, c, generator=gen).to(device)
+    mix = torch.rand(n_mix, c, generator=gen).to(device)
+    pool = arena(c, n, gen, device)
+    pool_ref = pool.cpu().clone()
+    slots = int32(SLOTS, device)
+    offs = None if lengths is None else int32(offsets_of(lengths), device)
+    out = torch.full((n_mix, rows, c), float("nan"), device=device)
+    got = gpu7.token_shift7(x, mix, pool, slots, offs, 1, which, out=out)
+    want = ref.token_shift7(x.cpu(), mix.cpu(), pool_ref, slots.cpu(), None if offs is None else offs.cpu(), 1, which)
+    assert got.data_ptr() == out.data_ptr()
+    assert_close(got, want, "mixes", tol=1e-6)
+    assert torch.equal(pool.cpu(), pool_ref), "the arena differs from the reference's"
+    moved = [s for s, m in zip(SLOTS, lengths or [1] * len(SLOTS), strict=True) if m and s >= 0]
+    for s in range(CAPACITY):
+        want_vec = pool_ref[s, 1, which * c : (which + 1) * c]
+        if s in moved:  # the stream's last row
+            i = SLOTS.index(s)
+            last = i if lengths is None else offsets_of(lengths)[i + 1] - 1
+            assert torch.equal(want_vec, x.cpu()[last])
+
+
+def test_token_shift7_bad_arguments_are_rejected(device):
+    c, n = 32, 16
+    gen = torch.Generator().manual_seed(1)
+    pool = arena(c, n, gen, device)
+    x = torch.randn(2, c, generator=gen).to(device)
+    mix = torch.rand(6, c, generator=gen).to(device)
+    slots = int32([0, 1], device)
+    with pytest.raises(ValueError, match="which"):
+        gpu7.token_shift7(x, mix, pool, slots, None, 0, 2)
+    with pytest.raises(ValueError, match="one slot per stream"):
+        gpu7.token_shift7(x, mix, pool, int32([0], device), None, 0, 0)
+    with pytest.raises(ValueError, match="layer"):
+        gpu7.token_shift7(x, mix, pool, slots, None, LAYERS, 0)
+    with pytest.raises(ValueError, match="mix"):
+        gpu7.token_shift7(x, mix.t().contiguous().t(), pool, slots, None, 0, 0)
+    big = torch.zeros(6, 2, c, device=device)
+    with pytest.raises(ValueError, match="overlaps"):
+        gpu7.token_shift7(big[0], mix, pool, slots, None, 0, 0, out=big)
+
+
 def test_bad_arguments_are_rejected(device):
     c, n = 32, 16
     gen = torch.Generator().manual_seed(0)
@@ -283,7 +338,7 @@ def test_emulator_catches_a_missing_barrier(tmp_path):
     assert marker in src
     broken = src.replace(marker, "    }\n    for (int tt = 0; tt < nt; ++tt) {\n      y[", 1)
     lib = build_emulator(tmp_path, {"wkv7.cu": broken}, _emulator_wrappers())
-    launch = emulated_launch(lib, syncing=set(gpu7.entry_points()), grid_stride={})
+    launch = emulated_launch(lib, syncing=SYNCING7, grid_stride={"shift7": 1})
     c, n, t = 32, 16, 20
     gen = torch.Generator().manual_seed(9)
     vecs = vectors(t, c, n, gen, torch.device("cpu"))
@@ -317,26 +372,79 @@ def tensors() -> dict[str, torch.Tensor]:
     return random_tensors(CFG, seed=5)
 
 
-def test_engine_dispatch_through_the_kernels_equals_the_cpu_model(emulated, tensors):
-    """Rwkv7Model with its WKV routed to gpu7 (emulated kernels on the CPU) == the CPU model: whole
-    forward, a ragged step over a pool and one-token steps (logits and states)."""
+class _NoGather:
+    """Fails a test when the arena of ``pool`` is gathered into a copy or scattered back (index_select /
+    index_copy_ on it): the CUDA branch must update the slots in place."""
+
+    def __init__(self, pool: StatePool, monkeypatch) -> None:
+        arena_ptr = pool.data.data_ptr()
+        real_select, real_copy = torch.Tensor.index_select, torch.Tensor.index_copy_
+
+        def no_gather(self, *args, **kw):
+            assert self.data_ptr() != arena_ptr, "the arena was gathered into a copy"
+            return real_select(self, *args, **kw)
+
+        def no_scatter(self, *args, **kw):
+            assert self.data_ptr() != arena_ptr, "states were scattered back into the arena"
+            return real_copy(self, *args, **kw)
+
+        monkeypatch.setattr(torch.Tensor, "index_select", no_gather)
+        monkeypatch.setattr(torch.Tensor, "index_copy_", no_scatter)
+
+
+def _engine_matches_cpu(ops, tensors, monkeypatch, tol: float) -> None:
+    """Rwkv7Model's CUDA branch with ``ops`` for the kernels == the CPU model: whole forward, ragged steps and
+    one-token steps over a pool (logits and states), the arena stepped in place, other slots untouched."""
     cpu = Rwkv7Model(tensors, CFG)
     kern = Rwkv7Model(tensors, CFG)
-    kern._kernels = gpu7
+    kern._kernels = ops
     rng = random.Random(1)
     ids = [rng.randrange(CFG.vocab_size) for _ in range(21)]
     (want, s_want), (got, s_got) = cpu.forward(ids), kern.forward(ids)
-    assert_close(got, want, "forward logits", tol=1e-5)
-    assert_close(s_got.tensor, s_want.tensor, "forward state", tol=1e-5)
-    pools = [m.new_pool(4) for m in (cpu, kern)]
-    slots = [[p.alloc() for _ in range(3)] for p in pools]
-    for lengths in ([4, 0, 19], [1, 1, 1], [2, 1, 0]):
+    assert_close(got, want, "forward logits", tol=tol)
+    assert_close(s_got.tensor, s_want.tensor, "forward state", tol=tol)
+    pools = [m.new_pool(5) for m in (cpu, kern)]
+    slots = [[p.alloc() for _ in range(4)] for p in pools]
+    assert kern._steps_arena_in_place(pools[1]) and not cpu._steps_arena_in_place(pools[0])
+    arena_ptr = pools[1].data.data_ptr()
+    _NoGather(pools[1], monkeypatch)
+    for order, lengths in ((None, [4, 0, 19, 2]), ([2, 0, 3, 1], [1, 1, 1, 1]), ([3, 1], [2, 1]),
+                           (None, [0, 9, 1, 33])):
+        picked = [slots[1][i] for i in (order or range(4))]
+        cpu_picked = [slots[0][i] for i in (order or range(4))]
         toks = [[rng.randrange(CFG.vocab_size) for _ in range(m)] for m in lengths]
-        outs = [m.step(p, s, toks) for m, p, s in zip((cpu, kern), pools, slots, strict=True)]
+        before = pools[1].data.clone()
+        outs = [cpu.step(pools[0], cpu_picked, toks), kern.step(pools[1], picked, toks)]
+        assert pools[1].data.data_ptr() == arena_ptr
         for a, b in zip(outs[1].logits or [], outs[0].logits or [], strict=True):
             if len(b):
-                assert_close(a, b, f"step logits {lengths}", tol=1e-5)
-        assert_close(pools[1].data, pools[0].data, f"pool after {lengths}", tol=1e-5)
+                assert_close(a, b, f"step logits {lengths}", tol=tol)
+        assert_close(pools[1].data, pools[0].data, f"pool after {lengths}", tol=tol)
+        idle = [s for s in range(5) if s not in [p for p, t in zip(picked, toks, strict=True) if t]]
+        assert torch.equal(pools[1].data[idle], before[idle]), "a slot without tokens changed"
+
+
+def test_engine_arena_in_place_through_emulated_kernels_equals_the_cpu_model(emulated, tensors, monkeypatch):
+    _engine_matches_cpu(gpu7, tensors, monkeypatch, tol=1e-5)
+
+
+def test_engine_arena_in_place_through_the_references_equals_the_cpu_model(tensors, monkeypatch):
+    """The same branch with kernels_ref7 as its ops (what bench/gpu_bench.py --cpu-smoke runs)."""
+    _engine_matches_cpu(ref, tensors, monkeypatch, tol=1e-5)
+
+
+def test_batch_invariant_steps_through_the_kernels_keep_cpu_bits_elsewhere(tensors):
+    """batch_invariant pads a CPU step with scratch streams: the kernel branch then runs on the gathered
+    copy (stream b in row b) and still equals the CPU model."""
+    cpu, kern = Rwkv7Model(tensors, CFG), Rwkv7Model(tensors, CFG)
+    kern._kernels = ref
+    pools = [m.new_pool(3) for m in (cpu, kern)]
+    slots = [[p.alloc() for _ in range(2)] for p in pools]
+    toks = [[5, 6, 7], [8]]
+    outs = [m.step(p, s, toks, batch_invariant=True) for m, p, s in zip((cpu, kern), pools, slots, strict=True)]
+    for a, b in zip(outs[1].logits or [], outs[0].logits or [], strict=True):
+        assert_close(a, b, "logits", tol=1e-5)
+    assert_close(pools[1].data, pools[0].data, "pool", tol=1e-5)
 
 
 def test_cpu_model_never_calls_the_kernels(tensors, monkeypatch):
@@ -374,3 +482,34 @@ def test_engine_on_cuda_uses_the_kernels_and_matches_cpu(tensors):
             if len(b):
                 assert_close(a, b, "step logits", tol=1e-4)
         assert_close(pools[1].data, pools[0].data, "pool", tol=1e-4)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize(("dtype", "tol"), [("float32", 1e-4), ("float16", 2e-2)])
+def test_gpu_rwkv7_steps_the_arena_in_place_and_matches_cpu(dtype, tol, monkeypatch):
+    """On a GPU: Model.step on an RWKV-7 pool runs the kernels on the arena itself (never gathered or scattered),
+    ragged prefill then one-token steps in changing batches, against the fp32 CPU model of the same weights
+    (fp16: the GPU model's matrices in fp16 against the fp32 CPU model, as RWKV-4's GPU test bounds it)."""
+    if not torch.cuda.is_available():
+        (pytest.fail if require_gpu() else pytest.skip)("no CUDA device")
+    cfg = rwkv7_config(3, 256, 97, head_size=64, rank_w=16, rank_a=16, rank_v=8, rank_g=32)
+    t = random_tensors(cfg, seed=8)
+    cpu = Rwkv7Model(t, cfg)
+    cuda = Rwkv7Model(t, cfg, device="cuda", dtype=dtype)
+    assert cuda._kernels is gpu7
+    pools = [cpu.new_pool(6), cuda.new_pool(6, growable=False)]
+    slots = [[p.alloc() for _ in range(5)] for p in pools]
+    assert cuda._steps_arena_in_place(pools[1])
+    arena_ptr = pools[1].data.data_ptr()
+    _NoGather(pools[1], monkeypatch)
+    rng = random.Random(2)
+    for order, lengths in ((None, [40, 1, 0, 7, 65]), ([4, 0, 2], [1, 1, 1]), (None, [1, 1, 1, 1, 1]),
+                           ([1, 3], [3, 1])):
+        idx = list(order or range(5))
+        toks = [[rng.randrange(cfg.vocab_size) for _ in range(m)] for m in lengths]
+        outs = [m.step(p, [s[i] for i in idx], toks) for m, p, s in zip((cpu, cuda), pools, slots, strict=True)]
+        for a, b in zip(outs[1].logits or [], outs[0].logits or [], strict=True):
+            if len(b):
+                assert_close(a, b, f"{dtype} step logits {lengths}", tol=tol)
+        assert pools[1].data.data_ptr() == arena_ptr
+    assert_close(pools[1].data, pools[0].data, f"{dtype} pool", tol=max(tol, 1e-4))

@@ -12,6 +12,12 @@
 // exactly the order of rwkv_stream.models.rwkv7.wkv7_step (decay, then sa b, then v k).
 //
 // Vectors r, w, k, v, a, b and y are fp32 [rows, C] with row stride `ld` (channel stride 1).
+//
+// shift7 is the token shift of both mixes over the same arena (the att shift vector of a layer at offset 0,
+// the ffn one at offset C): for token t of stream b and mix m,
+//   out[m, t, :] = x[t] + (prev - x[t]) * mix[m]          (the engine's addcmul(xa, sx - xa, mix))
+// where prev is x[t - 1] inside the stream and the arena's shift vector for the stream's first token; the
+// stream's last x is written back there. offsets null: one token per stream (token b is stream b's).
 
 namespace rwkv7 {
 
@@ -121,7 +127,42 @@ __device__ void ragged_impl(int n_streams, int c, const int* __restrict__ offset
   if (S) store_rows<N>(S, tile, row);
 }
 
+// Grid (ceil(C / blockDim.x), any y <= 65535): the y dimension strides over tokens. Only the thread of a
+// stream's first token reads and writes the stream's shift vector (per channel), so there is no race.
+__device__ void shift_impl(int n_tok, int c, const float* __restrict__ x, long long ldx,
+                           const int* __restrict__ offsets, const int* __restrict__ token_stream,
+                           const int* __restrict__ slots, int layer, int which, float* __restrict__ pool,
+                           long long s_slot, long long s_layer, int n_mix, const float* __restrict__ mix,
+                           float* __restrict__ out, long long out_stride, long long ldo) {
+  const int ch = blockIdx.x * blockDim.x + threadIdx.x;
+  if (ch >= c) return;
+  for (int t = blockIdx.y; t < n_tok; t += gridDim.y) {
+    const int bi = offsets ? token_stream[t] : t;
+    const int first = offsets ? offsets[bi] : t;
+    const float xt = x[(long long)t * ldx + ch];
+    float prev = 0.f;
+    if (t > first) {
+      prev = x[(long long)(t - 1) * ldx + ch];
+    } else if (slots[bi] >= 0) {
+      float* shift = pool + slots[bi] * s_slot + layer * s_layer + (long long)which * c;
+      prev = shift[ch];
+      const int last = offsets ? offsets[bi + 1] - 1 : t;
+      shift[ch] = x[(long long)last * ldx + ch];
+    }
+    const float d = prev - xt;
+    for (int m = 0; m < n_mix; ++m) out[m * out_stride + (long long)t * ldo + ch] = xt + d * mix[(long long)m * c + ch];
+  }
+}
+
 }  // namespace rwkv7
+
+extern "C" __global__ void shift7(int n_tok, int c, const float* x, long long ldx, const int* offsets,
+                                  const int* token_stream, const int* slots, int layer, int which, float* pool,
+                                  long long s_slot, long long s_layer, int n_mix, const float* mix, float* out,
+                                  long long out_stride, long long ldo) {
+  rwkv7::shift_impl(n_tok, c, x, ldx, offsets, token_stream, slots, layer, which, pool, s_slot, s_layer, n_mix, mix,
+                    out, out_stride, ldo);
+}
 
 #define RWKV7_ENTRIES(N)                                                                                     \
   extern "C" __global__ void wkv7_step_n##N(int n_streams, int c, const float* r, const float* w,            \

@@ -26,15 +26,18 @@ walk, equal within fp32 rounding:
   unit lower-triangular T x T system per head. The decay is at least ``exp(-e^-1/2) = 0.545`` per token, so
   ``Γ`` over a chunk of 64 stays above 1e-17: plain fp32 ratios, no rescaling needed.
 
-On a CUDA device the matrix-state walk runs in the kernels of :mod:`rwkv_stream.gpu7` (one-token step and
-ragged prefill, token by token with the state in registers) when CuPy is installed; ``RWKV_STREAM_KERNELS=0``
-keeps the torch forms above. The CPU path never touches them.
+On a CUDA device (with CuPy) the kernels of :mod:`rwkv_stream.gpu7` run the token shifts and the matrix-state
+walk (one-token step and ragged prefill, token by token with the state in registers) directly on the pool's
+slot arena: ``step`` updates the streams' states in place, as RWKV-4 does (``_run_arena``).
+``RWKV_STREAM_KERNELS=0`` keeps the torch forms above (states gathered per step). The CPU path never touches
+the kernels.
 """
 
 from __future__ import annotations
 
 import math
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from types import ModuleType
 
@@ -44,6 +47,7 @@ from torch import Tensor
 
 from ..config import Rwkv7Config
 from ..linear import Linear, make_linear, project
+from ..pool import StatePool
 from ..state import register_empty_state
 from .base import LN_EPS, Ragged, RecurrentModel, token_shift
 
@@ -159,27 +163,34 @@ class Rwkv7Model(RecurrentModel):
     # ----------------------------------------------------------------- the network
     def _run(self, ids: Tensor, states: Tensor, rag: Ragged, *, sequential: bool = False) -> Tensor:
         """Hidden vectors for flat token ids; ``states`` ``[B, L, 2C + H*N*N]`` is advanced in place."""
+        if self._kernels is not None:  # CUDA: the kernels address states by slot (here 0 .. B-1)
+            return self._run_arena(ids, states, rag.slots_i32, rag)
         x = self.emb[ids].float()
         v_first: Tensor | None = None
-        c = self.config.n_embd
+        c, h, n = self.config.n_embd, self.n_head, self.head_size
         for i, layer in enumerate(self.layers):
             st = states[:, i]
             xa = F.layer_norm(x, x.shape[-1:], *layer.ln1, LN_EPS)
-            dx, v_first = self._time_mix(layer, xa, states, i, rag, v_first, sequential)
+            xs = torch.addcmul(xa, token_shift(xa, st[:, :c], rag) - xa, layer.mix)  # [6, rows, C]
+            s = st[:, 2 * c :].view(-1, h, n, n)
+
+            def wkv(r: Tensor, w: Tensor, k: Tensor, v: Tensor, a: Tensor, b: Tensor, s: Tensor = s) -> Tensor:
+                return self._wkv(s, r, w, k, v, a, b, rag, sequential)
+
+            dx, v_first = self._time_mix(layer, xs, v_first, wkv)
             x = x + dx
             xf = F.layer_norm(x, x.shape[-1:], *layer.ln2, LN_EPS)
-            x = x + self._channel_mix(layer, xf, st[:, c : 2 * c], rag)
+            x = x + self._channel_mix(layer, torch.addcmul(xf, token_shift(xf, st[:, c : 2 * c], rag) - xf,
+                                                           layer.ffn_x_k))
         return self._norm_out(x)
 
     def _time_mix(
-        self, layer: _Layer, xa: Tensor, states: Tensor, index: int, rag: Ragged, v_first: Tensor | None,
-        sequential: bool,
+        self, layer: _Layer, xs: Tensor, v_first: Tensor | None, wkv: Callable[..., Tensor],
     ) -> tuple[Tensor, Tensor]:
-        st = states[:, index]
-        n_rows, c = xa.shape
+        """The time mix of the token-shift mixes ``xs`` ``[6, rows, C]`` (r, w, k, v, a, g); ``wkv(r, log_decay,
+        k, v, a, b)`` runs the matrix-state walk and returns ``y`` ``[rows, C]``."""
+        n_rows, c = xs.shape[1:]
         h, n = self.n_head, self.head_size
-        sx = token_shift(xa, st[:, :c], rag)
-        xs = torch.addcmul(xa, sx - xa, layer.mix)  # [6, rows, C]: xa + (prev - xa) * x_m
         r, k, v = project((layer.receptance, layer.key, layer.value), xs[[0, 2, 3]])
         w1, w2 = layer.lora_w
         log_decay = torch.sigmoid(layer.w0 + w2(torch.tanh(w1(xs[1])))) * -DECAY_SCALE
@@ -194,20 +205,47 @@ class Rwkv7Model(RecurrentModel):
         else:
             v1, v2 = layer.lora_v
             v = v + (v_first - v) * torch.sigmoid(layer.v0 + v2(v1(xs[3])))
-        if self._kernels is not None:  # CUDA: the arena is this step's states, stream b in row b
-            y = self._wkv_kernels(states, index, r, log_decay, k, v, -kk, kk * a, rag)
-        else:
-            s = st[:, 2 * c :].view(-1, h, n, n)
-            y = self._wkv(s, r, log_decay, k, v, -kk, kk * a, rag, sequential)
+        y = wkv(r, log_decay, k, v, -kk, kk * a)
         y = F.group_norm(y, h, *layer.ln_x, eps=self.gn_eps)
         bonus = (r * k * layer.r_k).view(n_rows, h, n).sum(-1, keepdim=True) * v.view(n_rows, h, n)
         y = y + bonus.view(n_rows, c)
         return layer.output(y * g), v_first
 
-    def _channel_mix(self, layer: _Layer, xf: Tensor, prev: Tensor, rag: Ragged) -> Tensor:
-        sx = token_shift(xf, prev, rag)
-        kx = torch.addcmul(xf, sx - xf, layer.ffn_x_k)
+    def _channel_mix(self, layer: _Layer, kx: Tensor) -> Tensor:
         return layer.ffn_value(torch.relu(layer.ffn_key(kx)).square())
+
+    # ----------------------------------------------------------------- CUDA: the slot arena in place
+    def _steps_arena_in_place(self, pool: StatePool) -> bool:
+        return self._kernels is not None and pool.data.device == self.device
+
+    def _run_arena(self, ids: Tensor, arena: Tensor, slots: Tensor, rag: Ragged) -> Tensor:
+        """The network with the CUDA kernels (:mod:`rwkv_stream.gpu7`): token shifts and the matrix-state walk
+        read and update the arena's rows of ``slots`` in place (``[capacity, L, 2C + H*N*N]``, nothing gathered
+        or scattered); matrix products, low-rank paths and norms are torch's."""
+        ops = self._kernels
+        assert ops is not None
+        offsets = None if rag.single_token else rag.offsets_i32
+        token_stream = None if offsets is None else ops.stream_of_tokens(offsets, len(ids))
+        x = self.emb[ids].float()
+        v_first: Tensor | None = None
+        for i, layer in enumerate(self.layers):
+            xa = F.layer_norm(x, x.shape[-1:], *layer.ln1, LN_EPS)
+            xs = ops.token_shift7(xa, layer.mix.view(6, -1), arena, slots, offsets, i, ops.ATT_SHIFT,
+                                  token_stream=token_stream)
+
+            def wkv(*vecs: Tensor, i: int = i) -> Tensor:
+                vecs = tuple(t.contiguous() for t in vecs)
+                if offsets is None:
+                    return ops.wkv7_step(*vecs, arena, slots, i)
+                return ops.wkv7_ragged(*vecs, arena, slots, offsets, i)
+
+            dx, v_first = self._time_mix(layer, xs, v_first, wkv)
+            x = x + dx
+            xf = F.layer_norm(x, x.shape[-1:], *layer.ln2, LN_EPS)
+            kx = ops.token_shift7(xf, layer.ffn_x_k.view(1, -1), arena, slots, offsets, i, ops.FFN_SHIFT,
+                                  token_stream=token_stream)[0]
+            x = x + self._channel_mix(layer, kx)
+        return self._norm_out(x)
 
     def _wkv(
         self, s: Tensor, r: Tensor, log_decay: Tensor, k: Tensor, v: Tensor, a: Tensor, b: Tensor,
@@ -230,19 +268,6 @@ class Rwkv7Model(RecurrentModel):
             _sequential(s, (r, log_decay.exp(), k, v, a, b), y, rest, [starts[i] for i in rest],
                         [rag.lengths[i] for i in rest])
         return y.view(-1, h * n)
-
-
-    def _wkv_kernels(
-        self, states: Tensor, index: int, r: Tensor, log_decay: Tensor, k: Tensor, v: Tensor, a: Tensor, b: Tensor,
-        rag: Ragged,
-    ) -> Tensor:
-        """The WKV of layer ``index`` by the CUDA kernels on ``states`` ``[B, L, 2C + H*N*N]`` (in place)."""
-        kern = self._kernels
-        assert kern is not None
-        vecs = tuple(x.contiguous() for x in (r, log_decay, k, v, a, b))
-        if rag.single_token:
-            return kern.wkv7_step(*vecs, states, rag.slots_i32, index)
-        return kern.wkv7_ragged(*vecs, states, rag.slots_i32, rag.offsets_i32, index)
 
 
 def _load_cuda_kernels(device: torch.device, head_size: int) -> ModuleType | None:

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, cast
 
 import torch
 
+from rwkv_stream.heads import HeadSet
 from rwkv_stream.train import data as D
 from rwkv_stream.train import transcript
 from rwkv_stream.train.loop import LoopConfig, Trainable, TrainModel, head_set, make_heads, train
@@ -19,7 +20,6 @@ from rwkv_stream.train.model import RWKV4, TrainConfig
 from rwkv_stream.train.model7 import RWKV7, Train7Config
 
 if TYPE_CHECKING:
-    from rwkv_stream.heads import HeadSet
     from rwkv_stream.tokenizer import Tokenizer
 
 
@@ -35,6 +35,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--eval-group", type=int, default=4, help="transcript: paragraphs per evaluation stream")
     g.add_argument("--marker-prob", type=float, default=0.5,
                    help="transcript: chance of an end marker after a paragraph inside a training stream")
+    g.add_argument("--lookahead", type=int, default=0, metavar="K",
+                   help="transcript: also train heads tagger+1..tagger+K, whose decision for a word waits for "
+                        "k more words (kept in OUT/heads; the bundle ships tagger and classifier)")
     g = p.add_argument_group("model")
     g.add_argument("--family", choices=["rwkv4", "rwkv7"],
                    help="model family to train (default: --init's family, else rwkv4)")
@@ -64,6 +67,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--resume", action="store_true", help="continue from OUT/last.pt")
     g.add_argument("--checkpoint-every", type=int, default=100)
     g.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda, cuda:1...")
+    g.add_argument("--threads", type=int, default=0,
+                   help="torch CPU threads (0: torch's default; 1 on a shared machine)")
     g.add_argument("--bundle", type=Path, help="also write a bundle here (fp16 weights, checksums)")
     g.add_argument("--name", default="model")
     g.add_argument("--model-version", default="0")
@@ -78,6 +83,8 @@ def pick_device(spec: str) -> torch.device:
 
 def run(args: argparse.Namespace) -> int:
     t0 = time.time()
+    if getattr(args, "threads", 0) > 0:
+        torch.set_num_threads(args.threads)
     check_inputs(args)
     torch.manual_seed(args.seed)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -102,7 +109,8 @@ def run(args: argparse.Namespace) -> int:
     (args.out / "metrics.json").write_text(json.dumps(metrics, indent=2))
     print(json.dumps({k: v for k, v in metrics.items() if k != "training"}, indent=2))
     if args.bundle:
-        write_run_bundle(args, model, tok_path, heads, metrics)
+        shipped = HeadSet({n: h for n, h in heads.heads.items() if "+" not in n}, heads.model_fingerprint)
+        write_run_bundle(args, model, tok_path, shipped, metrics)
     print(f"done in {(time.time() - t0) / 60:.1f} min", file=sys.stderr)
     return 0
 
@@ -171,7 +179,8 @@ def load_datasets(args: argparse.Namespace, tok: Tokenizer) -> tuple[D.Dataset, 
 def _transcript_datasets(args: argparse.Namespace, tok: Tokenizer) -> tuple[D.Dataset, D.Dataset]:
     books = corpus_file(args, "train.books.txt")
     train_data = D.transcript_dataset(corpus_file(args, "train.txt"), tok, args.group, books,
-                                      marker_prob=args.marker_prob, seed=args.seed)
+                                      marker_prob=args.marker_prob, seed=args.seed,
+                                      lookahead=getattr(args, "lookahead", 0))
     eval_text = args.eval or corpus_file(args, "test.txt")
     eval_books = eval_text.with_name(eval_text.stem + ".books.txt")
     return train_data, D.transcript_dataset(eval_text, tok, args.eval_group, eval_books, train_data.cat_labels)

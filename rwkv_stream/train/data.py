@@ -41,6 +41,7 @@ class Document:
     tags: list[int]
     cats: list[int]
     text_bytes: int = 0
+    ahead: list[list[int]] = field(default_factory=list)  # lookahead k = 1.. tag ids per token (see below)
 
 
 @dataclass
@@ -48,6 +49,7 @@ class Dataset:
     docs: list[Document]
     tag_labels: list[str] = field(default_factory=list)
     cat_labels: list[str] = field(default_factory=list)
+    lookahead: int = 0  # lookahead tag lists per document (transcript task)
 
     @property
     def n_tokens(self) -> int:
@@ -60,9 +62,11 @@ class Batch:
     lm: Tensor  # next-token targets, IGNORE at padding
     tags: Tensor
     cats: Tensor
+    ahead: Tensor | None = None  # [B, K, T]: lookahead k = 1..K targets
 
     def to(self, device: torch.device) -> Batch:
-        return Batch(*(t.to(device) for t in (self.ids, self.lm, self.tags, self.cats)))
+        ahead = None if self.ahead is None else self.ahead.to(device)
+        return Batch(self.ids.to(device), self.lm.to(device), self.tags.to(device), self.cats.to(device), ahead)
 
 
 # ------------------------------------------------------------------------------------------ tokenizer
@@ -104,32 +108,45 @@ class WordEncoder:
 
 
 def transcript_document(
-    paragraphs: Sequence[str], enc: WordEncoder, cat: int = IGNORE, end_marks: Sequence[bool] = ()
+    paragraphs: Sequence[str], enc: WordEncoder, cat: int = IGNORE, end_marks: Sequence[bool] = (),
+    lookahead: int = 0,
 ) -> Document:
     """One stream of normalized paragraphs; ``end_marks[i]`` puts the end marker after paragraph ``i``.
 
     The stream always ends with the end marker. Tags: each word's label at its first token, the end
     marker's ``<PUNCT>-lower`` at the marker, IGNORE elsewhere.
+
+    Lookahead: the words and end markers of the stream are *items*, each with the label above. With
+    ``lookahead`` K, ``ahead[k - 1]`` (k = 1..K) holds, at the first token of item ``p``, the label of item
+    ``p - k``: a decision that waited for k more words. At the final end marker, the heads k = 0..K give the
+    labels of the last K + 1 items, so a stream's tail is decided at flush.
     """
     index = {label: i for i, label in enumerate(transcript.LABELS)}
     ids: list[int] = []
     tags: list[int] = []
+    items: list[tuple[int, int]] = []  # (first token position, label id)
     pending = "O"  # punctuation carried over a paragraph boundary without a marker
     for i, para in enumerate(paragraphs):
         words, end = transcript.parse(para)
         for j, w in enumerate(words):
             punct = pending if j == 0 and pending != "O" else w.punct
             toks = enc.word(w.text)
+            items.append((len(ids), index[f"{punct}-{w.case}"]))
             ids += toks
-            tags += [index[f"{punct}-{w.case}"]] + [IGNORE] * (len(toks) - 1)
+            tags += [items[-1][1]] + [IGNORE] * (len(toks) - 1)
         pending = end if words else pending
         last = i == len(paragraphs) - 1
         if last or (i < len(end_marks) and end_marks[i]):
+            items.append((len(ids), index[f"{pending}-lower"]))
             ids += enc.end
-            tags += [index[f"{pending}-lower"]] + [IGNORE] * (len(enc.end) - 1)
+            tags += [items[-1][1]] + [IGNORE] * (len(enc.end) - 1)
             pending = "O"
+    ahead = [[IGNORE] * len(ids) for _ in range(lookahead)]
+    for k in range(1, lookahead + 1):
+        for p in range(k, len(items)):
+            ahead[k - 1][items[p][0]] = items[p - k][1]
     text_bytes = len(enc.tok.decode_bytes(ids))
-    return Document(ids, tags, [cat] * len(ids), text_bytes)
+    return Document(ids, tags, [cat] * len(ids), text_bytes, ahead)
 
 
 def read_lines(path: Path) -> list[str]:
@@ -138,19 +155,26 @@ def read_lines(path: Path) -> list[str]:
 
 def transcript_dataset(
     text_file: Path, tokenizer: Tokenizer, group: int, cat_file: Path | None = None, cat_labels: Sequence[str] = (),
-    marker_prob: float = 0.0, seed: int = 0,
+    marker_prob: float = 0.0, seed: int = 0, lookahead: int = 0,
 ) -> Dataset:
-    """Streams of ``group`` consecutive paragraphs of one class (a class change starts a new stream)."""
+    """Streams of ``group`` consecutive paragraphs of one class (a class change starts a new stream).
+
+    When ``<stem>.docs.txt`` sits beside ``text_file`` (a document id per line, as
+    ``scripts/make_speech_corpus.py`` writes), a document change starts a new stream too.
+    """
     paras = read_lines(text_file)
     cats = read_lines(cat_file) if cat_file and cat_file.exists() else [""] * len(paras)
+    doc_file = text_file.with_name(text_file.stem + ".docs.txt")
+    doc_ids = read_lines(doc_file) if doc_file.exists() else [""] * len(paras)
     labels = list(cat_labels) or sorted({c for c in cats if c})
     enc = WordEncoder(tokenizer)
     rng = random.Random(seed)
     docs = []
-    for run, cat in _runs(paras, cats, group):
+    for run, cat in _runs(paras, [f"{c}\t{d}" for c, d in zip(cats, doc_ids, strict=True)], group):
+        cat = cat.split("\t")[0]
         marks = [rng.random() < marker_prob for _ in run]
-        docs.append(transcript_document(run, enc, labels.index(cat) if cat in labels else IGNORE, marks))
-    return Dataset(docs, list(transcript.LABELS), labels if any(cats) else [])
+        docs.append(transcript_document(run, enc, labels.index(cat) if cat in labels else IGNORE, marks, lookahead))
+    return Dataset(docs, list(transcript.LABELS), labels if any(cats) else [], lookahead)
 
 
 def _runs(paras: list[str], cats: list[str], group: int) -> Iterator[tuple[list[str], str]]:
@@ -212,7 +236,7 @@ def _span_tag(start: int, end: int, spans: list, labels: list[str]) -> int:
 # ------------------------------------------------------------------------------------------ batches
 
 
-Row = tuple[list[int], list[int], list[int], list[int]]
+Row = tuple[list[int], ...]  # ids, lm targets, tags, cats, then the lookahead tag lists
 
 
 def doc_windows(doc: Document, ctx: int, rng: random.Random | None) -> Row:
@@ -222,7 +246,8 @@ def doc_windows(doc: Document, ctx: int, rng: random.Random | None) -> Row:
     end = min(start + ctx + 1, n)
     ids = doc.ids[start:end]
     lm = ids[1:] + [IGNORE]
-    return ids[:ctx], lm[:ctx], doc.tags[start:end][:ctx], doc.cats[start:end][:ctx]
+    rest = [seq[start:end][:ctx] for seq in (doc.tags, doc.cats, *doc.ahead)]
+    return (ids[:ctx], lm[:ctx], *rest)
 
 
 def make_batch(rows: list[Row], ctx: int) -> Batch:
@@ -231,8 +256,10 @@ def make_batch(rows: list[Row], ctx: int) -> Batch:
     def pad(seq: list[int], value: int) -> list[int]:
         return seq[:length] + [value] * (length - len(seq[:length]))
 
-    cols = [[pad(r[k], 0 if k == 0 else IGNORE) for r in rows] for k in range(4)]
-    return Batch(*(torch.tensor(c, dtype=torch.long) for c in cols))
+    width = min(len(r) for r in rows)
+    cols = [torch.tensor([pad(r[k], 0 if k == 0 else IGNORE) for r in rows], dtype=torch.long) for k in range(width)]
+    ahead = torch.stack(cols[4:], dim=1) if width > 4 else None
+    return Batch(cols[0], cols[1], cols[2], cols[3], ahead)
 
 
 def sample_batches(data: Dataset, batch_size: int, ctx: int, seed: int) -> Iterator[Batch]:

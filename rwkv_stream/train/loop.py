@@ -68,7 +68,18 @@ class Trainable(nn.Module):
             out["tag"] = _ce(self.heads["tagger"](hidden), batch.tags)
         if "classifier" in self.heads and bool((batch.cats != IGNORE).any()):
             out["cat"] = _ce(self.heads["classifier"](hidden), batch.cats)
+        if batch.ahead is not None:
+            ahead = [_ce(self.heads[lookahead_head(k)](hidden), batch.ahead[:, k - 1])
+                     for k in range(1, batch.ahead.shape[1] + 1)
+                     if lookahead_head(k) in self.heads and bool((batch.ahead[:, k - 1] != IGNORE).any())]
+            if ahead:
+                out["ahead"] = cast(Tensor, sum(ahead)) / len(ahead)
         return out
+
+
+def lookahead_head(k: int) -> str:
+    """Name of the tagging head whose decision for a word waits for ``k`` more words (k = 0: ``tagger``)."""
+    return "tagger" if k == 0 else f"tagger+{k}"
 
 
 def _ce(scores: Tensor, targets: Tensor) -> Tensor:
@@ -81,6 +92,8 @@ def make_heads(data: Dataset, n_embd: int, hidden_dim: int = 0) -> dict[str, Hea
         heads["tagger"] = Head("tagger", data.tag_labels, n_embd, hidden_dim)
     if data.cat_labels:
         heads["classifier"] = Head("classifier", data.cat_labels, n_embd, hidden_dim)
+    for k in range(1, data.lookahead + 1):
+        heads[lookahead_head(k)] = Head("tagger", data.tag_labels, n_embd, hidden_dim)
     return heads
 
 
@@ -170,7 +183,7 @@ def _train_step(net: Trainable, opt: torch.optim.Optimizer, batch: Batch, cfg: L
     for group in opt.param_groups:
         group["lr"] = lr
     losses = net.losses(batch, cfg)
-    weights = {"lm": cfg.lm_weight, "tag": cfg.tag_weight, "cat": cfg.cat_weight}
+    weights = {"lm": cfg.lm_weight, "tag": cfg.tag_weight, "cat": cfg.cat_weight, "ahead": cfg.tag_weight}
     total = cast(Tensor, sum(weights[k] * v for k, v in losses.items()))  # at least one loss: a Tensor
     opt.zero_grad(set_to_none=True)
     total.backward()

@@ -1,4 +1,4 @@
-"""GPU benchmark: this project's RWKV-4 on CUDA against peers on the same GPU, same weights.
+"""GPU benchmark: this project's RWKV-4 and RWKV-7 on CUDA against peers on the same GPU, same weights.
 
 Random weights of the real shapes (169M: 12 x 768; 1.5B: 24 x 2048; vocab 50277). Per shape:
   * ``rwkv-stream``: the engine as production runs it (``Model.step`` on the slot arena, kernels in place):
@@ -9,6 +9,15 @@ Random weights of the real shapes (169M: 12 x 768; 1.5B: 24 x 2048; vocab 50277)
   * peers that import: HF transformers ``RwkvForCausalLM`` and the ``rwkv`` pip package run as its users run
     it (``RWKV_JIT_ON=1``, ``RWKV_CUDA_ON=1``: its CUDA kernel; if that kernel cannot be built the row says so);
   * agreement: max relative difference of our GPU logits against each peer's over the same 32 tokens.
+RWKV-7 (``--rwkv7-shapes``, default the 0.1B shape L12 x C768, vocab 65536, released LoRA ranks; random x070
+weights), impl ``rwkv-stream rwkv7``:
+  * ``Model.step`` on the slot arena in place (the shift7 / wkv7 kernels of ``rwkv_stream.gpu7``): one token
+    per stream at each batch size, ms p50/p99 and tokens/s, in ``--dtype``; prefill tokens/s of 16 streams x
+    256 tokens and of one stream x 1024 (the ragged kernel; every token's state update in order);
+  * ``rwkv-stream rwkv7 torch``: the same model with the kernels off (``RWKV_STREAM_KERNELS=0``: states gathered
+    per step, torch one-token form, chunked parallel prefill), batch 1 / largest and the prefills;
+  * ``parity_float32`` / ``parity_float16``: GPU logits (whole forward over 32 tokens, and the same tokens as
+    one-token steps) against the fp32 CPU model of the same weights, max relative error over all logits.
 Every measurement is one JSON row appended to ``<out>l`` (JSON Lines, flushed as measured) and the
 whole result is rewritten to ``<out>`` after each row, so a timeout loses nothing already measured.
 Run: ``python bench/gpu_bench.py --out results.json`` (``--cpu-smoke`` exercises it on the CPU).
@@ -31,7 +40,7 @@ from typing import Any
 
 import torch
 
-from rwkv_stream import ModelConfig
+from rwkv_stream import ModelConfig, kernels_ref7
 from rwkv_stream import kernels_ref as ref
 from rwkv_stream.checkpoint import expected_shapes
 from rwkv_stream.gpu import CudaGraphStepper
@@ -42,6 +51,11 @@ SHAPES = {
     "tiny": ModelConfig(n_layer=2, n_embd=256, vocab_size=1000, ffn_dim=1024),
 }
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+SHAPES7 = {  # RWKV-7 (x070): layers, width, vocabulary, LoRA ranks (w, a, v, g)
+    "rwkv7-0.1b": (12, 768, 65536, (64, 64, 32, 128)),
+    "rwkv7-0.4b": (24, 1024, 65536, (64, 64, 32, 128)),
+    "rwkv7-tiny": (2, 128, 1000, (8, 8, 4, 16)),
+}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -53,12 +67,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=200, help="timed steps per measurement")
     p.add_argument("--peers", default="engine,transformers,rwkv", help="comma list; '' for none")
     p.add_argument("--peer-shapes", default="169m,1.5b", help="shapes on which peers are measured")
+    p.add_argument("--rwkv7-shapes", default="rwkv7-0.1b", help=f"RWKV-7 shapes ({', '.join(SHAPES7)}; '' for none)")
+    p.add_argument("--rwkv7-parity", default="float32,float16", help="dtypes of the RWKV-7 GPU-vs-CPU parity rows")
     p.add_argument("--out", default="bench/results/gpu_bench.json")
     p.add_argument("--cpu-smoke", action="store_true",
                    help="exercise this script on the CPU (tiny shape, reference ops, no graphs)")
     args = p.parse_args(argv)
-    if args.cpu_smoke:
-        args.shapes, args.peer_shapes, args.steps, args.streams, args.batches = "tiny", "tiny", 8, 8, "1,8"
+    if args.cpu_smoke:  # the tiny shapes of the families asked for
+        args.shapes = "tiny" if args.shapes else ""
+        args.rwkv7_shapes = "rwkv7-tiny" if args.rwkv7_shapes else ""
+        args.peer_shapes, args.steps, args.streams, args.batches = "tiny", 8, 8, "1,8"
     return args
 
 
@@ -378,6 +396,106 @@ def release() -> None:
 
 
 # ---------------------------------------------------------------------------------------------------
+# RWKV-7: Model.step on the arena in place (gpu7 kernels), the torch path, parity with the CPU model
+
+PARITY_TOKENS = 32
+
+
+def build_model7(cfg: Any, tensors: dict, dtype: str, kernels: bool = True) -> Any:
+    """An RWKV-7 model on the bench device; on the CPU (``--cpu-smoke``) its CUDA branch runs on the torch
+    references of the kernels (kernels_ref7), so the arena path is what is exercised there too."""
+    from rwkv_stream.models import Rwkv7Model
+
+    model = Rwkv7Model(tensors, cfg, device=Env.device, dtype=dtype)
+    if not kernels:
+        model._kernels = None
+    elif Env.device.type == "cpu":
+        model._kernels = kernels_ref7
+    return model
+
+
+def bench_rwkv7_speed(name: str, cfg: Any, model: Any, impl: str, args: argparse.Namespace, rows: Rows,
+                      sizes: list[int]) -> None:
+    pool = model.new_pool(args.streams, growable=False)
+    slots = [pool.alloc() for _ in range(args.streams)]
+    rows.emit(name, impl, "in_place", bool(model._steps_arena_in_place(pool)))
+    vocab = cfg.vocab_size
+    for n in sizes:
+        times = timed(lambda i, n=n: model.step(pool, slots[:n], [[(i + s) % vocab] for s in range(n)],
+                                                 logits="last"), max(4, args.steps // 4))
+        rows.emit(name, impl, f"batch{n}", summarize(times, n))
+    long = Env.device.type == "cuda"
+    for n_pre, len_pre in ((min(16, args.streams), 256 if long else 8), (1, 1024 if long else 16)):
+        toks = torch.randint(0, vocab, (n_pre, len_pre)).tolist()
+
+        def prefill(_i: int, n_pre: int = n_pre, toks: list = toks) -> None:
+            for s in slots[:n_pre]:
+                pool.reset(s)
+            model.step(pool, slots[:n_pre], toks, logits="last")
+
+        rows.emit(name, impl, f"prefill_{n_pre}x{len_pre}", summarize(timed(prefill, 3, warmup=1), n_pre * len_pre))
+
+
+def rwkv7_logits(model: Any, ids: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """fp32 CPU logits of ``ids`` as one forward (prefill path) and as one-token steps on a pool."""
+    whole, _ = model.forward(ids)
+    pool = model.new_pool(2)
+    pool.alloc()  # the stream in slot 1: the kernels address a slot other than 0
+    slot = pool.alloc()
+    steps = torch.cat([model.step(pool, [slot], [[t]]).logits[0] for t in ids])
+    return whole.float().cpu(), steps.float().cpu()
+
+
+def bench_rwkv7(name: str, args: argparse.Namespace, rows: Rows) -> None:
+    from rwkv_stream.random_checkpoint import random_tensors, rwkv7_config
+
+    n_layer, n_embd, vocab, (rw, ra, rv, rg) = SHAPES7[name]
+    cfg = rwkv7_config(n_layer, n_embd, vocab, rank_w=rw, rank_a=ra, rank_v=rv, rank_g=rg)
+    rows.result["shapes"].setdefault(name, {})["config"] = cfg.to_dict()
+    tensors = random_tensors(cfg, seed=0)
+    impl = "rwkv-stream rwkv7"
+    if Env.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    sizes = batches(args)
+    with torch.inference_mode():
+        for kernels, label, pick in ((True, impl, sizes), (False, impl + " torch", sorted({sizes[0], sizes[-1]}))):
+            try:
+                model = build_model7(cfg, tensors, args.dtype, kernels)
+                if kernels:
+                    rows.emit(name, label, "kernels", model._kernels is not None)
+                    rows.emit(name, label, "state_bytes", model.state_bytes)
+                bench_rwkv7_speed(name, cfg, model, label, args, rows, pick)
+            except Exception as exc:  # noqa: BLE001 - keep going: the other rows still count
+                rows.emit(name, label, "error", f"{type(exc).__name__}: {exc}"[:500])
+            finally:
+                model = None
+                release()
+        if Env.device.type == "cuda":
+            rows.emit(name, impl, "peak_mem_gib", round(torch.cuda.max_memory_allocated() / 2**30, 2))
+        ids = [(17 * i + 3) % vocab for i in range(PARITY_TOKENS)]
+        from rwkv_stream.models import Rwkv7Model
+
+        ref_whole, ref_steps = rwkv7_logits(Rwkv7Model(tensors, cfg), ids)  # fp32 on the CPU
+        for dtype in filter(None, args.rwkv7_parity.split(",")):
+            try:
+                whole, steps = rwkv7_logits(build_model7(cfg, tensors, dtype), ids)
+                scale = float(ref_whole.abs().max())
+                value = {"max_rel_forward": float((whole - ref_whole).abs().max()) / scale,
+                         "max_rel_steps": float((steps - ref_steps).abs().max()) / scale,
+                         "argmax_same": float((whole.argmax(-1) == ref_whole.argmax(-1)).float().mean()),
+                         "finite": bool(torch.isfinite(whole).all() and torch.isfinite(steps).all())}
+                rows.emit(name, impl, f"parity_{dtype}", value)
+                if dtype == "float32":
+                    rows.emit(name, impl, "agreement", {"max_rel": max(value["max_rel_forward"],
+                                                                       value["max_rel_steps"]),
+                                                        "argmax_same": value["argmax_same"]})
+            except Exception as exc:  # noqa: BLE001
+                rows.emit(name, impl, f"parity_{dtype}", {"error": f"{type(exc).__name__}: {exc}"[:500]})
+            finally:
+                release()
+
+
+# ---------------------------------------------------------------------------------------------------
 # Driver
 
 
@@ -415,7 +533,7 @@ def bench_shape(name: str, args: argparse.Namespace, rows: Rows) -> None:
 
 def table(result: dict, sizes: list[int]) -> str:
     cols = [f"b{n} ms p50" for n in sizes] + [f"b{sizes[-1]} tok/s", "p99@1e3", "p99@1e6", "max_rel"]
-    lines = [f"{'shape':6} {'impl':20} " + " ".join(f"{c:>11}" for c in cols)]
+    lines = [f"{'shape':10} {'impl':24} " + " ".join(f"{c:>11}" for c in cols)]
     n = sizes[-1]
     for shape, res in result["shapes"].items():
         if shape == "all":
@@ -433,7 +551,23 @@ def table(result: dict, sizes: list[int]) -> str:
                 get(f"batch{n}_pos1e+06", "ms_p99"), get("agreement", "max_rel")]
             note = next((f"{k}: {v}" for k, v in r.items() if k in ("error", "skipped", "cuda_kernel_error")), "")
             cells = " ".join(f"{v:11.4g}" for v in vals)
-            lines.append(f"{shape:6} {impl:20} {cells}" + (f"  {note:.80}" if note else ""))
+            lines.append(f"{shape:10} {impl:24} {cells}" + (f"  {note:.80}" if note else ""))
+    return "\n".join(lines)
+
+
+def table7(result: dict) -> str:
+    """RWKV-7 rows the main table has no column for: prefill rates and the parity of each dtype."""
+    lines = []
+    for shape, res in result["shapes"].items():
+        for impl, r in res.items():
+            if not impl.startswith("rwkv-stream rwkv7") or not isinstance(r, dict):
+                continue
+            cells = [f"{k}: {v['tokens_per_s']:.6g} tok/s" for k, v in r.items()
+                     if k.startswith("prefill_") and isinstance(v, dict)]
+            cells += [f"{k}: fwd {v.get('max_rel_forward', math.nan):.2e} steps {v.get('max_rel_steps', math.nan):.2e}"
+                      for k, v in r.items() if k.startswith("parity_") and isinstance(v, dict)]
+            cells += [f"{k}: {v}" for k, v in r.items() if k in ("in_place", "error")]
+            lines.append(f"{shape} {impl}: " + "; ".join(cells))
     return "\n".join(lines)
 
 
@@ -446,6 +580,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     result: dict[str, Any] = {"machine": machine(), "dtype": args.dtype, "streams": args.streams, "shapes": {}}
     rows = Rows(args.out, result)
+    for name in filter(None, args.rwkv7_shapes.split(",")):
+        bench_rwkv7(name, args, rows)
+        release()
     for name in filter(None, args.shapes.split(",")):
         bench_shape(name, args, rows)
         release()
@@ -454,7 +591,11 @@ def main(argv: list[str] | None = None) -> int:
     print(json.dumps(result["machine"]))
     print(table(result, batches(args)))
     print(f"({args.dtype}; batch = streams stepping one token each; p99@pos: largest-batch step latency with "
-          f"states at that stream position; max_rel: logits vs ours; wall {result['wall_s']} s)")
+          f"states at that stream position; max_rel: logits vs ours (rwkv7: ours on the GPU vs the fp32 CPU "
+          f"model); wall {result['wall_s']} s)")
+    rwkv7_rows = table7(result)
+    if rwkv7_rows:
+        print(rwkv7_rows)
     return 0
 
 

@@ -89,3 +89,65 @@ def test_txn_offset_commit_sends_group_metadata_and_what_the_broker_fences(kafka
     finally:
         producer.close(timeout=10)
         consumer.close()
+
+
+def _aborted_by_coordinator(bootstrap: str, tp: TopicPartition, timeout_s: float = 60.0) -> None:
+    """Wait until the transaction coordinator has aborted the open transaction on ``tp`` (the last stable
+    offset, which a read_committed consumer sees as the end, moves past its records)."""
+    reader = KafkaConsumer(bootstrap_servers=bootstrap, isolation_level="read_committed")
+    try:
+        deadline = time.monotonic() + timeout_s
+        while reader.end_offsets([tp])[tp] == 0:
+            assert time.monotonic() < deadline, "the coordinator did not abort the timed-out transaction"
+            time.sleep(0.2)
+    finally:
+        reader.close()
+
+
+@pytest.mark.parametrize("hardened", [False, True])
+def test_a_timed_out_transaction_never_continues_silently(kafka_bootstrap, hardened):
+    """A member frozen past ``transaction_timeout_ms``: the coordinator aborts its transaction and bumps its
+    epoch. kafka-python 3.0.12 then bumps the epoch by itself on the next produce error (KIP-360) and carries on
+    in state READY: the records of the open transaction are gone. The processor's producers are hardened
+    (``fail_loudly_instead_of_epoch_bump``): the producer turns fatal, and every later call raises, so the
+    processor aborts, rolls back and re-creates it. Either way nothing of the transaction is ever committed."""
+    topic = unique_name("bump")
+    create_topic(kafka_bootstrap, topic, partitions=1)
+    wait_for_transaction_coordinator(kafka_bootstrap)
+    tp = TopicPartition(topic, 0)
+    producer = KafkaProducer(bootstrap_servers=kafka_bootstrap, transactional_id=unique_name("txn"), acks="all",
+                             transaction_timeout_ms=1000)
+    if hardened:
+        client_compat.fail_loudly_instead_of_epoch_bump(producer)
+    manager = producer._transaction_manager
+    try:
+        producer.init_transactions()
+        producer.begin_transaction()
+        producer.send(topic, b"first").get(timeout=30)
+        epoch = manager.producer_id_and_epoch
+        _aborted_by_coordinator(kafka_bootstrap, tp)
+        late = producer.send(topic, b"after the timeout")
+        producer.flush(timeout=30)
+        assert late.failed()
+        deadline = time.monotonic() + 30
+        while manager.is_bumping_epoch():
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        if hardened:
+            assert manager.has_fatal_error()
+            assert manager.producer_id_and_epoch == epoch  # no silent bump
+            with pytest.raises(KafkaError, match="failed with errors"):
+                producer.send(topic, b"more")
+        else:  # kafka-python's own recovery: a new epoch, no transaction, no error to read
+            assert not manager.has_error()
+            assert manager.producer_id_and_epoch.epoch > epoch.epoch
+        with pytest.raises(KafkaError):
+            producer.commit_transaction()
+    finally:
+        producer.close(timeout=5)
+    reader = KafkaConsumer(topic, bootstrap_servers=kafka_bootstrap, isolation_level="read_committed",
+                           auto_offset_reset="earliest", consumer_timeout_ms=2000)
+    try:
+        assert [r.value for r in reader] == []
+    finally:
+        reader.close()

@@ -8,6 +8,9 @@ The processor otherwise uses kafka-python's public API only. What is used here, 
 * ``KafkaConsumer._fetcher._next_partition_records`` / ``._paused_partition_records``: a kafka-python 3.0.12
   stall after pause/resume (see :func:`unpark_fetched_records`).
 
+* ``KafkaProducer._transaction_manager.classify_batch_error``: a transactional producer must never bump its
+  epoch on its own (see :func:`fail_loudly_instead_of_epoch_bump`).
+
 ``KafkaProducer._sender._client`` (diagnostics only, :func:`txn_offset_commit_version`): the negotiated wire version.
 
 :func:`check` verifies that all of them are still there (``tests/test_kafka_client_compat.py`` calls it on
@@ -44,6 +47,32 @@ def unpark_fetched_records(consumer: Any) -> None:
         fetcher._next_partition_records = None
 
 
+def fail_loudly_instead_of_epoch_bump(producer: Any) -> None:
+    """Make a transactional producer fail (fatally) where kafka-python 3.0 would bump its epoch by itself.
+
+    On a produce error of the KIP-360 kind (``OutOfOrderSequenceNumber``, ``UnknownProducerId``,
+    ``InvalidProducerEpoch``: seen when a member wakes up from a freeze longer than the transaction timeout),
+    kafka-python sends ``InitProducerId`` with its current epoch and goes on under the bumped one. The broker
+    aborts the open transaction as part of that bump, but nothing tells the application: it still counts the
+    records sent before as part of its transaction, and the soak saw it fail later with ``Invalid transition
+    from BUMPING_PRODUCER_EPOCH to ABORTING_TRANSACTION``. The Java client makes such errors abortable for a
+    transactional producer instead. Here they are made fatal: every later call (send, offsets, commit) raises,
+    the processor aborts and rolls back to the last commit, and a fresh producer (``init_transactions``) takes
+    over. Idempotent producers (at-least-once) keep kafka-python's recovery: they have no transaction to lose."""
+    manager = getattr(producer, "_transaction_manager", None)
+    if manager is None or not manager.is_transactional():
+        return
+    classify = manager.classify_batch_error
+
+    def classify_without_bump(error: Any, batch: Any, log_start_offset: int = -1) -> str:
+        outcome = classify(error, batch, log_start_offset)
+        if outcome == manager.ERROR_CLASS_NEEDS_EPOCH_BUMP:
+            return str(manager.ERROR_CLASS_FATAL)
+        return str(outcome)
+
+    manager.classify_batch_error = classify_without_bump
+
+
 def check(consumer: Any) -> None:
     """Raise :class:`ClientCompatError` if a private attribute used above is missing or changed shape."""
     import kafka
@@ -64,8 +93,22 @@ def check(consumer: Any) -> None:
             problems.append("Fetcher._next_partition_records is gone")
         if not isinstance(getattr(fetcher, "_paused_partition_records", None), dict):
             problems.append("Fetcher._paused_partition_records is gone or not a dict")
+    problems += _producer_problems()
     if problems:
         raise ClientCompatError("kafka-python internals changed: " + "; ".join(problems))
+
+
+def _producer_problems() -> list[str]:
+    from kafka.producer.transaction_manager import TransactionManager
+
+    problems = []
+    for name in ("ERROR_CLASS_NEEDS_EPOCH_BUMP", "ERROR_CLASS_FATAL"):
+        if not isinstance(getattr(TransactionManager, name, None), str):
+            problems.append(f"TransactionManager.{name} is gone")
+    classify = getattr(TransactionManager, "classify_batch_error", None)
+    if classify is None or list(inspect.signature(classify).parameters)[:3] != ["self", "error", "batch"]:
+        problems.append("TransactionManager.classify_batch_error(error, batch, ...) is gone or changed")
+    return problems
 
 
 def txn_offset_commit_version(producer: Any) -> int:

@@ -17,6 +17,7 @@ from typing import Any
 from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer
 from kafka.errors import KafkaError
 
+from . import client_compat
 from .config import ConsumerConfig
 from .state_store import StateStoreError
 from .topics import ensure_topics
@@ -38,8 +39,11 @@ class ClientFactory:
         return KafkaConsumer(**self.reader_config())
 
     def new_producer(self, role: str) -> KafkaProducer:
-        """The output producer (``"out"``) or the at-least-once snapshot producer (``"state"``)."""
-        return KafkaProducer(**self.producer_config(role))
+        """The output producer (``"out"``) or the at-least-once snapshot producer (``"state"``). A transactional
+        one fails loudly where kafka-python would silently bump its epoch (and lose the open transaction)."""
+        producer = KafkaProducer(**self.producer_config(role))
+        client_compat.fail_loudly_instead_of_epoch_bump(producer)
+        return producer
 
     def create_missing_topics(self) -> set[str]:
         """Check the topics, creating missing output, dead-letter and state topics (``create_topics``); returns

@@ -392,11 +392,12 @@ class _NoGather:
         monkeypatch.setattr(torch.Tensor, "index_copy_", no_scatter)
 
 
-def _engine_matches_cpu(ops, tensors, monkeypatch, tol: float) -> None:
-    """Rwkv7Model's CUDA branch with ``ops`` for the kernels == the CPU model: whole forward, ragged steps and
-    one-token steps over a pool (logits and states), the arena stepped in place, other slots untouched."""
-    cpu = Rwkv7Model(tensors, CFG)
-    kern = Rwkv7Model(tensors, CFG)
+def _engine_matches_cpu(ops, tensors, monkeypatch, tol: float, dtype: str = "float32") -> None:
+    """Rwkv7Model's CUDA branch with ``ops`` for the kernels == the CPU model (same weight format): whole
+    forward, ragged steps and one-token steps over a pool (logits and states), the arena stepped in place,
+    other slots untouched."""
+    cpu = Rwkv7Model(tensors, CFG, dtype=dtype)
+    kern = Rwkv7Model(tensors, CFG, dtype=dtype)
     kern._kernels = ops
     rng = random.Random(1)
     ids = [rng.randrange(CFG.vocab_size) for _ in range(21)]
@@ -424,8 +425,12 @@ def _engine_matches_cpu(ops, tensors, monkeypatch, tol: float) -> None:
         assert torch.equal(pools[1].data[idle], before[idle]), "a slot without tokens changed"
 
 
-def test_engine_arena_in_place_through_emulated_kernels_equals_the_cpu_model(emulated, tensors, monkeypatch):
-    _engine_matches_cpu(gpu7, tensors, monkeypatch, tol=1e-5)
+@pytest.mark.parametrize(("dtype", "tol"), [("float32", 1e-5), ("bfloat16", 2e-2)])
+def test_engine_arena_in_place_through_emulated_kernels_equals_the_cpu_model(emulated, tensors, monkeypatch, dtype,
+                                                                             tol):
+    """bf16 weights: the products' outputs reach the kernels as fp32 (gpu7 refuses anything else); the kernel's
+    and the CPU's fp32 roundings differ, and bf16 inputs of the next products turn that into bf16 ulps."""
+    _engine_matches_cpu(gpu7, tensors, monkeypatch, tol=tol, dtype=dtype)
 
 
 def test_engine_arena_in_place_through_the_references_equals_the_cpu_model(tensors, monkeypatch):

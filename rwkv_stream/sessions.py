@@ -215,6 +215,16 @@ class _Anonymous:
         return hash(("anonymous", self.index))
 
 
+@dataclass
+class _Interim:
+    """The key of an interim fork (:meth:`SessionTable.feed_interim`): private to one call, never stored."""
+
+    index: int
+
+    def __hash__(self) -> int:
+        return hash(("interim", self.index))
+
+
 # ------------------------------------------------------------------------------------------ the table
 class SessionTable:
     """Live streams of one model and tokenizer, keyed by any hashable; see the module docstring."""
@@ -326,6 +336,49 @@ class SessionTable:
                 self._ensure_resident([k for k, _ in batch], protect=set(wave))
                 self._round(batch, fragments, results, provisional)
         return [r for r in results if r is not None]
+
+    @torch.no_grad()
+    def feed_interim(self, fragments: Sequence[Fragment]) -> list[FragmentResult]:
+        """Interim hypotheses (live ASR sends interim text that it later revises, then a final): each
+        fragment's text is run on a private fork of its stream's session, exactly as ``feed(fragments,
+        provisional=True)`` would run it, and its results are returned, but no stream changes: not its state,
+        tokenizer carry, counters, position or store entry. A later ``feed`` of the final text therefore gives
+        what it gives without the interims, whatever revisions came before. Each interim costs its own tokens
+        (the fork copies one fixed-size state; history is never re-read). Fragments of one key in one call are
+        independent revisions of the same point. A key without a stream forks an empty one (none is created);
+        an evicted stream is loaded (a read). ``end``, ``position`` and ``generate`` are refused: an interim
+        never ends, orders or samples a stream."""
+        for frag in fragments:
+            if frag.end or frag.position is not None or frag.generate is not None:
+                raise ValueError(f"interim fragment of stream {frag.key!r}: end, position and generate are "
+                                 "for final fragments (feed)")
+        self.expire_idle()
+        forks: dict[Hashable, _Session] = {}
+        try:
+            for i, frag in enumerate(fragments):
+                forks[_Interim(i)] = self._interim_session(frag.key)
+            self._resident.update(forks)  # only for this round: nothing evicts while it runs
+            results: list[FragmentResult | None] = [None] * len(fragments)
+            interim = [Fragment(k, frag.text) for k, frag in zip(forks, fragments, strict=True)]
+            self._round([(k, i) for i, k in enumerate(forks)], interim, results, provisional=True)
+        finally:
+            for k, session in forks.items():
+                self._resident.pop(k, None)
+                self.pool.free(session.slot)
+        out = [r for r in results if r is not None]
+        for res, frag in zip(out, fragments, strict=True):
+            res.key = frag.key
+        return out
+
+    def _interim_session(self, key: Hashable | None) -> _Session:
+        """A private copy of stream ``key``'s session on a new slot (a fresh one when there is none)."""
+        if key is None or not self.exists(key):
+            return _Session(StreamingEncoder(self.tokenizer), _utf8_decoder(), self.pool.alloc(), dirty=False)
+        src = self._session(key)
+        return _Session(self._encoder_copy(src), _utf8_decoder(_utf8_state(src.utf8)), self.pool.fork(src.slot),
+                        src.position, src.chars_in, src.chars_out,
+                        None if src.last_hidden is None else src.last_hidden.clone(), dict(src.meta), dirty=False,
+                        last_used=src.last_used)
 
     def _round(self, batch: list[tuple[Hashable, int]], fragments: Sequence[Fragment],
                results: list[FragmentResult | None], provisional: bool) -> None:

@@ -80,6 +80,8 @@ from thinc.api import Config, Model
 from rwkv_stream.config import WEIGHT_FORMATS
 
 from .spacy_align import ALIGNMENTS, align, bio_spans
+from .spacy_interim import INTERIM_ATTR, feed_docs
+from .spacy_interim import register_extensions as register_interim_extensions
 from .spacy_listener import RWKVListener
 from .spacy_restore import is_transcript_labels, restore_doc
 from .spacy_restore import register_extensions as register_restore_extensions
@@ -267,6 +269,7 @@ def _register_extensions(settings: Settings) -> None:
     if not Doc.has_extension("rwkv_generate"):
         Doc.set_extension("rwkv_generate", method=_doc_generate)
     register_restore_extensions()
+    register_interim_extensions()
     if settings.tag_attr and settings.tag_attr.startswith("_.") and not Token.has_extension(settings.tag_attr[2:]):
         Token.set_extension(settings.tag_attr[2:], default=None)
 
@@ -434,7 +437,9 @@ class RWKVComponent(TrainablePipe):
         keys = [self.stream_key(doc) for doc in docs]
         if self._zone is not None:
             self._zone.update(k for k in set(keys) if k is not None and not sessions.exists(k))
-        return sessions.feed([Fragment(k, d.text) for k, d in zip(keys, docs, strict=True)], provisional=True)
+        if not any(doc._.get(INTERIM_ATTR) for doc in docs):
+            return sessions.feed([Fragment(k, d.text) for k, d in zip(keys, docs, strict=True)], provisional=True)
+        return feed_docs(sessions, keys, docs)  # interim ASR hypotheses run on forks (spacy_interim)
 
     def set_annotations(self, docs: Iterable[Doc], results: list[FragmentResult]) -> None:
         from .spacy_align import doc_result

@@ -139,10 +139,11 @@ def reference_outputs(bundle: LoadedModel | str | Path, records: Iterable[InputR
             ref.dead[(rec.partition, rec.offset)] = exc.reason
             continue
         key = (rec.partition, frag.stream)
-        result = engine.step([StepItem(key, frag.text, frag.end, rec.offset, frag.generate)])[0]
+        result = engine.step([StepItem(key, frag.text, frag.end, rec.offset, frag.generate, frag.final)])[0]
         value = encode_output(stream=frag.stream, partition=rec.partition, offset=rec.offset, tokens=result.tokens,
                               cats=result.cats, generated=result.generated, end=frag.end, held_back=result.held_back,
-                              fingerprint=engine.fingerprint, latency_ms=0.0)
+                              fingerprint=engine.fingerprint, latency_ms=0.0, restored=result.restored,
+                              is_final=result.final)
         ref.outputs[(rec.partition, rec.offset)] = without_timing(decode_output(value))
         ref.streams.setdefault(key, []).append(rec.offset)
     return ref

@@ -90,7 +90,8 @@ def test_kafka_quick_start_runs_as_written(kafka_bootstrap: str, tmp_path: Path)
         done = subprocess.run([sys.executable, "-c", example], timeout=300, **run)
         assert done.returncode == 0, done.stderr[-3000:]
         printed = [line for line in done.stdout.splitlines() if line.startswith("call-42")]
-        assert len(printed) == 3, done.stdout
+        assert len(printed) == 4, done.stdout
+        assert [line.split()[1] for line in printed] == ["final", "interim", "final", "final"], done.stdout
         for command in commands[commands.index(consume) + 1 :]:
             done = subprocess.run(["bash", "-ec", command], timeout=120, **run)
             assert done.returncode == 0, f"{command!r}: {done.stderr[-2000:]}"

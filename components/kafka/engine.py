@@ -5,7 +5,14 @@ keyed by ``(input partition, stream id)``); this module only turns a parsed inpu
 :class:`~rwkv_stream.sessions.Fragment` (its input offset is the fragment's position, so replayed input the
 stream already covers is skipped there) and a session result into the output schema's fields (tokens with
 tag labels, classifier probabilities, generated text with a seed derived from the stream and offset when the
-request has none, so a replay generates the same text).
+request has none, so a replay generates the same text, and the restored text when a tagger has transcript labels:
+:class:`rwkv_stream.restore.TokenRestorer`, whose state travels in the session's metadata).
+
+Interim hypotheses (``final=False``): live speech recognition sends hypotheses it revises later, then the final
+text. An interim fragment runs on a fork of its stream (the state, tokenizer carry and restoration state), with the
+held-back tail run as if the stream ended there, and the fork is dropped: its result is provisional and the stream
+is left exactly as it was, so a final after any number of interims gives what it gives alone. Its cost is that of
+the fragment (a fork copies the fixed-size state, never the stream's history).
 
 Batch invariance: a stream's results must not depend on which other streams share its step, or a replay after
 a crash (batched differently) would produce different bits. The session layer steps with
@@ -15,17 +22,21 @@ cuBLAS gives no such promise and duplicates may differ in the last bits of ``cat
 
 from __future__ import annotations
 
+import codecs
 import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from rwkv_stream.generate import SamplingConfig
 from rwkv_stream.loading import LoadedModel
+from rwkv_stream.restore import TokenRestorer, is_transcript_labels
 from rwkv_stream.sessions import Fragment, FragmentResult, SessionStore, SessionTable
 
 from .schema import GenerationRequest, TokenOut
 
 StreamKey = tuple[int, str]  # (input partition, stream id)
+RESTORE_META = "restore"  # the session metadata entry holding the stream's TokenRestorer state
 
 
 @dataclass
@@ -35,6 +46,7 @@ class StepItem:
     end: bool = False
     offset: int | None = None  # input offset: at or below the stream's last applied one, it is skipped
     generate: GenerationRequest | None = None
+    final: bool = True  # False: an interim hypothesis, run on a fork of the stream (see the module docstring)
 
 
 @dataclass
@@ -45,6 +57,8 @@ class StepResult:
     n_tokens: int
     skipped: bool = False
     generated: str | None = None
+    restored: str | None = None  # the tokens' text with punctuation and case (a tagger with transcript labels)
+    final: bool = True
 
 
 class StreamEngine:
@@ -61,6 +75,8 @@ class StreamEngine:
         self.heads = {name: bundle.heads[name] for name in names}
         self.sessions = SessionTable(bundle.model, bundle.tokenizer, heads=self.heads, max_streams=max_streams,
                                      store=store)
+        restorers = [n for n, h in sorted(self.sessions.taggers.items()) if is_transcript_labels(h.labels)]
+        self.restore_head = "tagger" if "tagger" in restorers else (restorers[0] if restorers else None)
 
     @property
     def fingerprint(self) -> str:
@@ -80,9 +96,48 @@ class StreamEngine:
         return self.sessions.resident_bytes()
 
     def step(self, items: Sequence[StepItem]) -> list[StepResult]:
-        """Apply fragments (several per stream allowed, each stream's in order) in batched steps."""
-        fragments = [Fragment(i.key, i.text, i.end, i.offset, self._sampling(i)) for i in items]
-        return [self._result(r) for r in self.sessions.feed(fragments)]
+        """Apply fragments (several per stream allowed, each stream's in order) in batched steps. An interim
+        fragment runs once the finals before it in its stream are applied."""
+        results: list[StepResult | None] = [None] * len(items)
+        finals: list[int] = []
+        for i, item in enumerate(items):
+            if item.final:
+                finals.append(i)
+                continue
+            if any(items[j].key == item.key for j in finals):
+                self._step_finals(items, finals, results)
+                finals = []
+            results[i] = self._interim(item)
+        self._step_finals(items, finals, results)
+        return [r for r in results if r is not None]
+
+    def _step_finals(self, items: Sequence[StepItem], indices: list[int], results: list[StepResult | None]) -> None:
+        if not indices:
+            return
+        fragments = [Fragment(items[i].key, items[i].text, items[i].end, items[i].offset, self._sampling(items[i]))
+                     for i in indices]
+        restorers = self._restorers({items[i].key for i in indices})
+        for i, res in zip(indices, self.sessions.feed(fragments), strict=True):
+            results[i] = self._result(res, items[i].end, restorers.get(items[i].key))
+        self._keep_restorers(restorers)
+
+    def _interim(self, item: StepItem) -> StepResult:
+        """An interim hypothesis on a fork of the stream; the stream itself is not touched."""
+        sessions, key = self.sessions, item.key
+        if not sessions.exists(key):
+            fork = None
+        elif item.offset is not None and item.offset <= sessions.position(key):
+            return StepResult([], None, 0, 0, skipped=True, final=False)  # a replay: the stream has moved on
+        else:
+            fork = ("interim", key)
+            sessions.fork(key, fork)
+        try:
+            restorer = self._restorers({fork}).get(fork) if fork is not None else self._fresh_restorer()
+            [res] = sessions.feed([Fragment(fork, item.text)], provisional=True)
+            return self._result(res, False, restorer, final=False)
+        finally:
+            if fork is not None:
+                sessions.forget(fork)
 
     def _sampling(self, item: StepItem) -> SamplingConfig | None:
         request = item.generate
@@ -91,13 +146,52 @@ class StreamEngine:
         seed = request.seed if request.seed is not None else derived_seed(item.key, item.offset or 0)
         return SamplingConfig(request.max_tokens, request.temperature, request.top_p, seed=seed, stop=request.stop)
 
-    def _result(self, res: FragmentResult) -> StepResult:
+    def _result(self, res: FragmentResult, end: bool, restorer: TokenRestorer | None,
+                final: bool = True) -> StepResult:
+        taggers = self.sessions.taggers
         tokens = []
         for i, t in enumerate(res.tokens):
-            tags = {name: head.labels[res.tags[name][i]] for name, head in self.sessions.taggers.items()
-                    if name in res.tags}
+            tags = {name: head.labels[res.tags[name][i]] for name, head in taggers.items() if name in res.tags}
             tokens.append(TokenOut(t.id, t.text, t.start, t.end, tags))
-        return StepResult(tokens, res.cats or None, res.held_back, len(res.tokens), res.skipped, res.generated)
+        if not final:
+            tokens += self._tail_tokens(res, tokens)
+        restored = None
+        if restorer is not None and not res.skipped:
+            head = self.restore_head or ""
+            restored = restorer.feed(((t.text, t.tags.get(head)) for t in tokens), end=end)
+        return StepResult(tokens, res.cats or None, res.held_back, len(res.tokens), res.skipped, res.generated,
+                          restored, final)
+
+    def _tail_tokens(self, res: FragmentResult, tokens: list[TokenOut]) -> list[TokenOut]:
+        """The held-back tail of an interim result as tokens (run as if the stream ended after it)."""
+        decoder = codecs.getincrementaldecoder("utf-8")("replace")
+        start = tokens[-1].end if tokens else res.text_start
+        out = []
+        n = len(res.tokens)
+        for j, token_id in enumerate(res.tail_ids):
+            last = j == len(res.tail_ids) - 1
+            text = decoder.decode(self.sessions.tokenizer.id_to_token_bytes(token_id), final=last)
+            tags = {name: head.labels[res.tags[name][n + j]] for name, head in self.sessions.taggers.items()
+                    if name in res.tags and n + j < len(res.tags[name])}
+            out.append(TokenOut(token_id, text, start, start + len(text), tags))
+            start += len(text)
+        return out
+
+    # ----------------------------------------------------------------------------- restored text
+    def _restorers(self, keys: set[Any]) -> dict[Any, TokenRestorer]:
+        """Each stream's restoration state, as its session metadata holds it (none without a transcript tagger)."""
+        if self.restore_head is None:
+            return {}
+        return {key: TokenRestorer.from_state(self.sessions.meta(key).get(RESTORE_META)
+                                              if self.sessions.exists(key) else None) for key in keys}
+
+    def _fresh_restorer(self) -> TokenRestorer | None:
+        return TokenRestorer() if self.restore_head is not None else None
+
+    def _keep_restorers(self, restorers: dict[Any, TokenRestorer]) -> None:
+        for key, restorer in restorers.items():
+            if self.sessions.exists(key):  # an ended stream keeps nothing
+                self.sessions.meta(key)[RESTORE_META] = restorer.state()
 
     def snapshot(self, key: StreamKey) -> bytes:
         return self.sessions.export(key)

@@ -161,7 +161,8 @@ class BatchProcessor:
         """All fragments through the session layer (each stream's in offset order; input its state already
         covers is skipped there), then their outputs."""
         evictions = self.engine.sessions.evictions
-        results = self._step([StepItem(w.key, w.frag.text, w.frag.end, w.rec.offset, w.frag.generate) for w in work])
+        results = self._step([StepItem(w.key, w.frag.text, w.frag.end, w.rec.offset, w.frag.generate, w.frag.final)
+                              for w in work])
         self.metrics.evictions.labels("lru").inc(self.engine.sessions.evictions - evictions)
         now, sent = time.time(), 0
         for w, res in zip(work, results, strict=True):
@@ -183,7 +184,8 @@ class BatchProcessor:
     def _send_output(self, w: Work, res: StepResult, now: float) -> None:
         value = encode_output(stream=w.frag.stream, partition=w.tp.partition, offset=w.rec.offset, tokens=res.tokens,
                               cats=res.cats, generated=res.generated, end=w.frag.end, held_back=res.held_back,
-                              fingerprint=self.engine.fingerprint, latency_ms=(now - w.received) * 1000)
+                              fingerprint=self.engine.fingerprint, latency_ms=(now - w.received) * 1000,
+                              restored=res.restored, is_final=res.final)
         self.delivery.send(self.cfg.output_topic, w.rec.key, value,
                            partition=w.tp.partition if self.output_partitioned else None, headers=header_items(w.rec))
         self._observe(w, res.n_tokens, now)

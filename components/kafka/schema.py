@@ -69,6 +69,7 @@ class Fragment:
     end: bool = False
     ts_ms: float | None = None
     generate: GenerationRequest | None = None
+    final: bool = True  # False: an interim hypothesis (``is_final: false``), revised by later fragments
 
 
 # ------------------------------------------------------------------------------------------------- input
@@ -79,11 +80,14 @@ def encode_input(
     ts_ms: float | None = None,
     generate: GenerationRequest | dict[str, Any] | None = None,
     action: str | None = None,
+    is_final: bool | None = None,
 ) -> bytes:
     """The value of an input record (what a producer sends; the key is the stream id as UTF-8)."""
     value: dict[str, Any] = {"v": SCHEMA_VERSION, "text": text}
     if end:
         value["end"] = True
+    if is_final is not None:
+        value["is_final"] = is_final
     if action is not None:
         value["action"] = action
     if ts_ms is not None:
@@ -110,7 +114,18 @@ def parse_input(
     if ts is not None and (not isinstance(ts, int | float) or isinstance(ts, bool) or not math.isfinite(ts)):
         raise BadInput(BAD_SCHEMA, f"ts must be a number (epoch ms), got {type(ts).__name__}")
     generate = _generation(obj.get("generate"), max_generate_tokens)
-    return Fragment(stream, text, end, float(ts) if ts is not None else None, generate)
+    final = _final_flag(obj, end, generate)
+    return Fragment(stream, text, end, float(ts) if ts is not None else None, generate, final)
+
+
+def _final_flag(obj: dict[str, Any], end: bool, generate: GenerationRequest | None) -> bool:
+    final = obj.get("is_final", True)
+    if not isinstance(final, bool):
+        raise BadInput(BAD_SCHEMA, f"is_final must be a boolean, got {type(final).__name__}")
+    if not final and (end or generate is not None):
+        raise BadInput(BAD_SCHEMA, "an interim fragment (is_final false) cannot end its stream or ask for "
+                                   "generation: send those with the final text")
+    return final
 
 
 def _parse_key(key: bytes | None) -> str:
@@ -237,6 +252,8 @@ def encode_output(
     held_back: int,
     fingerprint: str,
     latency_ms: float,
+    restored: str | None = None,
+    is_final: bool = True,
 ) -> bytes:
     value = {
         "v": SCHEMA_VERSION,
@@ -248,6 +265,8 @@ def encode_output(
         "generated": generated,
         "end": end,
         "held_back": held_back,
+        "restored": restored,
+        "is_final": is_final,
         "fingerprint": fingerprint,
         "latency_ms": round(latency_ms, 3),
     }

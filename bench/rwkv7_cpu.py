@@ -7,6 +7,8 @@ Rows per shape (0.1B: L12 x C768, 0.4B: L24 x C1024, World vocabulary 65536, rel
   ``prefill_sequential_tok_s``: token-by-token state updates, what batch-invariant steps use);
 - ``streams16_tok_s``: 16 live streams in one pool stepping one token each (ours only);
 - ``state_bytes``: one stream's state.
+The host's load is recorded beside the rows (load average, share of all cores busy and stolen during each
+shape: on a shared machine that decides how far the numbers can be trusted).
 
     .venv/bin/python bench/rwkv7_cpu.py [--threads 1] [--shapes 0.1b,0.4b] [--out FILE]
 """
@@ -101,6 +103,29 @@ def bench_ours(model: Rwkv7Model, steps: int, prefill: int) -> dict:
             "streams16_tok_s": 16 / s16, "state_bytes": model.state_bytes}
 
 
+def cpu_times() -> list[int]:
+    """Aggregate jiffies from /proc/stat: user nice system idle iowait irq softirq steal."""
+    with contextlib.suppress(OSError, StopIteration):
+        line = next(x for x in Path("/proc/stat").read_text().splitlines() if x.startswith("cpu "))
+        return [int(v) for v in line.split()[1:9]]
+    return []
+
+
+def loadavg() -> str:
+    with contextlib.suppress(OSError):
+        return " ".join(Path("/proc/loadavg").read_text().split()[:3])
+    return ""
+
+
+def host_load(before: list[int], after: list[int]) -> dict:
+    """Share of all cores busy (anyone's work, this benchmark's included) and stolen by the hypervisor."""
+    if not before or not after:
+        return {}
+    d = [b - a for a, b in zip(before, after, strict=True)]
+    total = sum(d) or 1
+    return {"busy_share": round((total - d[3] - d[4]) / total, 3), "steal_share": round(d[7] / total, 3)}
+
+
 def machine() -> dict:
     cpu = ""
     with contextlib.suppress(OSError, StopIteration):
@@ -121,7 +146,10 @@ def main() -> int:
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     result: dict = {"machine": machine(), "prefill_tokens": args.prefill, "dtype": "float32", "results": {}}
+    result["host"] = {"loadavg_start": loadavg(), "start_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    jiffies = cpu_times()
     for name in args.shapes.split(","):
+        shape_jiffies = cpu_times()
         cfg = rwkv7_config(**SHAPES[name], vocab_size=VOCAB, **RANKS)
         tensors = random_tensors(cfg, seed=0)
         row: dict = {"config": cfg.to_dict()}
@@ -139,8 +167,11 @@ def main() -> int:
                                       str(args.steps), str(args.prefill)], env=env, capture_output=True, text=True,
                                      check=True)
                 row["rwkv_package_v7"] = json.loads(out.stdout.strip().splitlines()[-1])
+        row["host"] = {**host_load(shape_jiffies, cpu_times()), "loadavg_after": loadavg()}
         result["results"][name] = row
         print(f"{name}: {json.dumps(row)}", file=sys.stderr)
+    result["host"].update({**host_load(jiffies, cpu_times()), "loadavg_end": loadavg(),
+                           "end_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
     text = json.dumps(result, indent=2)
     print(text)
     if args.out:

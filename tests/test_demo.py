@@ -54,6 +54,24 @@ def test_demo_runs_on_the_shipped_model(tmp_path: Path):
 
 
 @shipped
+def test_demo_keeps_every_word_intact_in_any_script(tmp_path: Path):
+    """Chloé was cut to Chlo: the ASR form kept only ASCII letters. Letters of any script with their combining
+    marks (Devanagari vowel signs, a decomposed accent) and numbers stay whole, through the restored text."""
+    text = "Chloé met Zoë in Köln. हिन्दी बोलो, said Cafe\u0301 Björn; 東京 costs 1,000 or 2.5 yen?\n"
+    sample = tmp_path / "call.txt"
+    sample.write_text(text, encoding="utf-8")
+    out = subprocess.run(
+        [sys.executable, "-m", "rwkv_stream.cli", "demo", "--input", str(sample), "--quiet"],
+        capture_output=True, text=True, timeout=300, check=True, encoding="utf-8",
+    ).stdout
+    restored = out.split("=== restored transcript ===\n", 1)[1].splitlines()[0]
+    words = [w.strip(",.?").lower() for w in restored.split()]
+    assert words == ["chloé", "met", "zoë", "in", "köln", "हिन्दी", "बोलो", "said", "cafe\u0301", "björn", "東京",
+                     "costs", "1000", "or", "2.5", "yen"]
+    assert "capitalization accuracy" in out  # the restored text lines up word for word with the original
+
+
+@shipped
 def test_demo_word_tags_and_cats_equal_the_spacy_components():
     """The demo runs without spaCy but must say what `nlp.add_pipe("rwkv")` says, word for word."""
     import spacy

@@ -138,7 +138,7 @@ def test_consume_runs_an_rwkv7_bundle_with_evictions_and_a_restart(kafka_bootstr
         # Streams beyond max_streams went to the state topic and came back from it for their next fragments
         # (their outputs, checked against the reference below, continue exactly).
         assert _scrape(port, "rwkv_stream_evictions_total", reason="lru") > 0, "max_streams=2 evicted nothing"
-        assert _scrape(port, "rwkv_stream_snapshots_total") > 0, "no state snapshot was written"
+        proc.wait_until(lambda: _scrape(port, "rwkv_stream_snapshots_total") > 0, "a state snapshot", 60)
         assert proc.terminate(60) == 0, f"graceful stop failed; log {proc.log_path}"
     finally:
         proc.kill()
@@ -149,11 +149,11 @@ def test_consume_runs_an_rwkv7_bundle_with_evictions_and_a_restart(kafka_bootstr
     try:
         outs = wait_for_outputs(kafka_bootstrap, args["output_topic"], set(ref.outputs),
                                 read_committed=read_committed, timeout_s=180, alive=proc.alive)
-        restored = _scrape(port, "rwkv_stream_restored_streams_total")
+        # the restarted processor found the open streams in the state topic on assignment
+        proc.wait_until(lambda: _scrape(port, "rwkv_stream_restored_streams_total") > 0, "restored streams", 60)
         assert proc.terminate(60) == 0, f"graceful stop failed; log {proc.log_path}"
     finally:
         proc.kill()
-    assert restored > 0, "the restarted processor found no stream in the state topic on assignment"
     counts = check_outputs(ref, outs, exactly_once=delivery == "exactly-once")
     assert counts["outputs"] == len(records)
     decoded = [decode_output(v) for _p, v in outs]

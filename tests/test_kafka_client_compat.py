@@ -91,6 +91,38 @@ def test_txn_offset_commit_sends_group_metadata_and_what_the_broker_fences(kafka
         consumer.close()
 
 
+@pytest.mark.parametrize("hardened", [False, True])
+def test_a_refused_offset_commit_never_rides_along_with_the_next_transaction(kafka_bootstrap, hardened):
+    """kafka-python 3.0.12 keeps the offsets of a refused TxnOffsetCommit (a zombie's: stale membership) and sends
+    them again with the next transaction's offsets, under the next (valid) membership: offsets of partitions the
+    member never committed in that transaction get committed (the soak's lost records and duplicates). The
+    processor sends offsets through ``client_compat.send_offsets_to_transaction``, which drops them first."""
+    name = unique_name("leak")
+    create_topic(kafka_bootstrap, name, partitions=2)
+    wait_for_transaction_coordinator(kafka_bootstrap)
+    consumer = _joined_consumer(kafka_bootstrap, name, name)
+    producer = KafkaProducer(bootstrap_servers=kafka_bootstrap, transactional_id=name)
+    send = (lambda offsets, metadata: client_compat.send_offsets_to_transaction(producer, offsets, metadata)) \
+        if hardened else producer.send_offsets_to_transaction
+    first, second = TopicPartition(name, 0), TopicPartition(name, 1)
+    try:
+        producer.init_transactions()
+        live = consumer.group_metadata()
+        zombie = live._replace(member_id="a-member-fenced-out-long-ago")
+        producer.begin_transaction()
+        with pytest.raises(CommitFailedError):
+            send({second: OffsetAndMetadata(100, "", -1)}, zombie)
+        producer.abort_transaction()
+        producer.begin_transaction()
+        send({first: OffsetAndMetadata(7, "", -1)}, live)
+        producer.commit_transaction()
+        _wait_committed(consumer, first, 7)
+        assert consumer.committed(second) == (None if hardened else 100)  # unhardened: the zombie's offset leaked
+    finally:
+        producer.close(timeout=10)
+        consumer.close()
+
+
 def _aborted_by_coordinator(bootstrap: str, tp: TopicPartition, timeout_s: float = 60.0) -> None:
     """Wait until the transaction coordinator has aborted the open transaction on ``tp`` (the last stable
     offset, which a read_committed consumer sees as the end, moves past its records)."""

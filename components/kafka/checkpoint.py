@@ -27,6 +27,7 @@ from typing import Any
 from kafka import KafkaProducer
 from kafka.structs import OffsetAndMetadata, TopicPartition
 
+from . import client_compat
 from .faults import Faults
 
 log = logging.getLogger("rwkv_stream.kafka.checkpoint")
@@ -223,7 +224,7 @@ class ExactlyOnce(Delivery):
         self.faults.point("after_state_write")
         commit = offsets()
         if commit:
-            self.producer.send_offsets_to_transaction(commit, self._group_metadata(member))
+            client_compat.send_offsets_to_transaction(self.producer, commit, self._group_metadata(member))
         self.faults.point("before_commit")
         self.faults.commit()
         self.producer.commit_transaction()

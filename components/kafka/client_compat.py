@@ -10,6 +10,9 @@ The processor otherwise uses kafka-python's public API only. What is used here, 
 
 * ``KafkaProducer._transaction_manager.classify_batch_error``: a transactional producer must never bump its
   epoch on its own (see :func:`fail_loudly_instead_of_epoch_bump`).
+* ``KafkaProducer._transaction_manager._pending_txn_offset_commits`` (and its ``_lock``): offsets of a failed
+  transactional offset commit that kafka-python would send again with the next transaction's (see
+  :func:`send_offsets_to_transaction`).
 
 ``KafkaProducer._sender._client`` (diagnostics only, :func:`txn_offset_commit_version`): the negotiated wire version.
 
@@ -73,6 +76,24 @@ def fail_loudly_instead_of_epoch_bump(producer: Any) -> None:
     manager.classify_batch_error = classify_without_bump
 
 
+def send_offsets_to_transaction(producer: Any, offsets: Any, group_metadata: Any) -> None:
+    """``producer.send_offsets_to_transaction``, without the offsets of an earlier attempt that failed.
+
+    kafka-python 3.0.12 keeps the offsets of a ``TxnOffsetCommit`` in ``_pending_txn_offset_commits`` until the
+    broker accepts them, and never clears them when the request fails for good or the transaction is aborted.
+    The next transaction's offsets are added to the same dict and sent *with* them, under the new (valid) group
+    membership. In the soak (zombies: members frozen past their session timeout), a zombie's refused commit
+    (``UNKNOWN_MEMBER_ID``) thus rode along with its next transaction after it rejoined: offsets of partitions it
+    no longer owned, from before its freeze, were committed. Backwards, they made other members replay
+    (duplicates under exactly-once); forwards, past input whose outputs were never committed (lost records).
+    Each transaction of the processor commits offsets once, after the previous attempt has ended, so anything
+    pending at that point is stale and is dropped first."""
+    manager = producer._transaction_manager
+    with manager._lock:
+        manager._pending_txn_offset_commits.clear()
+    producer.send_offsets_to_transaction(offsets, group_metadata)
+
+
 def check(consumer: Any) -> None:
     """Raise :class:`ClientCompatError` if a private attribute used above is missing or changed shape."""
     import kafka
@@ -105,6 +126,9 @@ def _producer_problems() -> list[str]:
     for name in ("ERROR_CLASS_NEEDS_EPOCH_BUMP", "ERROR_CLASS_FATAL"):
         if not isinstance(getattr(TransactionManager, name, None), str):
             problems.append(f"TransactionManager.{name} is gone")
+    probe = TransactionManager(transactional_id="rwkv-stream-compat-probe", transaction_timeout_ms=1000)
+    if not isinstance(getattr(probe, "_pending_txn_offset_commits", None), dict) or not hasattr(probe, "_lock"):
+        problems.append("TransactionManager._pending_txn_offset_commits (a dict) or _lock is gone")
     classify = getattr(TransactionManager, "classify_batch_error", None)
     if classify is None or list(inspect.signature(classify).parameters)[:3] != ["self", "error", "batch"]:
         problems.append("TransactionManager.classify_batch_error(error, batch, ...) is gone or changed")

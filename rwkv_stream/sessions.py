@@ -308,6 +308,10 @@ class SessionTable:
         session.dirty = True
         return session.meta
 
+    def read_meta(self, key: Hashable) -> dict[str, Any]:
+        """A copy of the stream's caller metadata (empty when there is no stream; nothing is marked changed)."""
+        return dict(self._session(key).meta) if self.exists(key) else {}
+
     def last_hidden(self, key: Hashable) -> Tensor | None:
         return self._session(key).last_hidden
 

@@ -117,7 +117,9 @@ def test_an_interim_covers_the_held_back_tail_and_a_replayed_one_is_skipped(ship
     engine = StreamEngine(shipped)
     engine.step([StepItem((0, "s"), "so what do you ", False, 10)])
     before = engine.snapshot((0, "s"))
+    list(engine.sessions.dirty())  # a checkpoint saw the stream
     interim = engine.step([StepItem((0, "s"), "think about th", False, 11, final=False)])[0]
+    assert not engine.sessions.has_changes()  # an interim writes no snapshot
     text = "".join(t.text for t in interim.tokens)
     assert text.endswith("think about th") and not interim.final
     assert interim.restored is not None and interim.restored.rstrip().lower().endswith("think about th")

@@ -9,10 +9,10 @@ request has none, so a replay generates the same text, and the restored text whe
 :class:`rwkv_stream.restore.TokenRestorer`, whose state travels in the session's metadata).
 
 Interim hypotheses (``final=False``): live speech recognition sends hypotheses it revises later, then the final
-text. An interim fragment runs on a fork of its stream (the state, tokenizer carry and restoration state), with the
-held-back tail run as if the stream ended there, and the fork is dropped: its result is provisional and the stream
-is left exactly as it was, so a final after any number of interims gives what it gives alone. Its cost is that of
-the fragment (a fork copies the fixed-size state, never the stream's history).
+text. Interims go through the session layer's ``feed_interim``: each runs on a private fork of its stream, with the
+held-back tail run as if the stream ended there; its result is provisional and the stream is left exactly as it
+was, so a final after any number of interims gives what it gives alone. Its cost is that of the fragment (a fork
+copies the fixed-size state, never the stream's history).
 
 Batch invariance: a stream's results must not depend on which other streams share its step, or a replay after
 a crash (batched differently) would produce different bits. The session layer steps with
@@ -26,7 +26,6 @@ import codecs
 import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
 
 from rwkv_stream.generate import SamplingConfig
 from rwkv_stream.loading import LoadedModel
@@ -97,23 +96,25 @@ class StreamEngine:
 
     def step(self, items: Sequence[StepItem]) -> list[StepResult]:
         """Apply fragments (several per stream allowed, each stream's in order) in batched steps. An interim
-        fragment runs once the finals before it in its stream are applied."""
+        runs after the finals before it in its stream and before those after it."""
         results: list[StepResult | None] = [None] * len(items)
         finals: list[int] = []
+        interims: list[int] = []
         for i, item in enumerate(items):
-            if item.final:
-                finals.append(i)
-                continue
-            if any(items[j].key == item.key for j in finals):
-                self._step_finals(items, finals, results)
-                finals = []
-            results[i] = self._interim(item)
-        self._step_finals(items, finals, results)
+            mine, other = (finals, interims) if item.final else (interims, finals)
+            if any(items[j].key == item.key for j in other):  # its stream's earlier items of the other kind first
+                self._flush(items, other, results)
+            mine.append(i)
+        self._flush(items, finals, results)
+        self._flush(items, interims, results)
         return [r for r in results if r is not None]
 
+    def _flush(self, items: Sequence[StepItem], pending: list[int], results: list[StepResult | None]) -> None:
+        if pending:
+            (self._step_finals if items[pending[0]].final else self._step_interims)(items, pending, results)
+            pending.clear()
+
     def _step_finals(self, items: Sequence[StepItem], indices: list[int], results: list[StepResult | None]) -> None:
-        if not indices:
-            return
         fragments = [Fragment(items[i].key, items[i].text, items[i].end, items[i].offset, self._sampling(items[i]))
                      for i in indices]
         restorers = self._restorers({items[i].key for i in indices})
@@ -121,23 +122,21 @@ class StreamEngine:
             results[i] = self._result(res, items[i].end, restorers.get(items[i].key))
         self._keep_restorers(restorers)
 
-    def _interim(self, item: StepItem) -> StepResult:
-        """An interim hypothesis on a fork of the stream; the stream itself is not touched."""
-        sessions, key = self.sessions, item.key
-        if not sessions.exists(key):
-            fork = None
-        elif item.offset is not None and item.offset <= sessions.position(key):
-            return StepResult([], None, 0, 0, skipped=True, final=False)  # a replay: the stream has moved on
-        else:
-            fork = ("interim", key)
-            sessions.fork(key, fork)
-        try:
-            restorer = self._restorers({fork}).get(fork) if fork is not None else self._fresh_restorer()
-            [res] = sessions.feed([Fragment(fork, item.text)], provisional=True)
-            return self._result(res, False, restorer, final=False)
-        finally:
-            if fork is not None:
-                sessions.forget(fork)
+    def _step_interims(self, items: Sequence[StepItem], indices: list[int], results: list[StepResult | None]) -> None:
+        """Interim hypotheses (the session layer's ``feed_interim``: private forks, no stream changes). One
+        replayed after its stream moved on (offset at or below the stream's last final) is skipped."""
+        run = []
+        for i in indices:
+            item = items[i]
+            if item.offset is not None and self.sessions.exists(item.key) and \
+                    item.offset <= self.sessions.position(item.key):
+                results[i] = StepResult([], None, 0, 0, skipped=True, final=False)
+            else:
+                run.append(i)
+        fragments = [Fragment(items[i].key, items[i].text) for i in run]
+        for i, res in zip(run, self.sessions.feed_interim(fragments), strict=True):
+            restorer = self._restorers({items[i].key}, changes=False).get(items[i].key)
+            results[i] = self._result(res, False, restorer, final=False)
 
     def _sampling(self, item: StepItem) -> SamplingConfig | None:
         request = item.generate
@@ -178,17 +177,17 @@ class StreamEngine:
         return out
 
     # ----------------------------------------------------------------------------- restored text
-    def _restorers(self, keys: set[Any]) -> dict[Any, TokenRestorer]:
-        """Each stream's restoration state, as its session metadata holds it (none without a transcript tagger)."""
+    def _restorers(self, keys: set[StreamKey], changes: bool = True) -> dict[StreamKey, TokenRestorer]:
+        """Each stream's restoration state, as its session metadata holds it (none without a transcript tagger).
+        ``changes``: the streams are about to be fed (their metadata is read for update)."""
         if self.restore_head is None:
             return {}
-        return {key: TokenRestorer.from_state(self.sessions.meta(key).get(RESTORE_META)
-                                              if self.sessions.exists(key) else None) for key in keys}
+        sessions = self.sessions
+        read = sessions.meta if changes else sessions.read_meta  # no session is created for a stream not there
+        return {key: TokenRestorer.from_state(read(key).get(RESTORE_META) if sessions.exists(key) else None)
+                for key in keys}
 
-    def _fresh_restorer(self) -> TokenRestorer | None:
-        return TokenRestorer() if self.restore_head is not None else None
-
-    def _keep_restorers(self, restorers: dict[Any, TokenRestorer]) -> None:
+    def _keep_restorers(self, restorers: dict[StreamKey, TokenRestorer]) -> None:
         for key, restorer in restorers.items():
             if self.sessions.exists(key):  # an ended stream keeps nothing
                 self.sessions.meta(key)[RESTORE_META] = restorer.state()

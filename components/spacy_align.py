@@ -19,11 +19,14 @@ of them; a spaCy token that spans several model tokens takes the tag of just one
 
 from __future__ import annotations
 
+import weakref
 from bisect import bisect_right
 from collections.abc import Sequence
 from dataclasses import dataclass
 from itertools import accumulate
 from typing import TYPE_CHECKING, Literal
+
+import numpy as np
 
 if TYPE_CHECKING:
     from torch import Tensor
@@ -59,14 +62,34 @@ def align(
     ``ends`` are the byte ends of the region's model tokens and ``doc_start`` the byte offset of ``text`` in
     the region. ``None`` for an empty span or when no token covers the byte (no model tokens at all).
     """
-    offsets = byte_offsets(text)
-    out: list[int | None] = []
-    for start, end in spans:
-        if end <= start or not ends:
-            out.append(None)
-            continue
-        byte = doc_start + (offsets[start] if rule == "first" else offsets[end] - 1)
-        out.append(min(bisect_right(ends, byte), len(ends) - 1))
+    starts = np.array([a for a, _ in spans], dtype=np.int64)
+    stops = np.array([b for _, b in spans], dtype=np.int64)
+    return [None if i < 0 else i for i in align_indices(starts, stops, text, ends, doc_start, rule).tolist()]
+
+
+def align_indices(
+    starts: np.ndarray,
+    stops: np.ndarray,
+    text: str,
+    ends: Sequence[int] | np.ndarray,
+    doc_start: int,
+    rule: Alignment = "first",
+) -> np.ndarray:
+    """:func:`align` over arrays of span starts and stops (characters): an int64 array, -1 where
+    :func:`align` gives ``None``. The spaCy component reads the spans straight from ``doc.to_array``."""
+    out = np.full(len(starts), -1, dtype=np.int64)
+    if not len(ends) or not len(starts):
+        return out
+    chars = starts if rule == "first" else stops
+    if text.isascii():
+        byte = chars if rule == "first" else chars - 1
+    else:
+        offsets = np.array(byte_offsets(text), dtype=np.int64)
+        byte = offsets[chars] if rule == "first" else offsets[chars] - 1
+    found = np.searchsorted(np.asarray(ends, dtype=np.int64), doc_start + byte, side="right")
+    np.minimum(found, len(ends) - 1, out=found)
+    valid = stops > starts
+    out[valid] = found[valid]
     return out
 
 
@@ -153,10 +176,24 @@ def doc_result(tokenizer: Tokenizer, res: FragmentResult, text: str, want_vector
     return DocResult(ends, doc_start, res.text_start, res.tags.get(TAGGER), cats, vector, hidden)
 
 
-def region_token_ends(tokenizer: Tokenizer, ids: list[int], region_bytes: int) -> list[int]:
+def region_token_ends(tokenizer: Tokenizer, ids: Sequence[int], region_bytes: int) -> list[int]:
     """Byte ends of a region's model tokens in text coordinates. Token bytes are the text's bytes, except
     that a tokenizer may add a prefix space at the start of a stream (ByteLevel ``add_prefix_space``):
     whatever the tokens hold beyond the text sits at the start of the region."""
-    ends = token_ends([len(tokenizer.id_to_token_bytes(i)) for i in ids])
-    extra = (ends[-1] if ends else 0) - region_bytes
-    return [max(0, e - extra) for e in ends] if extra > 0 else ends
+    ends = np.cumsum(token_byte_lengths(tokenizer)[np.asarray(ids, dtype=np.int64)])
+    extra = (int(ends[-1]) if len(ends) else 0) - region_bytes
+    if extra > 0:
+        ends = np.maximum(ends - extra, 0)
+    return ends.tolist()
+
+
+_BYTE_LENGTHS: weakref.WeakKeyDictionary[Tokenizer, np.ndarray] = weakref.WeakKeyDictionary()
+
+
+def token_byte_lengths(tokenizer: Tokenizer) -> np.ndarray:
+    """``lengths[id]``: the byte length of each token id's text (built once per tokenizer)."""
+    table = _BYTE_LENGTHS.get(tokenizer)
+    if table is None:
+        table = np.array([len(tokenizer.id_to_token_bytes(i)) for i in range(tokenizer.vocab_size)], dtype=np.int64)
+        _BYTE_LENGTHS[tokenizer] = table
+    return table

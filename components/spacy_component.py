@@ -69,6 +69,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import srsly
 import torch
+from spacy.attrs import TAG
 from spacy.language import Language
 from spacy.pipeline import TrainablePipe
 from spacy.scorer import Scorer, get_ner_prf
@@ -79,11 +80,11 @@ from thinc.api import Config, Model
 
 from rwkv_stream.config import WEIGHT_FORMATS
 
-from .spacy_align import ALIGNMENTS, align, bio_spans
+from .spacy_align import ALIGNMENTS, align_indices, bio_spans
 from .spacy_interim import INTERIM_ATTR, feed_docs
 from .spacy_interim import register_extensions as register_interim_extensions
 from .spacy_listener import RWKVListener
-from .spacy_restore import is_transcript_labels, restore_doc
+from .spacy_restore import DocLayout, is_transcript_labels, set_restored
 from .spacy_restore import register_extensions as register_restore_extensions
 
 if TYPE_CHECKING:
@@ -314,6 +315,7 @@ class RWKVComponent(TrainablePipe):
         self._loaded: LoadedModel | None = None
         self._tagger: Head | None = None
         self._classifier: Head | None = None
+        self._transcript_labels = False  # the tagger's labels are PUNCT-case (restoration applies)
         self._zone: set[Hashable] | None = None  # streams fed inside an open memory zone
         self._heads: dict[str, str | None] = {"tagger": None, "classifier": None}
         self._pid = os.getpid()
@@ -382,6 +384,7 @@ class RWKVComponent(TrainablePipe):
         if clash:
             raise ValueError(f"rwkv: zero-shot labels {sorted(clash)} clash with the classifier head's labels")
         self._tagger, self._classifier, self._loaded = tagger, classifier, loaded
+        self._transcript_labels = tagger is not None and is_transcript_labels(tagger.labels)
         heads = {role: h for role, h in ((TAGGER, tagger), (CLASSIFIER, classifier)) if h is not None}
         store: SessionStore = DirectoryStore(s.state_dir) if s.state_dir else MemoryStore()
         self._sessions = SessionTable(loaded.model, loaded.need_tokenizer(), heads=heads, probes=s.zero_shot,
@@ -429,24 +432,31 @@ class RWKVComponent(TrainablePipe):
 
     def predict(self, docs: Iterable[Doc]) -> list[FragmentResult]:
         """Feed the Docs to their streams (each as a provisional fragment); one session result per Doc."""
+        docs = list(docs)
+        return self._predict(docs, [DocLayout.of(doc).text for doc in docs])
+
+    def _predict(self, docs: list[Doc], texts: list[str]) -> list[FragmentResult]:
         from rwkv_stream.sessions import Fragment
 
-        docs = list(docs)
         self._refuse_other_process()
         sessions = self._engine()
         keys = [self.stream_key(doc) for doc in docs]
         if self._zone is not None:
             self._zone.update(k for k in set(keys) if k is not None and not sessions.exists(k))
         if not any(doc._.get(INTERIM_ATTR) for doc in docs):
-            return sessions.feed([Fragment(k, d.text) for k, d in zip(keys, docs, strict=True)], provisional=True)
+            return sessions.feed([Fragment(k, t) for k, t in zip(keys, texts, strict=True)], provisional=True)
         return feed_docs(sessions, keys, docs)  # interim ASR hypotheses run on forks (spacy_interim)
 
     def set_annotations(self, docs: Iterable[Doc], results: list[FragmentResult]) -> None:
+        docs = list(docs)
+        self._set_annotations(docs, results, [DocLayout.of(doc) for doc in docs])
+
+    def _set_annotations(self, docs: list[Doc], results: list[FragmentResult], layouts: list[DocLayout]) -> None:
         from .spacy_align import doc_result
 
         tokenizer = self._engine().tokenizer
-        for doc, res in zip(docs, results, strict=True):
-            self._annotate(doc, doc_result(tokenizer, res, doc.text, self.settings.vector))
+        for doc, res, layout in zip(docs, results, layouts, strict=True):
+            self._annotate(doc, doc_result(tokenizer, res, layout.text, self.settings.vector), layout)
 
     def pipe(self, stream: Iterable[Doc], *, batch_size: int = 128) -> Iterator[Doc]:
         """Steps all streams of each batch together; fragments of one stream keep their order."""
@@ -463,7 +473,8 @@ class RWKVComponent(TrainablePipe):
     def _process(self, docs: list[Doc]) -> list[Doc]:
         """All Docs of a batch in one session-layer call: each stream's Docs in order, streams batched
         (in waves when they outnumber ``max_streams``: no stream with Docs pending is evicted)."""
-        self.set_annotations(docs, self.predict(docs))
+        layouts = [DocLayout.of(doc) for doc in docs]  # each Doc's text and tokens, read once
+        self._set_annotations(docs, self._predict(docs, [lay.text for lay in layouts]), layouts)
         return docs
 
     def _refuse_other_process(self) -> None:
@@ -474,35 +485,48 @@ class RWKVComponent(TrainablePipe):
         """The Doc's stream id (``None``: process it alone); raises ``TypeError`` for a wrong type."""
         return check_stream_id(doc._.get(self.settings.stream_id_attr), self.settings.stream_id_attr)
 
-    def _annotate(self, doc: Doc, result: DocResult) -> None:
-        spans = [(t.idx, t.idx + len(t.text)) for t in doc]
-        index = align(spans, doc.text, result.ends, result.doc_start, self.settings.tag_alignment)  # type: ignore[arg-type]
+    def _annotate(self, doc: Doc, result: DocResult, layout: DocLayout) -> None:
+        """Tags, restoration, ``doc.tensor``, cats and extensions of one Doc (no Token objects on the common
+        paths: the token layout comes from ``doc.to_array``)."""
+        starts = np.array(layout.starts, dtype=np.int64)
+        stops = starts + np.array([len(w) for w in layout.words], dtype=np.int64)
+        index = align_indices(starts, stops, layout.text, result.ends, result.doc_start,
+                              self.settings.tag_alignment)  # type: ignore[arg-type]
         doc.tensor = self._doc_tensor(index, result)
         if self._tagger is not None and result.tag_ids is not None:
             labels = self._tagger.labels
-            tags = [None if i is None else labels[result.tag_ids[i]] for i in index]
-            self._write_tags(doc, tags)
-            if is_transcript_labels(labels):
-                restore_doc(doc, tags)
+            tag_ids = np.asarray(result.tag_ids, dtype=np.int64)
+            found = index >= 0
+            label_ids = np.full(len(index), -1, dtype=np.int64)
+            label_ids[found] = tag_ids[index[found]]
+            tags = [None if i < 0 else labels[i] for i in label_ids.tolist()]
+            self._write_tags(doc, tags, label_ids)
+            if self._transcript_labels:
+                set_restored(doc, tags, layout)
         doc.cats.update(result.cats)
         doc._.set("rwkv_vector", result.vector)
         doc._.set("rwkv_offset", result.offset)
         doc._.set("rwkv_pipe", self.uid)
 
-    def _doc_tensor(self, index: list[int | None], result: DocResult) -> np.ndarray:
+    def _doc_tensor(self, index: np.ndarray, result: DocResult) -> np.ndarray:
         """``[len(doc), n_embd]``: each spaCy token's vector is the hidden vector of the model token it reads."""
         width = self._engine().model.config.n_embd
         out = np.zeros((len(index), width), dtype="float32")
         if result.hidden is not None:
-            hidden = result.hidden.float().cpu().numpy()
-            for i, j in enumerate(index):
-                if j is not None:
-                    out[i] = hidden[j]
+            found = index >= 0
+            out[found] = result.hidden.float().cpu().numpy()[index[found]]
         return out
 
-    def _write_tags(self, doc: Doc, tags: list[str | None]) -> None:
+    def _write_tags(self, doc: Doc, tags: list[str | None], label_ids: np.ndarray) -> None:
         attr = self.settings.tag_attr
-        if attr is not None:
+        if attr == "tag_":  # spaCy's TAG column at once (what token.tag_ = tag does, token by token)
+            strings = doc.vocab.strings  # added per Doc: a loaded vocab may have replaced the store's contents
+            hashes = np.array([strings.add(label) for label in self._tagger.labels], dtype=np.uint64)  # type: ignore[union-attr]
+            column = doc.to_array([TAG]).reshape(-1)
+            found = label_ids >= 0
+            column[found] = hashes[label_ids[found]]
+            doc.from_array([TAG], column)
+        elif attr is not None:
             for token, tag in zip(doc, tags, strict=True):
                 if tag is None:
                     continue

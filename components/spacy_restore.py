@@ -23,15 +23,18 @@ Extensions set by the ``rwkv`` component when its tag head has transcript labels
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from spacy.attrs import IDX, IS_SPACE, ORTH, SPACY
 from spacy.tokens import Doc, Span, Token
 
 MARKS = {"O": "", "COMMA": ",", "PERIOD": ".", "QUESTION": "?"}
 CASES = ("lower", "Cap", "UPPER")
 
 
+@functools.lru_cache(maxsize=4096)
 def parse_label(label: str | None) -> tuple[str, str] | None:
     """``("," , "Cap")`` for ``"COMMA-Cap"``; ``None`` when ``label`` is not a transcript label."""
     if not label:
@@ -127,11 +130,49 @@ def restore_doc(doc: Doc, labels: Sequence[str | None]) -> bool:
     register_extensions()
     if not all(label is None or parse_label(label) is not None for label in labels):
         return False
-    gaps = [i > 0 and bool(doc[i - 1].whitespace_) for i in range(len(doc))]
-    result = restore_tokens([t.text for t in doc], [t.is_space for t in doc], gaps, labels)
-    doc._.rwkv_restored = result.text([t.whitespace_ for t in doc])
-    for token, text, case, punct in zip(doc, result.texts, result.cases, result.puncts, strict=True):
-        token._.rwkv_restored = text
-        token._.rwkv_case = case
-        token._.rwkv_punct = punct
+    set_restored(doc, labels)
     return True
+
+
+TOKEN_EXTENSIONS = ("rwkv_restored", "rwkv_case", "rwkv_punct")
+LAYOUT_ATTRS = [ORTH, IDX, IS_SPACE, SPACY]
+
+
+@dataclass
+class DocLayout:
+    """A Doc's tokens as plain lists, read at once with ``doc.to_array`` (creating a Token object per token,
+    as iterating a Doc or reading ``doc.text`` does, costs more than everything the component does with it)."""
+
+    text: str  # == doc.text
+    words: list[str]  # token texts
+    starts: list[int]  # character offset of each token (token.idx)
+    is_space: list[int]  # token.is_space
+    spacy: list[int]  # whether whitespace follows the token
+
+    @classmethod
+    def of(cls, doc: Doc) -> DocLayout:
+        orth, starts, is_space, spacy_ = doc.to_array(LAYOUT_ATTRS).reshape(-1, len(LAYOUT_ATTRS)).T.tolist()
+        strings = doc.vocab.strings
+        words = [strings[o] for o in orth]
+        text = "".join([w + " " if s else w for w, s in zip(words, spacy_, strict=True)])
+        return cls(text, words, starts, is_space, spacy_)
+
+
+def set_restored(doc: Doc, labels: Sequence[str | None], layout: DocLayout | None = None) -> None:
+    """:func:`restore_doc` for labels known to be transcript labels (or ``None``), without Token objects:
+    the token extensions are written where ``token._`` keeps them (``doc.user_data``), unless an extension
+    was re-registered with a getter or setter."""
+    lay = DocLayout.of(doc) if layout is None else layout
+    spaces = [bool(x) for x in lay.is_space]
+    gaps = [False, *(bool(x) for x in lay.spacy[:-1])][: len(lay.words)]
+    result = restore_tokens(lay.words, spaces, gaps, labels)
+    doc._.rwkv_restored = result.text([" " if x else "" for x in lay.spacy])
+    values = dict(zip(TOKEN_EXTENSIONS, (result.texts, result.cases, result.puncts), strict=True))
+    user_data = doc.user_data
+    for name, column in values.items():
+        if Token.get_extension(name)[1:] != (None, None, None):  # a method, getter or setter: spaCy's way
+            for token, value in zip(doc, column, strict=True):
+                token._.set(name, value)
+            continue
+        for start, value in zip(lay.starts, column, strict=True):
+            user_data[("._.", name, start, None)] = value  # what token._.set(name, value) writes

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
-from rwkv_stream.components.spacy_align import align, bio_spans, byte_offsets, overlapping, token_ends
+from rwkv_stream.components.spacy_align import align, align_indices, bio_spans, byte_offsets, overlapping, token_ends
 from rwkv_stream.components.spacy_component import check_stream_id
 
 
@@ -74,3 +74,47 @@ def test_check_stream_id_types():
     for bad in (1.5, True, ["x"], b"x", ("a",)):
         with pytest.raises(TypeError, match="must be a str or an int"):
             check_stream_id(bad)
+
+
+def _align_reference(spans, text, ends, doc_start, rule):
+    """The token-by-token rule (bisect per span), as the component ran it before align_indices."""
+    from bisect import bisect_right
+
+    offsets = byte_offsets(text)
+    out = []
+    for start, end in spans:
+        if end <= start or not ends:
+            out.append(None)
+            continue
+        byte = doc_start + (offsets[start] if rule == "first" else offsets[end] - 1)
+        out.append(min(bisect_right(ends, byte), len(ends) - 1))
+    return out
+
+
+@given(st.text(alphabet="ab é🙂\n", max_size=24), st.lists(st.integers(1, 5), max_size=12), st.integers(0, 6),
+       st.sampled_from(["first", "last"]), st.data())
+def test_align_indices_equals_the_per_span_rule(text, lengths, doc_start, rule, data):
+    cuts = sorted(data.draw(st.lists(st.integers(0, len(text)), max_size=10)))
+    spans = list(zip(cuts[::2], cuts[1::2], strict=False))
+    ends = token_ends(lengths)
+    expected = _align_reference(spans, text, ends, doc_start, rule)
+    assert align(spans, text, ends, doc_start, rule) == expected
+    import numpy as np
+
+    starts, stops = (np.array([s[j] for s in spans], dtype=np.int64) for j in (0, 1))
+    got = align_indices(starts, stops, text, np.array(ends), doc_start, rule)
+    assert got.tolist() == [-1 if i is None else i for i in expected]
+
+
+def test_region_token_ends_from_the_byte_length_table():
+    from rwkv_stream.components.spacy_align import region_token_ends
+
+    from rwkv_stream.loading import load_source
+
+    tok = load_source("shipped:transcript-tagger", byte_level=True).need_tokenizer()
+    ids = tok.encode(" so é the meeting")
+    lengths = [len(tok.id_to_token_bytes(i)) for i in ids]
+    assert region_token_ends(tok, ids, sum(lengths)) == token_ends(lengths)
+    extra = 1  # a prefix space the tokens hold beyond the text sits at the start of the region
+    assert region_token_ends(tok, ids, sum(lengths) - extra) == [max(0, e - extra) for e in token_ends(lengths)]
+    assert region_token_ends(tok, [], 0) == []

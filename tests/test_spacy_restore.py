@@ -7,8 +7,10 @@ import random
 
 import pytest
 import spacy
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from rwkv_stream.components.spacy_restore import parse_label, restore_doc
-from spacy.tokens import Doc
+from spacy.tokens import Doc, Token
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -90,3 +92,48 @@ def test_streamed_fragments_restore_the_same_text(nlp):
 def test_docs_of_other_labels_get_no_restoration(nlp):
     doc = Doc(nlp.vocab, words=["a"])
     assert doc._.rwkv_restored is None
+
+
+def _restore_reference(doc, labels):
+    """restore_tokens over Token objects and token._ writes, the way restore_doc ran before DocLayout."""
+    from rwkv_stream.components.spacy_restore import restore_tokens
+
+    gaps = [i > 0 and bool(doc[i - 1].whitespace_) for i in range(len(doc))]
+    result = restore_tokens([t.text for t in doc], [t.is_space for t in doc], gaps, labels)
+    return (result.text([t.whitespace_ for t in doc]), result.texts, result.cases, result.puncts)
+
+
+@given(st.lists(st.sampled_from(["so", "I", "don't", "Mr.", " ", "\n", "é🙂", "--", "it's"]), max_size=14),
+       st.data())
+@settings(max_examples=60, deadline=None)
+def test_layout_and_restoration_equal_the_token_by_token_way(words, data):
+    from rwkv_stream.components.spacy_restore import DocLayout, set_restored
+
+    nlp = spacy.blank("en")
+    doc = nlp(" ".join(words))
+    layout = DocLayout.of(doc)
+    assert layout.text == doc.text and layout.words == [t.text for t in doc]
+    assert layout.starts == [t.idx for t in doc] and layout.is_space == [int(t.is_space) for t in doc]
+    labels = data.draw(st.lists(st.sampled_from([None, "O-lower", "COMMA-Cap", "PERIOD-UPPER", "QUESTION-lower"]),
+                                min_size=len(doc), max_size=len(doc)))
+    text, texts, cases, puncts = _restore_reference(doc, labels)
+    set_restored(doc, labels, layout)
+    assert doc._.rwkv_restored == text
+    assert [t._.rwkv_restored for t in doc] == texts
+    assert [t._.rwkv_case for t in doc] == cases and [t._.rwkv_punct for t in doc] == puncts
+    other = nlp(" ".join(words))
+    assert restore_doc(other, labels) and other.user_data == doc.user_data  # the same keys token._ writes
+
+
+def test_restoration_goes_through_a_reregistered_setter():
+    from rwkv_stream.components.spacy_restore import set_restored
+
+    seen = []
+    Token.set_extension("rwkv_case", getter=lambda t: "getter", setter=lambda t, v: seen.append((t.i, v)),
+                        force=True)
+    try:
+        doc = spacy.blank("en")("so it is")
+        set_restored(doc, ["O-Cap", "O-lower", "PERIOD-lower"])
+        assert seen == [(0, "Cap"), (1, "lower"), (2, "lower")]
+    finally:
+        Token.set_extension("rwkv_case", default=None, force=True)

@@ -50,7 +50,7 @@ def write_sample(bundle_dir: Path, test_txt: Path, out: Path, n: int = SAMPLE_PA
     paragraphs = D.read_lines(test_txt)[:n]
     manifest = json.loads((bundle_dir / "bundle.json").read_text())
     sample = {
-        "source": f"first {n} paragraphs of {test_txt.name} (held-out split, Jane Austen, public domain)",
+        "source": f"first {n} lines of {test_txt} (held-out split)",
         "model_version": manifest["model_version"], "fingerprint": manifest["fingerprint"],
         "group": SAMPLE_GROUP, "tolerance": SAMPLE_TOLERANCE, "paragraphs": paragraphs,
         "expected": engine_metrics(bundle_dir, paragraphs, SAMPLE_GROUP),
@@ -58,6 +58,16 @@ def write_sample(bundle_dir: Path, test_txt: Path, out: Path, n: int = SAMPLE_PA
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(sample, indent=1, ensure_ascii=False) + "\n")
     return sample
+
+
+def attach(bundle_dir: Path, key: str, value: str) -> None:
+    """Put evaluation results into the bundle's ``info`` (``bundle.json`` is not among the checksummed files)."""
+    manifest_file = bundle_dir / "bundle.json"
+    manifest = json.loads(manifest_file.read_text())
+    path = Path(value)
+    manifest["info"][key] = json.loads(path.read_text()) if value.endswith(".json") and path.exists() \
+        else json.loads(value)
+    manifest_file.write_text(json.dumps(manifest, indent=2) + "\n")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -70,9 +80,15 @@ def main(argv: list[str] | None = None) -> int:
     c = sub.add_parser("card")
     c.add_argument("bundle", type=Path)
     c.add_argument("out", type=Path)
+    t = sub.add_parser("attach", help="store a JSON file (or a JSON value) in bundle.json info[KEY]")
+    t.add_argument("bundle", type=Path)
+    t.add_argument("key")
+    t.add_argument("value", help="a .json file, or a JSON string")
     args = ap.parse_args(argv)
     if args.cmd == "sample":
         print(json.dumps(write_sample(args.bundle, args.test_txt, args.out)["expected"], indent=2))
+    elif args.cmd == "attach":
+        attach(args.bundle, args.key, args.value)
     else:
         from rwkv_stream.train.model_card import write_card
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 
 import pytest
 import torch
@@ -368,6 +369,34 @@ def test_train_records_jsonl_heads_on_frozen_model(tmp_path) -> None:
     assert spec["tagger"]["labels"] == ["O", "X"] and spec["classifier"]["labels"] == ["neg", "pos"]
     metrics = json.loads((heads_out / "metrics.json").read_text())
     assert "accuracy" in metrics["tagger"] and metrics["classifier"]["n_streams"] == len(CORPUS)
+
+
+def test_train_names_the_heads_as_the_user_says(tmp_path) -> None:
+    from rwkv_stream.loading import load_source
+
+    corpus, out = tmp_path / "corpus", tmp_path / "run"
+    _write_corpus(corpus)
+    assert _train("--task", "transcript", "--corpus", str(corpus), "--group", "2", "--out", str(out), "--steps", "1",
+                  "--lookahead", "1", "--tag-head", "punct", "--cats-head", "novel", "--bundle", str(tmp_path / "b"),
+                  *TINY_FLAGS) == 0
+    spec = json.loads((out / "heads" / "heads.json").read_text())["heads"]
+    assert sorted(spec) == ["novel", "punct", "punct+1"]
+    assert spec["punct"]["kind"] == "tagger" and spec["novel"]["kind"] == "classifier"
+    assert sorted(load_source(tmp_path / "b").heads.heads) == ["novel", "punct"]  # lookahead heads stay in OUT
+
+
+@pytest.mark.parametrize(("flags", "message"), [
+    (["--tag-head", "x", "--cats-head", "x"], "--tag-head and --cats-head both name head 'x'"),
+    (["--cats-head", "tagger"], "both name head 'tagger'"),
+    (["--tag-head", "a+1"], "--tag-head 'a+1': a head name must be"),
+    (["--cats-head", ""], "--cats-head '': a head name must be"),
+])
+def test_train_refuses_clashing_or_bad_head_names_before_any_work(tmp_path, flags, message) -> None:
+    corpus, out = tmp_path / "corpus", tmp_path / "run"
+    _write_corpus(corpus)
+    with pytest.raises(SystemExit, match=re.escape(message)) as err:
+        _train("--task", "transcript", "--corpus", str(corpus), "--out", str(out), "--steps", "1", *flags, *TINY_FLAGS)
+    assert "\n" not in str(err.value) and not out.exists()
 
 
 def test_docbin_records_are_read_through_a_lazy_import(tmp_path) -> None:

@@ -50,6 +50,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--chunk-len", type=int, default=16, help="WKV chunk length of the parallel mode")
     g.add_argument("--head-hidden", type=int, default=0, help="hidden layer size of the heads (0: linear)")
     g.add_argument("--freeze-model", action="store_true", help="train the heads only, on the frozen model")
+    g.add_argument("--tag-head", default="tagger", metavar="NAME",
+                   help="name of the trained tagging head (lookahead heads: NAME+k); e.g. to add it to a model "
+                        "that has a 'tagger' already")
+    g.add_argument("--cats-head", default="classifier", metavar="NAME", help="name of the trained classification head")
     g = p.add_argument_group("optimization")
     g.add_argument("--steps", type=int, default=2000)
     g.add_argument("--batch-size", type=int, default=16)
@@ -102,7 +106,7 @@ def run(args: argparse.Namespace) -> int:
     net.cpu().eval()
     round_to_fp16(net.model)
     model.save_checkpoint(args.out / "model.pth")
-    heads = head_set(net, shipped_fingerprint(model))
+    heads = head_set(net, shipped_fingerprint(model), head_names(args))
     heads.save(args.out / "heads")
     metrics = evaluate_run(net, eval_data, tok, majority_class(train_data)) if eval_data else {}
     metrics["training"] = {**training_info(args, model, train_data), **summary}
@@ -116,7 +120,9 @@ def run(args: argparse.Namespace) -> int:
 
 
 def check_inputs(args: argparse.Namespace) -> None:
-    """Fail before any work on a missing input; ``--init`` resolved like every model source."""
+    """Fail before any work on a missing input or clashing head names; ``--init`` resolved like every model
+    source."""
+    head_names(args)
     if args.task == "records" and args.train is None:
         raise SystemExit("--task records needs --train FILE (.jsonl or .spacy)")
     if args.task == "transcript" and args.corpus is None:
@@ -125,6 +131,20 @@ def check_inputs(args: argparse.Namespace) -> None:
         from rwkv_stream.loading import resolve_source
 
         args.init = resolve_source(args.init)
+
+
+def head_names(args: argparse.Namespace) -> dict[str, str]:
+    """The user's names of the trained heads by role (``--tag-head``, ``--cats-head``); a bad name or two
+    heads of one name is a one-line error."""
+    names = {"tagger": getattr(args, "tag_head", "tagger"), "classifier": getattr(args, "cats_head", "classifier")}
+    for option, name in (("--tag-head", names["tagger"]), ("--cats-head", names["classifier"])):
+        if not name or name != name.strip() or "+" in name:
+            raise SystemExit(f"{option} {name!r}: a head name must be non-empty, without surrounding spaces and "
+                             "without '+' (NAME+k names the lookahead heads)")
+    if names["tagger"] == names["classifier"]:
+        raise SystemExit(f"--tag-head and --cats-head both name head {names['tagger']!r}: give the two heads "
+                         "different names")
+    return names
 
 
 def loop_config(args: argparse.Namespace) -> LoopConfig:

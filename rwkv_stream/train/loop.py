@@ -97,13 +97,21 @@ def make_heads(data: Dataset, n_embd: int, hidden_dim: int = 0) -> dict[str, Hea
     return heads
 
 
-def head_set(net: Trainable, fingerprint: str | None = None) -> HeadSet:
+def head_set(net: Trainable, fingerprint: str | None = None, names: dict[str, str] | None = None) -> HeadSet:
+    """The trained heads as a :class:`HeadSet`; ``names`` renames the roles the loop trains (``tagger``,
+    ``classifier``; lookahead heads ``tagger+k`` follow the tagger's name)."""
     heads = {}
     for name, head in net.head_modules().items():
         copy = Head(**head.spec())
         copy.load_state_dict({k: v.detach().float().cpu() for k, v in head.state_dict().items()})
-        heads[name] = copy.eval()
+        heads[output_name(name, names or {})] = copy.eval()
     return HeadSet(heads, fingerprint)
+
+
+def output_name(role: str, names: dict[str, str]) -> str:
+    """A head's name in the output: ``names[role]``, and ``NAME+k`` for lookahead head ``tagger+k``."""
+    base, plus, k = role.partition("+")
+    return names.get(base, base) + plus + k
 
 
 def lr_at(step: int, cfg: LoopConfig, seconds: float = 0.0) -> float:

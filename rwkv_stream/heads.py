@@ -61,6 +61,13 @@ class Head(nn.Module):
         """Most likely label per row."""
         return [self.labels[i] for i in self.forward(hidden).argmax(dim=-1).tolist()]
 
+    def same_as(self, other: Head) -> bool:
+        """Same spec and the same weights, bit for bit (the same head saved twice)."""
+        if self.spec() != other.spec():
+            return False
+        mine, theirs = self.state_dict(), other.state_dict()
+        return mine.keys() == theirs.keys() and all(torch.equal(mine[k], theirs[k]) for k in mine)
+
     def spec(self) -> dict:
         return {
             "kind": self.kind,
@@ -86,6 +93,17 @@ class HeadSet:
 
     def __contains__(self, name: str) -> bool:
         return name in self.heads
+
+    def merged(self, extra: HeadSet, *, replace: bool = False, where: str = "extra heads") -> HeadSet:
+        """These heads plus ``extra``'s (this set's model fingerprint). A name both have is an error unless the
+        two heads are the same (spec and weights: e.g. a training run's ``OUT/heads`` beside its bundle), or
+        ``replace`` says that ``extra``'s head replaces this set's."""
+        clash = sorted(n for n in set(extra.heads) & set(self.heads) if not self.heads[n].same_as(extra.heads[n]))
+        if clash and not replace:
+            raise ValueError(f"{where} has heads named {clash} that the model already has with other weights; "
+                             "rename them (rwkv-stream train --tag-head/--cats-head) or replace the model's "
+                             "explicitly (replace_heads=True)")
+        return HeadSet({**self.heads, **extra.heads}, self.model_fingerprint)
 
     def save(self, directory: str | Path) -> None:
         from safetensors.torch import save_file

@@ -131,10 +131,13 @@ def load_source(
     verify: bool = True,
     require_tokenizer: bool = True,
     byte_level: bool = False,
+    replace_heads: bool = False,
 ) -> LoadedModel:
     """Load a source. ``tokenizer`` ('world' or a tokenizer.json) is for checkpoints (a bundle has its own; a
     Hugging Face directory's tokenizer.json is used when not given); ``heads``: a directory of extra heads
-    (``heads.json`` + ``heads.safetensors``); ``verify``: check a bundle's files against its checksums.
+    (``heads.json`` + ``heads.safetensors``), added to the source's: a name the source already has is a
+    ``ValueError`` unless the two heads are the same (spec and weights) or ``replace_heads`` is True (the extra
+    head replaces the source's); ``verify``: check a bundle's files against its checksums.
     Without a tokenizer a bare checkpoint is an error unless ``require_tokenizer`` is False; ``byte_level``:
     refuse a tokenizer that is not byte-level (see :func:`check_compatible`)."""
     path = resolve_source(source)
@@ -144,7 +147,8 @@ def load_source(
         loaded = _load_checkpoint(path, tokenizer, device, dtype, require_tokenizer)
     if heads is not None:
         extra = HeadSet.load(heads)
-        loaded.heads = HeadSet({**loaded.heads.heads, **extra.heads}, loaded.model.fingerprint)
+        base = HeadSet(loaded.heads.heads, loaded.model.fingerprint)
+        loaded.heads = base.merged(extra, replace=replace_heads, where=f"heads {str(heads)!r}")
     check_compatible(loaded, byte_level=byte_level)
     return loaded
 

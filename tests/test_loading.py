@@ -127,6 +127,22 @@ def test_extra_heads_are_merged_and_checked(tiny_bundle, tmp_path) -> None:
         load_source(tiny_bundle, heads=tmp_path / "wide")
 
 
+def test_extra_heads_of_a_name_the_source_has_clash_unless_same_or_replaced(tiny_bundle, tmp_path) -> None:
+    shipped = load_source(tiny_bundle).heads
+    other = Head(**shipped["tags"].spec())  # the same spec, other weights
+    with torch.no_grad():
+        for p in other.parameters():
+            p.fill_(0.5)
+    HeadSet({"tags": other, "cls": Head("classifier", ["a", "b"], TINY.n_embd)}).save(tmp_path / "clash")
+    with pytest.raises(ValueError, match=r"has heads named \['tags'\] that the model already has") as err:
+        load_source(tiny_bundle, heads=tmp_path / "clash")
+    assert "\n" not in str(err.value) and "replace_heads=True" in str(err.value)
+    replaced = load_source(tiny_bundle, heads=tmp_path / "clash", replace_heads=True).heads
+    assert sorted(replaced.heads) == ["cls", "tags"] and replaced["tags"].same_as(other)
+    HeadSet({"tags": shipped["tags"]}).save(tmp_path / "same")  # the same head twice (a run's OUT/heads): no clash
+    assert load_source(tiny_bundle, heads=tmp_path / "same").heads["tags"].same_as(shipped["tags"])
+
+
 def test_byte_level_is_checked_when_asked(tiny_pth, tokenizer_file, tmp_path) -> None:
     from tokenizers import Tokenizer, models
 

@@ -10,7 +10,7 @@ Rows per shape (0.1B: L12 x C768, 0.4B: L24 x C1024, World vocabulary 65536, rel
 The host's load is recorded beside the rows (load average, share of all cores busy and stolen during each
 shape: on a shared machine that decides how far the numbers can be trusted).
 
-    .venv/bin/python bench/rwkv7_cpu.py [--threads 1] [--shapes 0.1b,0.4b] [--out FILE]
+    .venv/bin/python bench/rwkv7_cpu.py [--threads 1] [--shapes 0.1b,0.4b] [--rounds 1] [--out FILE]
 """
 
 from __future__ import annotations
@@ -142,10 +142,13 @@ def main() -> int:
     p.add_argument("--steps", type=int, default=20, help="timed one-token steps")
     p.add_argument("--prefill", type=int, default=128, help="prompt tokens")
     p.add_argument("--peers", default="rwkv", help="'rwkv' or '' for none")
+    p.add_argument("--rounds", type=int, default=1,
+                   help="rounds per shape, ours and the peer alternating; rows are each metric's median")
     p.add_argument("--out", default=None)
     args = p.parse_args()
     torch.set_num_threads(args.threads)
-    result: dict = {"machine": machine(), "prefill_tokens": args.prefill, "dtype": "float32", "results": {}}
+    result: dict = {"machine": machine(), "prefill_tokens": args.prefill, "dtype": "float32", "rounds": args.rounds,
+                    "results": {}}
     result["host"] = {"loadavg_start": loadavg(), "start_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     jiffies = cpu_times()
     for name in args.shapes.split(","):
@@ -153,20 +156,28 @@ def main() -> int:
         cfg = rwkv7_config(**SHAPES[name], vocab_size=VOCAB, **RANKS)
         tensors = random_tensors(cfg, seed=0)
         row: dict = {"config": cfg.to_dict()}
-        model = Rwkv7Model(tensors, cfg)
-        row["rwkv_stream"] = bench_ours(model, args.steps, args.prefill)
-        del model
-        gc.collect()
-        if "rwkv" in args.peers.split(","):
-            with tempfile.TemporaryDirectory() as tmp:
+        rounds: dict[str, list[dict]] = {"rwkv_stream": [], "rwkv_package_v7": []}
+        with tempfile.TemporaryDirectory() as tmp:
+            if "rwkv" in args.peers.split(","):
                 save_pth(tensors, Path(tmp) / "m.pth")
-                del tensors
-                gc.collect()
-                env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
-                out = subprocess.run([sys.executable, "-c", PEER, str(Path(tmp) / "m"), str(args.threads),
-                                      str(args.steps), str(args.prefill)], env=env, capture_output=True, text=True,
-                                     check=True)
-                row["rwkv_package_v7"] = json.loads(out.stdout.strip().splitlines()[-1])
+            model = Rwkv7Model(tensors, cfg)
+            del tensors
+            gc.collect()
+            for _ in range(args.rounds):  # ours and the peer alternate, so both see the same host load
+                rounds["rwkv_stream"].append(bench_ours(model, args.steps, args.prefill))
+                if "rwkv" in args.peers.split(","):
+                    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
+                    out = subprocess.run([sys.executable, "-c", PEER, str(Path(tmp) / "m"), str(args.threads),
+                                          str(args.steps), str(args.prefill)], env=env, capture_output=True,
+                                         text=True, check=True)
+                    rounds["rwkv_package_v7"].append(json.loads(out.stdout.strip().splitlines()[-1]))
+            del model
+            gc.collect()
+        for impl, runs in rounds.items():
+            if runs:  # the median of each metric over the rounds; every round kept beside it
+                row[impl] = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
+                if len(runs) > 1:
+                    row[impl + "_rounds"] = runs
         row["host"] = {**host_load(shape_jiffies, cpu_times()), "loadavg_after": loadavg()}
         result["results"][name] = row
         print(f"{name}: {json.dumps(row)}", file=sys.stderr)

@@ -12,7 +12,7 @@ WEIGHT_DTYPES: dict[str, torch.dtype] = {
     "bfloat16": torch.bfloat16,
     "float16": torch.float16,
 }
-QUANTIZED_FORMATS = ("int8", "w8a8")  # CPU only; see rwkv_stream/linear.py
+QUANTIZED_FORMATS = ("int8", "w8a8", "q8_0")  # CPU only; see rwkv_stream/linear.py
 WEIGHT_FORMATS = (*WEIGHT_DTYPES, *QUANTIZED_FORMATS)  # every ``dtype`` that ``load`` accepts
 
 # fp16 activations of RWKV-4 overflow unless the residual stream is halved every few layers.

@@ -25,11 +25,14 @@ least that many rows give a stream the same bits whichever streams share its ste
 
 from __future__ import annotations
 
+import ctypes
 from collections.abc import Callable, Hashable, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from . import cpu_kernels
 
 INT8_MAX_ROWS = 4
 PROBE_MAX_ROWS = 16  # a format that needs more rows than this for invariance is treated as variant
@@ -123,7 +126,83 @@ class W8A8Linear(_RowQuantized):
         return self.qweight.numel() + self.scales.numel() * 4
 
 
-Linear = DenseLinear | Int8Linear | W8A8Linear
+class KernelLinear:
+    """Weights packed once for the compiled CPU kernels (:mod:`rwkv_stream.cpu_kernels`): fp32, fp16 or bf16 as
+    stored, products accumulated in fp32. Each row of a product is computed on its own by the same
+    instructions whatever the row count: bitwise independent of its batch mates (invariant from one row)."""
+
+    fmt = "kernel"
+
+    def __init__(self, weight: Tensor, dtype: torch.dtype) -> None:
+        _require_cpu(weight, "compiled-kernel")
+        self.weight = weight.to(dtype).contiguous()
+        self.scales: Tensor | None = None
+        self.mat = cpu_kernels.RsMat(cpu_kernels.KINDS[dtype], weight.shape[0], weight.shape[1], 0,
+                                     self.weight.data_ptr(), None)
+
+    def __call__(self, x: Tensor) -> Tensor:
+        lib = cpu_kernels.load()
+        assert lib is not None, "KernelLinear is only made when the kernels are loaded"
+        return self._kernel(lib, x)
+
+    def _kernel(self, lib: ctypes.CDLL, x: Tensor) -> Tensor:
+        x = x.to(torch.float32).contiguous()
+        y = torch.empty(x.shape[0], self.mat.out, dtype=torch.float32)
+        lib.rs_matmul(ctypes.byref(self.mat), x.data_ptr(), x.shape[0], y.data_ptr(), torch.get_num_threads())
+        return y
+
+    @property
+    def nbytes(self) -> int:
+        extra = 0 if self.scales is None else self.scales.numel() * 4
+        return self.weight.numel() * self.weight.element_size() + extra
+
+    @property
+    def in_features(self) -> int:
+        return self.weight.shape[1]
+
+    @property
+    def kernel_key(self) -> Hashable:
+        return (self.fmt, tuple(self.weight.shape), self.weight.dtype, cpu_kernels.load() is not None)
+
+
+class Q8Linear(KernelLinear):
+    """Format ``q8_0`` (CPU): int8 weights with one scale per block of 32 inputs, activations quantized the same
+    way on the fly, exact integer block sums (see :mod:`rwkv_stream.cpu_kernels`). Without the compiled
+    kernels, a torch emulation of the same arithmetic (the same quantized values; slower)."""
+
+    fmt = "q8_0"
+
+    def __init__(self, weight: Tensor) -> None:
+        _require_cpu(weight, self.fmt)
+        if weight.shape[1] % cpu_kernels.QBLOCK:
+            raise ValueError(f"q8_0 needs inputs in blocks of {cpu_kernels.QBLOCK}, not {weight.shape[1]}")
+        q, scales = cpu_kernels.quantize_q8_0(weight)
+        self.grouped = weight.shape[1] % cpu_kernels.GROUP == 0  # 8 blocks per integer dot (real model widths)
+        self.weight = cpu_kernels.to_grouped(q) if self.grouped else q
+        self.scales = self.q8_scales = scales
+        self.mat = cpu_kernels.RsMat(cpu_kernels.KIND_Q8, weight.shape[0], weight.shape[1], int(self.grouped),
+                                     self.weight.data_ptr(), scales.data_ptr())
+
+    def __call__(self, x: Tensor) -> Tensor:
+        lib = cpu_kernels.load()
+        if lib is not None:
+            return self._kernel(lib, x)
+        q = cpu_kernels.from_grouped(self.weight) if self.grouped else self.weight
+        return q8_0_reference(q, self.q8_scales, x)
+
+
+def q8_0_reference(qweight: Tensor, scales: Tensor, x: Tensor) -> Tensor:
+    """The ``q8_0`` product in torch: activations quantized per block of 32 as the kernel does, block sums
+    exact (products and sums of 32 int8 products are exact in fp32), scaled and summed in fp32."""
+    out, n_in = qweight.shape
+    nb = n_in // cpu_kernels.QBLOCK
+    xq, xs = cpu_kernels.quantize_q8_0(x.float())
+    blocks = torch.bmm(xq.float().reshape(-1, nb, cpu_kernels.QBLOCK).transpose(0, 1),
+                       qweight.float().reshape(out, nb, cpu_kernels.QBLOCK).permute(1, 2, 0))  # [nb, rows, out]
+    return (blocks * xs.t().unsqueeze(-1) * scales.t().unsqueeze(1)).sum(0)
+
+
+Linear = DenseLinear | Int8Linear | W8A8Linear | KernelLinear
 
 
 def quantize_rows(m: Tensor) -> tuple[Tensor, Tensor]:
@@ -186,8 +265,13 @@ def padded_call(fn: Callable[[Tensor], Tensor], x: Tensor, min_rows: int) -> Ten
     return fn(torch.cat((x, x.new_zeros(min_rows - n, *x.shape[1:]))))[:n]
 
 
-def make_linear(weight: Tensor, dtype: torch.dtype, fmt: str | None = None) -> Linear:
-    """``fmt``: None for plain ``dtype`` weights, or one of :data:`QUANTIZED_FORMATS`."""
+def make_linear(weight: Tensor, dtype: torch.dtype, fmt: str | None = None, *, kernels: bool = False) -> Linear:
+    """``fmt``: None for plain ``dtype`` weights, or one of :data:`QUANTIZED_FORMATS`. ``kernels``: float
+    weights packed for the compiled CPU kernels (the caller checked :func:`rwkv_stream.cpu_kernels.load`)."""
+    if fmt == "q8_0":
+        return Q8Linear(weight)
+    if kernels and fmt is None and weight.shape[1] % cpu_kernels.QBLOCK == 0:
+        return KernelLinear(weight, dtype)
     if fmt == "int8":
         return Int8Linear(weight)
     if fmt == "w8a8":

@@ -8,6 +8,7 @@ time. State per stream: ``[n_layer, 5, C]`` (rows ``att_x, aa, bb, pp, ffn_x``; 
 
 from __future__ import annotations
 
+import ctypes
 import os
 import warnings
 from dataclasses import dataclass
@@ -17,14 +18,17 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .. import cpu_kernels
 from ..config import FP16_RESCALE_EVERY, AnyConfig
-from ..linear import Linear, make_linear, project
+from ..linear import KernelLinear, Linear, make_linear, project
 from ..pool import StatePool
 from ..state import ROWS
 from ..wkv import wkv_ragged
 from .base import LN_EPS, Ragged, RecurrentModel, token_shift
 
 ATT_X, FFN_X = ROWS.index("att_x"), ROWS.index("ffn_x")  # state rows the token shifts keep
+# formats whose CPU steps run one compiled call per layer (rwkv_stream.cpu_kernels) where a compiler is present
+FUSED_FORMATS = ("float32", "float16", "bfloat16", "q8_0")
 
 
 @dataclass
@@ -66,21 +70,27 @@ class Rwkv4Model(RecurrentModel):
     # ----------------------------------------------------------------- weights
     def _prepare(self, t: dict[str, Tensor]) -> None:
         dev, dt = self.device, self.dtype
-        self._rescale = dt == torch.float16
+        cfg = self.config
+        fused = (dev.type == "cpu" and self.weight_format in FUSED_FORMATS
+                 and cpu_kernels.rwkv4_layer_ready(cfg.n_embd, cfg.ffn_dim))
+        self._lib = cpu_kernels.load() if fused else None
+        # fp16 activations of the torch path overflow without halving; the kernels keep activations in fp32
+        self._rescale = dt == torch.float16 and self._lib is None
 
         def vec(key: str) -> Tensor:
             return t[key].to(dev, torch.float32).contiguous()
 
         def mat(key: str, scale: float = 1.0) -> Linear:
             m = t[key].to(dev, torch.float32)
-            return make_linear(m / scale if scale != 1.0 else m, dt, self.quantized)
+            return make_linear(m / scale if scale != 1.0 else m, dt, self.quantized, kernels=fused)
 
         def mixes(prefix: str, names: str) -> Tensor:
             return torch.stack([vec(prefix + n).reshape(1, -1) for n in names])
 
         emb = t["emb.weight"].to(dev, torch.float32)
         emb = F.layer_norm(emb, (self.config.n_embd,), vec("blocks.0.ln0.weight"), vec("blocks.0.ln0.bias"), LN_EPS)
-        self.emb = emb if dt == torch.float32 else emb.to(dt)
+        emb_dt = torch.float16 if self.weight_format == "q8_0" else dt  # one row read per token: fp16 is cheap
+        self.emb = emb if emb_dt == torch.float32 else emb.to(emb_dt)
         self.layers: list[_Layer] = []
         for i in range(self.config.n_layer):
             p = f"blocks.{i}."
@@ -103,7 +113,19 @@ class Rwkv4Model(RecurrentModel):
                 )
             )
         self.ln_out = (vec("ln_out.weight"), vec("ln_out.bias"))
-        self.head_linear = mat("head.weight")
+        if self.weight_format == "q8_0":  # the head stays fp16, as in rwkv.cpp's Q8_0 files (see BENCHMARKS.md)
+            self.head_linear = make_linear(t["head.weight"].to(dev, torch.float32), torch.float16, kernels=fused)
+        else:
+            self.head_linear = mat("head.weight")
+        self._fused_params = [self._layer_params(layer) for layer in self.layers] if fused else []
+
+    def _layer_params(self, layer: _Layer) -> tuple:
+        mats = (layer.att_key, layer.att_value, layer.att_receptance, layer.att_output,
+                layer.ffn_key, layer.ffn_receptance, layer.ffn_value)
+        assert all(isinstance(m, KernelLinear) for m in mats)
+        vectors = [*layer.ln1, *layer.ln2, layer.att_mix, layer.w, layer.u, layer.ffn_mix]
+        assert all(v.is_contiguous() and v.dtype == torch.float32 for v in vectors)
+        return cpu_kernels.layer_params(self.config.ffn_dim, vectors, [m.mat for m in mats])  # type: ignore[union-attr]
 
     def linears(self) -> list[Linear]:
         return [lin for layer in self.layers for lin in (
@@ -116,6 +138,8 @@ class Rwkv4Model(RecurrentModel):
         recurrence is always token by token, so ``sequential`` changes nothing)."""
         if self._kernels is not None:  # CUDA: the kernels address states by slot (here 0 .. B-1)
             return self._run_arena(ids, states, rag.slots_i32, rag)
+        if self._lib is not None:
+            return self._run_fused(ids, states, rag)
         x = self.emb[ids].float()
         for i, layer in enumerate(self.layers):
             st = states[:, i]
@@ -124,6 +148,25 @@ class Rwkv4Model(RecurrentModel):
             x = x + self._channel_mix(layer, F.layer_norm(x, x.shape[-1:], *layer.ln2, LN_EPS), st, rag)
             if self._rescale and (i + 1) % FP16_RESCALE_EVERY == 0:
                 x = x / 2
+        return self._norm_out(x)
+
+    def _run_fused(self, ids: Tensor, states: Tensor, rag: Ragged) -> Tensor:
+        """The CPU network with one compiled call per layer (:func:`rwkv_stream.cpu_kernels.rwkv4_layer`):
+        every row on its own except the WKV recurrence, token by token within each stream, so a stream's bits
+        depend neither on its batch mates nor on how its tokens are split into steps."""
+        assert self._lib is not None
+        x = self.emb[ids].to(torch.float32).contiguous()
+        work = states if states.is_contiguous() and states.dtype == torch.float32 else states.float().contiguous()
+        starts, pos = [], 0
+        for n in rag.lengths:
+            starts.append(pos)
+            pos += n
+        c_starts = (ctypes.c_int * len(starts))(*starts)
+        c_lens = (ctypes.c_int * len(starts))(*rag.lengths)
+        for i, params in enumerate(self._fused_params):
+            cpu_kernels.rwkv4_layer(self._lib, x, work, i, c_starts, c_lens, params, 1.0)
+        if work is not states:
+            states.copy_(work)
         return self._norm_out(x)
 
     def _time_mix(self, layer: _Layer, xa: Tensor, st: Tensor, rag: Ragged) -> Tensor:

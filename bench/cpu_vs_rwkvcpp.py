@@ -1,0 +1,298 @@
+"""CPU benchmark: this engine's weight formats against rwkv.cpp (a ``librwkv`` the user already has), RWKV-4.
+
+Prints one JSON object. Per format: its error against fp32 (max |logit error| / max |logit| over a short
+sequence, against the engine's plain torch fp32 path), batch-1 ms per token (one token with state, full
+logits), tokens/s of 16 live streams stepping one token each (full logits), prefill tokens/s of one stream's
+long fragment, the weight bytes read per token and the fraction of the bandwidth floor (those bytes / the read
+bandwidth measured in the same run, over the step's time). All cases of all engines, and the bandwidth probe,
+run interleaved: each round times one step of every case in turn, so load from elsewhere on a shared host hits
+all of them alike. The host's CPU and load averages (before and after) are in the JSON.
+
+Formats: ``float32, float16, bfloat16, q8_0`` run the compiled kernels where a compiler is present
+(:mod:`rwkv_stream.cpu_kernels`); ``torch:<format>`` builds the same format on the plain torch path; ``int8``
+and ``w8a8`` are torch-only formats.
+
+rwkv.cpp: pass ``--librwkv PATH`` (or ``$RWKV_CPP_LIB``) and its model files of the same random weights:
+``--save-pth FILE`` writes the checkpoint this bench uses, which rwkv.cpp's own converter turns into its format;
+then ``--rwkvcpp-models FP32=a.bin,FP16=b.bin[,Q8_0=c.bin]`` (a missing Q8_0 is made with the library's
+``rwkv_quantize_model_file`` from the FP16 or FP32 file). Without a library the peer is skipped with a message
+and the issue's figures (issue 18) are the comparison. This repository holds no rwkv.cpp code.
+
+    .venv/bin/python bench/cpu_vs_rwkvcpp.py [--shape 169m] [--formats ...] [--rounds 20] [--threads 2]
+        [--librwkv PATH --rwkvcpp-models FP32=...,FP16=...] [--out FILE]
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import gc
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from rwkv_stream import cpu_kernels
+from rwkv_stream.bench import SHAPES, machine_info
+from rwkv_stream.model import Model
+from rwkv_stream.random_checkpoint import random_tensors, save_pth
+
+ISSUE_FIGURES = {  # issue 18: rwkv.cpp on a 2-core Zen 4 host, 169M shape, 2 threads (another host than today's)
+    "rwkv.cpp FP32": {"error": 8e-7, "batch1_ms": 19.3, "floor_fraction": 0.84},
+    "rwkv.cpp FP16": {"error": 0.00088, "batch1_ms": 9.65, "floor_fraction": 0.84, "streams16_tok_s": 103},
+    "rwkv.cpp Q8_0": {"error": 0.019, "batch1_ms": 7.52, "floor_fraction": 0.72, "streams16_tok_s": 137},
+}
+
+Step = Callable[[int], object]
+
+
+def load_average() -> list[float]:
+    return [float(v) for v in Path("/proc/loadavg").read_text().split()[:3]]
+
+
+def cases(one: Step, streams: Step, prefill: Step, args: argparse.Namespace) -> dict[str, tuple[Step, int]]:
+    return {"batch1": (one, 1), f"streams{args.streams}": (streams, args.streams),
+            f"prefill{args.prefill}": (prefill, args.prefill)}
+
+
+def error_vs(ref: torch.Tensor, logits: torch.Tensor) -> float:
+    return float((logits - ref).abs().max() / ref.abs().max())
+
+
+def matrix_bytes(model: Model) -> int:
+    lins = [*model.linears(), model.head_linear]
+    return sum(lin.nbytes for lin in lins)
+
+
+def engine_entry(model: Model, tokens: list[int], ref: torch.Tensor, args: argparse.Namespace) -> dict:
+    vocab, n = model.config.vocab_size, args.streams
+    logits, _ = model.forward(tokens)
+    state = [model.new_state()]
+
+    def one(i: int) -> None:
+        _, state[0] = model.forward([i % vocab], state[0])
+
+    pool = model.new_pool(n)
+    slots = [pool.alloc() for _ in range(n)]
+
+    def streams(i: int) -> None:
+        model.step(pool, slots, [[(i + s) % vocab] for s in range(n)], logits="all")
+
+    prefill_tokens = [(7 * j) % vocab for j in range(args.prefill)]
+
+    def prefill(i: int) -> None:
+        model.forward_hidden(prefill_tokens)
+
+    bytes_per_token = matrix_bytes(model)
+    return {"error": error_vs(ref, logits), "bytes_per_token": bytes_per_token,
+            "path": "kernels" if getattr(model, "_lib", None) is not None else "torch",
+            "cases": cases(one, streams, prefill, args)}
+
+
+class RwkvCpp:
+    """The user's librwkv through its C API (rwkv.h): init, eval, eval_sequence, quantize."""
+
+    def __init__(self, path: str) -> None:
+        lib = ctypes.CDLL(path)
+        lib.rwkv_init_from_file.argtypes = [ctypes.c_char_p, ctypes.c_uint32, ctypes.c_uint32]
+        lib.rwkv_init_from_file.restype = ctypes.c_void_p
+        lib.rwkv_eval.argtypes = [ctypes.c_void_p, ctypes.c_uint32, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p]
+        lib.rwkv_eval.restype = ctypes.c_bool
+        lib.rwkv_eval_sequence.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p,
+                                           ctypes.c_void_p, ctypes.c_void_p]
+        lib.rwkv_eval_sequence.restype = ctypes.c_bool
+        lib.rwkv_get_state_len.argtypes = [ctypes.c_void_p]
+        lib.rwkv_get_state_len.restype = ctypes.c_size_t
+        lib.rwkv_get_logits_len.argtypes = [ctypes.c_void_p]
+        lib.rwkv_get_logits_len.restype = ctypes.c_size_t
+        lib.rwkv_quantize_model_file.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p]
+        lib.rwkv_quantize_model_file.restype = ctypes.c_bool
+        lib.rwkv_init_state.argtypes = [ctypes.c_void_p, ctypes.c_void_p]
+        self.lib = lib
+
+    def entry(self, model_file: str, threads: int, tokens: list[int], ref: torch.Tensor, fmt: str,
+              args: argparse.Namespace) -> dict:
+        lib = self.lib
+        ctx = lib.rwkv_init_from_file(model_file.encode(), threads, 0)
+        if not ctx:
+            return {"skipped": f"rwkv_init_from_file failed for {model_file}"}
+        n_state, n_logits = lib.rwkv_get_state_len(ctx), lib.rwkv_get_logits_len(ctx)
+
+        def new_state() -> torch.Tensor:
+            st = torch.empty(n_state)
+            lib.rwkv_init_state(ctx, st.data_ptr())
+            return st
+
+        state, out = new_state(), torch.empty(n_logits)
+        rows = []
+        for tok in tokens:
+            lib.rwkv_eval(ctx, tok, state.data_ptr(), state.data_ptr(), out.data_ptr())
+            rows.append(out.clone())
+        error = error_vs(ref, torch.stack(rows))
+        vocab, n = n_logits, args.streams
+        st1 = new_state()
+
+        def one(i: int) -> None:
+            lib.rwkv_eval(ctx, i % vocab, st1.data_ptr(), st1.data_ptr(), out.data_ptr())
+
+        states = [new_state() for _ in range(n)]
+
+        def streams(i: int) -> None:  # no batching in rwkv.cpp: one eval per stream
+            for s in range(n):
+                lib.rwkv_eval(ctx, (i + s) % vocab, states[s].data_ptr(), states[s].data_ptr(), out.data_ptr())
+
+        seq = (ctypes.c_uint32 * args.prefill)(*[(7 * j) % vocab for j in range(args.prefill)])
+
+        def prefill(i: int) -> None:
+            st = new_state()
+            lib.rwkv_eval_sequence(ctx, seq, args.prefill, st.data_ptr(), st.data_ptr(), None)
+
+        # bytes read per token: the file less its embedding matrix (one row of it is read per token); rwkv.cpp
+        # keeps emb and head in FP16 in its FP16 and Q8_0 files (quantize converts the blocks' matrices only)
+        emb_bytes = n_logits * (n_state // (5 * args.n_layer)) * (4 if fmt == "FP32" else 2)
+        return {"error": error, "bytes_per_token": os.path.getsize(model_file) - emb_bytes, "path": model_file,
+                "cases": cases(one, streams, prefill, args)}
+
+
+def bandwidth_case(nbytes: int) -> tuple[Step, int, Callable[[float], float]]:
+    """A read of ``nbytes`` (beyond the caches) by the compiled kernel, else by torch's sum."""
+    lib = cpu_kernels.load()
+    buf = torch.ones(nbytes // 8, dtype=torch.int64)
+    if lib is not None:
+        def read(i: int) -> None:
+            lib.rs_read_sum(buf.data_ptr(), buf.numel(), torch.get_num_threads())
+    else:
+        view = buf.view(torch.float32)
+
+        def read(i: int) -> None:
+            view.sum()
+    return read, nbytes, lambda seconds: nbytes / seconds
+
+
+def measure(impls: dict[str, dict], rounds: int, bw_bytes: int, warmup: int = 2) -> tuple[dict, dict]:
+    cases = [(impl, name, case) for impl, info in impls.items() for name, case in info.get("cases", {}).items()]
+    read, nbytes, _ = bandwidth_case(bw_bytes)
+    times: dict[tuple[str, str], list[float]] = {(impl, name): [] for impl, name, _ in cases}
+    bw_times: list[float] = []
+    for r in range(-warmup, rounds):
+        t0 = time.perf_counter()
+        read(r)
+        if r >= 0:
+            bw_times.append(time.perf_counter() - t0)
+        for impl, name, (step, _) in cases:
+            t0 = time.perf_counter()
+            step(r + warmup)
+            if r >= 0:
+                times[impl, name].append(time.perf_counter() - t0)
+        print(f"round {r + 1}/{rounds}", file=sys.stderr, flush=True)
+    bw = {"bytes": nbytes, "gb_s_best": round(nbytes / min(bw_times) / 1e9, 2),
+          "gb_s_p50": round(nbytes / statistics.median(bw_times) / 1e9, 2)}
+    results = {impl: {k: v for k, v in info.items() if k != "cases"} for impl, info in impls.items()}
+    for impl, name, (_, tokens) in cases:
+        ts = times[impl, name]
+        med, best = statistics.median(ts), min(ts)
+        results[impl][name] = {"ms_per_step_p50": round(med * 1e3, 3), "ms_per_step_min": round(best * 1e3, 3),
+                               "tokens_per_s_p50": round(tokens / med, 1), "tokens_per_s_best": round(tokens / best, 1)}
+    for info in results.values():
+        if "batch1" in info:
+            floor_best = info["bytes_per_token"] / (bw["gb_s_best"] * 1e9) * 1e3
+            floor_p50 = info["bytes_per_token"] / (bw["gb_s_p50"] * 1e9) * 1e3
+            info["floor_ms_at_best_bw"] = round(floor_best, 3)
+            info["floor_fraction_best"] = round(floor_best / info["batch1"]["ms_per_step_min"], 3)
+            info["floor_fraction_p50"] = round(floor_p50 / info["batch1"]["ms_per_step_p50"], 3)
+    return results, bw
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--shape", default="169m", choices=sorted(SHAPES))
+    p.add_argument("--formats", default="float32,float16,bfloat16,q8_0,w8a8,torch:float16")
+    p.add_argument("--rounds", type=int, default=20)
+    p.add_argument("--streams", type=int, default=16)
+    p.add_argument("--prefill", type=int, default=64, help="tokens of the long fragment (one stream, one call)")
+    p.add_argument("--error-tokens", type=int, default=16)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--bandwidth-mib", type=int, default=512)
+    p.add_argument("--librwkv", default=os.environ.get("RWKV_CPP_LIB"), help="path of librwkv (or $RWKV_CPP_LIB)")
+    p.add_argument("--rwkvcpp-models", default="", help="FMT=FILE,... (FP32, FP16, Q8_0) of the same weights")
+    p.add_argument("--save-pth", default=None, help="write the random checkpoint (for rwkv.cpp's converter) and exit")
+    p.add_argument("--out", default=None)
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    cfg = SHAPES[args.shape]
+    tensors = random_tensors(cfg, seed=0)
+    if args.save_pth:
+        save_pth(tensors, Path(args.save_pth))
+        print(json.dumps({"saved": args.save_pth, "shape": args.shape}))
+        return 0
+    load_before = load_average()
+    tokens = [(31 * j + 5) % cfg.vocab_size for j in range(args.error_tokens)]
+    result: dict = {"machine": {**machine_info(), "loadavg_before": load_before},
+                    "kernels": cpu_kernels.features(), "shape": args.shape, "config": cfg.to_dict()}
+    impls: dict[str, dict] = {}
+    with torch.inference_mode():
+        with cpu_kernels.disabled():
+            ref, _ = Model(tensors, cfg, dtype="float32").forward(tokens)
+        for fmt in filter(None, args.formats.split(",")):
+            name = fmt.removeprefix("torch:")
+            print(f"bench: building {fmt}", file=sys.stderr, flush=True)
+            if fmt.startswith("torch:"):
+                with cpu_kernels.disabled():
+                    model = Model(tensors, cfg, dtype=name)
+            else:
+                model = Model(tensors, cfg, dtype=name)
+            impls[f"rwkv-stream {fmt}"] = engine_entry(model, tokens, ref, args)
+        args.n_layer = cfg.n_layer
+        impls.update(rwkvcpp_entries(args, tokens, ref, result))
+        results, bw = measure(impls, args.rounds, args.bandwidth_mib << 20)
+    result["read_bandwidth"] = bw
+    result["results"] = results
+    result["machine"]["loadavg_after"] = load_average()
+    result["issue_18_rwkvcpp_figures"] = ISSUE_FIGURES
+    text = json.dumps(result, indent=2)
+    print(text)
+    if args.out:
+        Path(args.out).write_text(text + "\n")
+    del impls
+    gc.collect()
+    return 0
+
+
+def rwkvcpp_entries(args: argparse.Namespace, tokens: list[int], ref: torch.Tensor, result: dict) -> dict[str, dict]:
+    if not args.librwkv:
+        msg = ("rwkv.cpp skipped: no librwkv given (--librwkv PATH or $RWKV_CPP_LIB); compare with "
+               "issue_18_rwkvcpp_figures and the floor")
+        print(f"bench: {msg}", file=sys.stderr)
+        result["rwkv.cpp"] = {"skipped": msg}
+        return {}
+    try:
+        peer = RwkvCpp(args.librwkv)
+    except OSError as exc:
+        result["rwkv.cpp"] = {"skipped": f"cannot load {args.librwkv}: {exc}"}
+        print(f"bench: {result['rwkv.cpp']['skipped']}", file=sys.stderr)
+        return {}
+    files = dict(item.split("=", 1) for item in filter(None, args.rwkvcpp_models.split(",")))
+    if not files:
+        result["rwkv.cpp"] = {"skipped": "no --rwkvcpp-models given (convert the --save-pth checkpoint with rwkv.cpp)"}
+        return {}
+    if "Q8_0" not in files:
+        src = files.get("FP16") or files.get("FP32")
+        out = os.path.join(tempfile.mkdtemp(), "q8_0.bin")
+        if src and peer.lib.rwkv_quantize_model_file(src.encode(), out.encode(), b"Q8_0"):
+            files["Q8_0"] = out
+    entries = {}
+    for fmt, path in files.items():
+        print(f"bench: rwkv.cpp {fmt}", file=sys.stderr, flush=True)
+        entries[f"rwkv.cpp {fmt}"] = peer.entry(path, args.threads, tokens, ref, fmt, args)
+    result["rwkv.cpp"] = {"library": args.librwkv, "files": files}
+    return entries
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,550 @@
+"""CPU kernels compiled at run time where a C compiler is present, with the plain torch path as fallback.
+
+What they do (see BENCHMARKS.md, "CPU kernels"): one call per RWKV-4 layer (:func:`rwkv4_layer`: layer norms,
+token shift, the seven matrix products, WKV and the gates over a ragged batch, in place on the residual rows and
+the streams' states) and one matrix product for the head (:class:`KernelLinear`). The weights are packed once at
+load for the kernel that reads them:
+
+- ``float32`` / ``float16`` / ``bfloat16``: the weights as stored, products accumulated in fp32 (fp16 through
+  F16C, bf16 widened by a shift);
+- ``q8_0``: int8 weights with one fp32 scale per block of 32 inputs, activations quantized to int8 per block of
+  32 on the fly; integer block sums are exact (AVX-512 VNNI ``vpdpbusd``, or AVX2 ``maddubs``), scaled and
+  accumulated in fp32.
+
+Every output element is computed by the same instructions in the same order whatever the number of rows in
+the product, so a row's bits never depend on the other rows (its batch mates): batch invariance with no
+padding. The code is C (no torch headers), built with the system compiler (``$CC`` or ``cc``) with
+``-O3 -march=native -fopenmp`` into ``$RWKV_STREAM_CACHE`` (default ``~/.cache/rwkv-stream``) under a name
+that hashes the source, flags, compiler and CPU, and loaded with ctypes. No compiler, a failed build or
+``RWKV_STREAM_CPU_KERNELS=0``: one log line and :func:`load` returns None; the engine then runs the torch path
+(``q8_0`` through :class:`rwkv_stream.linear.Q8Linear`'s torch emulation: same format, slower).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+log = logging.getLogger(__name__)
+
+QBLOCK = 32  # inputs per scale of the q8_0 format (weights and activations)
+KINDS = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+KIND_Q8 = 3
+ENV_SWITCH = "RWKV_STREAM_CPU_KERNELS"
+
+SOURCE = r"""
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#include <math.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+#if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+#include <immintrin.h>
+#define RS_AVX2 1
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+#define RS_VNNI 1
+#elif defined(__AVXVNNI__)
+#define RS_AVXVNNI 1
+#endif
+#endif
+
+#define QB 32
+enum { K_F32 = 0, K_F16 = 1, K_BF16 = 2, K_Q8 = 3 };
+
+typedef struct { int kind, out, in, grouped; const void* w; const float* s; } rs_mat;  /* grouped: q8 layout */
+typedef struct { const float* x; const int8_t* q; const uint8_t* aq; const float* qs; int in; } rs_act;
+
+int rs_features(void) {
+  int f = 0;
+#ifdef RS_AVX2
+  f |= 1;
+#endif
+#if defined(RS_VNNI) || defined(RS_AVXVNNI)
+  f |= 2;
+#endif
+#ifdef _OPENMP
+  f |= 4;
+#endif
+  return f;
+}
+
+/* grouped layout (rows of a multiple of 256): in each group of 8 blocks, byte i of 4 of block j for the t-th
+   32-byte vector sits at t * 32 + j * 4 + i, so that one lane of a 256-bit integer dot product sums one block */
+static inline int grouped_index(int e) {
+  int g = e / 256, r = e % 256, j = r / 32, t = (r % 32) / 4, i = r % 4;
+  return g * 256 + t * 32 + j * 4 + i;
+}
+
+static void quantize_row(const float* x, int in, int8_t* q, uint8_t* aq, float* s, int grouped) {
+  for (int b = 0; b < in / QB; b++) {
+    const float* xb = x + b * QB;
+    float amax = 0.0f;
+    for (int i = 0; i < QB; i++) { float a = fabsf(xb[i]); amax = a > amax ? a : amax; }
+    float id = amax > 0.0f ? 127.0f / amax : 0.0f;
+    s[b] = amax / 127.0f;
+    for (int i = 0; i < QB; i++) {
+      int v = (int)lrintf(xb[i] * id);
+      v = v > 127 ? 127 : (v < -127 ? -127 : v);
+      int e = grouped ? grouped_index(b * QB + i) : b * QB + i;
+      q[e] = (int8_t)v;
+      aq[e] = (uint8_t)(v < 0 ? -v : v);
+    }
+  }
+}
+
+/* activations of n rows for a product with m: quantized into buf (q8) or read as they are */
+static void *prepare(const rs_mat* m, const float* x, int n, rs_act* a, int nt) {
+  a->x = x; a->in = m->in; a->q = 0; a->aq = 0; a->qs = 0;
+  if (m->kind != K_Q8) return 0;
+  size_t e = (size_t)n * m->in;
+  char* buf = (char*)malloc(2 * e + (e / QB) * sizeof(float) + 64);
+  int8_t* q = (int8_t*)buf; uint8_t* aq = (uint8_t*)(buf + e); float* s = (float*)(buf + 2 * e);
+  #pragma omp parallel for schedule(static) num_threads(nt) if (n > 8)
+  for (int r = 0; r < n; r++) {
+    size_t at = (size_t)r * m->in;
+    quantize_row(x + at, m->in, q + at, aq + at, s + (size_t)r * (m->in / QB), m->grouped);
+  }
+  a->q = q; a->aq = aq; a->qs = s;
+  return buf;
+}
+
+#ifdef RS_AVX2
+static inline float hsum8(__m256 v) {
+  __m128 lo = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  lo = _mm_add_ps(lo, _mm_movehl_ps(lo, lo));
+  lo = _mm_add_ss(lo, _mm_shuffle_ps(lo, lo, 1));
+  return _mm_cvtss_f32(lo);
+}
+static inline __m256i dot_u8s8(__m256i ax, __m256i sw) {
+#if defined(RS_VNNI)
+  return _mm256_dpbusd_epi32(_mm256_setzero_si256(), ax, sw);
+#elif defined(RS_AVXVNNI)
+  return _mm256_dpbusd_avx_epi32(_mm256_setzero_si256(), ax, sw);
+#else
+  return _mm256_madd_epi16(_mm256_maddubs_epi16(ax, sw), _mm256_set1_epi16(1));
+#endif
+}
+static inline __m256 load8(int kind, const void* w, size_t i) {
+  if (kind == K_F32) return _mm256_loadu_ps((const float*)w + i);
+  if (kind == K_F16) return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)((const uint16_t*)w + i)));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(
+      _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i*)((const uint16_t*)w + i))), 16));
+}
+
+/* R rows (1..4) against weight row o; each row's arithmetic is the same whatever R */
+static inline __attribute__((always_inline)) void q8_rows(const rs_mat* m, const rs_act* a, int o, int r0, int R,
+                                                          float* y) {
+  const int in = m->in, nb = in / QB;
+  const int8_t* w = (const int8_t*)m->w + (size_t)o * in;
+  const float* ws = m->s + (size_t)o * nb;
+  __m256 acc[4][2];
+  for (int i = 0; i < R; i++) { acc[i][0] = _mm256_setzero_ps(); acc[i][1] = _mm256_setzero_ps(); }
+  for (int b = 0; b < nb; b++) {
+    __m256i wv = _mm256_loadu_si256((const __m256i*)(w + b * QB));
+    float wsb = ws[b];
+    for (int i = 0; i < R; i++) {
+      size_t off = (size_t)(r0 + i) * in + b * QB;
+      __m256i sw = _mm256_sign_epi8(wv, _mm256_loadu_si256((const __m256i*)(a->q + off)));
+      __m256i d = dot_u8s8(_mm256_loadu_si256((const __m256i*)(a->aq + off)), sw);
+      __m256 sc = _mm256_set1_ps(wsb * a->qs[(size_t)(r0 + i) * nb + b]);
+      acc[i][b & 1] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d), sc, acc[i][b & 1]);
+    }
+  }
+  for (int i = 0; i < R; i++) y[(size_t)(r0 + i) * m->out + o] = hsum8(_mm256_add_ps(acc[i][0], acc[i][1]));
+}
+
+/* the grouped layout: 8 blocks per 256-bit integer dot (one block per lane), one fma per 8 blocks */
+static inline __attribute__((always_inline)) void q8g_rows(const rs_mat* m, const rs_act* a, int o, int r0, int R,
+                                                           float* y) {
+  const int in = m->in, nb = in / QB;
+  const int8_t* w = (const int8_t*)m->w + (size_t)o * in;
+  const float* ws = m->s + (size_t)o * nb;
+  __m256 acc[4];
+  for (int i = 0; i < R; i++) acc[i] = _mm256_setzero_ps();
+  for (int g = 0; g < in / 256; g++) {
+    __m256i d[4];
+    for (int i = 0; i < R; i++) d[i] = _mm256_setzero_si256();
+    for (int t = 0; t < 8; t++) {
+      __m256i wv = _mm256_loadu_si256((const __m256i*)(w + g * 256 + t * 32));
+      for (int i = 0; i < R; i++) {
+        size_t off = (size_t)(r0 + i) * in + g * 256 + t * 32;
+        __m256i sw = _mm256_sign_epi8(wv, _mm256_loadu_si256((const __m256i*)(a->q + off)));
+        d[i] = _mm256_add_epi32(d[i], dot_u8s8(_mm256_loadu_si256((const __m256i*)(a->aq + off)), sw));
+      }
+    }
+    __m256 wsv = _mm256_loadu_ps(ws + g * 8);
+    for (int i = 0; i < R; i++) {
+      __m256 sc = _mm256_mul_ps(wsv, _mm256_loadu_ps(a->qs + (size_t)(r0 + i) * nb + g * 8));
+      acc[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d[i]), sc, acc[i]);
+    }
+  }
+  for (int i = 0; i < R; i++) y[(size_t)(r0 + i) * m->out + o] = hsum8(acc[i]);
+}
+
+static inline __attribute__((always_inline)) void f_rows(const rs_mat* m, const rs_act* a, int o, int r0, int R,
+                                                         float* y, const int kind) {
+  const int in = m->in;
+  const size_t wo = (size_t)o * in;
+  __m256 acc[2][4];
+  for (int i = 0; i < R; i++) for (int j = 0; j < 4; j++) acc[i][j] = _mm256_setzero_ps();
+  for (int k = 0; k < in; k += 32) {
+    for (int j = 0; j < 4; j++) {
+      __m256 wv = load8(kind, m->w, wo + k + 8 * j);
+      for (int i = 0; i < R; i++)
+        acc[i][j] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(a->x + (size_t)(r0 + i) * in + k + 8 * j), acc[i][j]);
+    }
+  }
+  for (int i = 0; i < R; i++)
+    y[(size_t)(r0 + i) * m->out + o] =
+        hsum8(_mm256_add_ps(_mm256_add_ps(acc[i][0], acc[i][1]), _mm256_add_ps(acc[i][2], acc[i][3])));
+}
+
+static void out_row(const rs_mat* m, const rs_act* a, int n, float* y, int o) {
+  int r = 0;
+  if (m->kind == K_Q8 && m->grouped) {
+    for (; r + 4 <= n; r += 4) q8g_rows(m, a, o, r, 4, y);
+    for (; r < n; r++) q8g_rows(m, a, o, r, 1, y);
+  } else if (m->kind == K_Q8) {
+    for (; r + 4 <= n; r += 4) q8_rows(m, a, o, r, 4, y);
+    for (; r < n; r++) q8_rows(m, a, o, r, 1, y);
+  } else if (m->kind == K_F32) {
+    for (; r + 2 <= n; r += 2) f_rows(m, a, o, r, 2, y, K_F32);
+    for (; r < n; r++) f_rows(m, a, o, r, 1, y, K_F32);
+  } else if (m->kind == K_F16) {
+    for (; r + 2 <= n; r += 2) f_rows(m, a, o, r, 2, y, K_F16);
+    for (; r < n; r++) f_rows(m, a, o, r, 1, y, K_F16);
+  } else {
+    for (; r + 2 <= n; r += 2) f_rows(m, a, o, r, 2, y, K_BF16);
+    for (; r < n; r++) f_rows(m, a, o, r, 1, y, K_BF16);
+  }
+}
+#else
+static float wget(int kind, const void* w, size_t i) {
+  if (kind == K_F32) return ((const float*)w)[i];
+  uint16_t h = ((const uint16_t*)w)[i];
+  if (kind == K_BF16) { uint32_t b = (uint32_t)h << 16; float f; memcpy(&f, &b, 4); return f; }
+  uint32_t sign = (uint32_t)(h >> 15) << 31, e = (h >> 10) & 31, mant = h & 1023, bits;
+  if (e == 0) {
+    if (mant == 0) bits = sign;
+    else { e = 113; while (!(mant & 1024)) { mant <<= 1; e--; } bits = sign | (e << 23) | ((mant & 1023) << 13); }
+  } else if (e == 31) bits = sign | 0x7f800000u | (mant << 13);
+  else bits = sign | ((e + 112) << 23) | (mant << 13);
+  float f; memcpy(&f, &bits, 4); return f;
+}
+static void out_row(const rs_mat* m, const rs_act* a, int n, float* y, int o) {
+  const int in = m->in, nb = in / QB;
+  for (int r = 0; r < n; r++) {
+    float acc = 0.0f;
+    if (m->kind == K_Q8) {
+      const int8_t* w = (const int8_t*)m->w + (size_t)o * in;
+      for (int b = 0; b < nb; b++) {
+        int32_t d = 0;
+        for (int i = 0; i < QB; i++) {
+          int e = m->grouped ? grouped_index(b * QB + i) : b * QB + i;
+          d += (int32_t)w[e] * a->q[(size_t)r * in + e];
+        }
+        acc += (float)d * (m->s[(size_t)o * nb + b] * a->qs[(size_t)r * nb + b]);
+      }
+    } else {
+      for (int k = 0; k < in; k++) acc += wget(m->kind, m->w, (size_t)o * in + k) * a->x[(size_t)r * in + k];
+    }
+    y[(size_t)r * m->out + o] = acc;
+  }
+}
+#endif
+
+static void matmul_act(const rs_mat* m, const rs_act* a, int n, float* y, int nt) {
+  #pragma omp parallel for schedule(static) num_threads(nt)
+  for (int o = 0; o < m->out; o++) out_row(m, a, n, y, o);
+}
+
+void rs_matmul(const rs_mat* m, const float* x, int n, float* y, int nt) {
+  rs_act a;
+  void* buf = prepare(m, x, n, &a, nt);
+  matmul_act(m, &a, n, y, nt);
+  free(buf);
+}
+
+static void layer_norm(const float* x, float* y, int C, const float* w, const float* b) {
+  double s = 0.0, v = 0.0;
+  for (int i = 0; i < C; i++) s += x[i];
+  float mean = (float)(s / C);
+  for (int i = 0; i < C; i++) { double d = x[i] - mean; v += d * d; }
+  float rstd = 1.0f / sqrtf((float)(v / C) + 1e-5f);
+  for (int i = 0; i < C; i++) y[i] = (x[i] - mean) * rstd * w[i] + b[i];
+}
+
+static inline float sigmoidf(float x) { return 1.0f / (1.0f + expf(-x)); }
+
+/* token shift over a ragged batch: mixes[j] = prev + mix_j * (xn - prev) for nm mixes; state row keeps the last */
+static void shift_mix(const float* xn, int n, int C, float* st0, long sstride, int row, const int* starts,
+                      const int* lens, int B, const float* mix, int nm, float* out) {
+  for (int b = 0; b < B; b++) {
+    float* keep = st0 + (size_t)b * sstride + (size_t)row * C;
+    for (int t = 0; t < lens[b]; t++) {
+      int j = starts[b] + t;
+      const float* prev = t == 0 ? keep : xn + (size_t)(j - 1) * C;
+      const float* cur = xn + (size_t)j * C;
+      for (int q = 0; q < nm; q++) {
+        float* o = out + ((size_t)q * n + j) * C;
+        const float* mq = mix + (size_t)q * C;
+        for (int c = 0; c < C; c++) o[c] = prev[c] + mq[c] * (cur[c] - prev[c]);
+      }
+    }
+    if (lens[b] > 0) memcpy(keep, xn + (size_t)(starts[b] + lens[b] - 1) * C, sizeof(float) * C);
+  }
+}
+
+/* one RWKV-4 layer over n rows of B streams (stream b owns rows starts[b] .. + lens[b] - 1); x [n, C] and the
+   states (stream b's rows att_x, aa, bb, pp, ffn_x at st0 + b * sstride) are updated in place.
+   mats: att key, value, receptance, output, ffn key, receptance, value. */
+void rs_rwkv4_layer(float* x, int n, int C, int F, float* st0, long sstride, const int* starts, const int* lens,
+                    int B, const float* ln1w, const float* ln1b, const float* ln2w, const float* ln2b,
+                    const float* amix, const float* tw, const float* tu, const float* fmix, const rs_mat* mats,
+                    float post_scale, int nt) {
+  size_t nc = (size_t)n * C;
+  float* xn = (float*)malloc(sizeof(float) * nc);
+  float* mixed = (float*)malloc(sizeof(float) * 3 * nc);
+  float* kvr = (float*)malloc(sizeof(float) * 3 * nc);
+  float* big = (float*)malloc(sizeof(float) * (size_t)n * F);
+  rs_act acts[3];
+  void* bufs[3];
+
+  for (int j = 0; j < n; j++) layer_norm(x + (size_t)j * C, xn + (size_t)j * C, C, ln1w, ln1b);
+  shift_mix(xn, n, C, st0, sstride, 0, starts, lens, B, amix, 3, mixed);
+  for (int q = 0; q < 3; q++) bufs[q] = prepare(&mats[q], mixed + q * nc, n, &acts[q], nt);
+  for (int q = 0; q < 3; q++) matmul_act(&mats[q], &acts[q], n, kvr + q * nc, nt);
+  for (int q = 0; q < 3; q++) free(bufs[q]);
+  {
+    float *k = kvr, *v = kvr + nc, *r = kvr + 2 * nc;
+    #pragma omp parallel for schedule(static) num_threads(nt)
+    for (int c = 0; c < C; c++) {
+      for (int b = 0; b < B; b++) {
+        float* s = st0 + (size_t)b * sstride;
+        float aa = s[C + c], bb = s[2 * C + c], pp = s[3 * C + c];
+        for (int t = 0; t < lens[b]; t++) {
+          size_t j = (size_t)(starts[b] + t) * C + c;
+          float kk = k[j], vv = v[j];
+          float ww = tu[c] + kk, q = pp > ww ? pp : ww;
+          float e1 = expf(pp - q), e2 = expf(ww - q);
+          float wkv = (e1 * aa + e2 * vv) / (e1 * bb + e2);
+          ww = pp + tw[c]; q = ww > kk ? ww : kk;
+          e1 = expf(ww - q); e2 = expf(kk - q);
+          aa = e1 * aa + e2 * vv; bb = e1 * bb + e2; pp = q;
+          xn[j] = sigmoidf(r[j]) * wkv;
+        }
+        s[C + c] = aa; s[2 * C + c] = bb; s[3 * C + c] = pp;
+      }
+    }
+  }
+  bufs[0] = prepare(&mats[3], xn, n, &acts[0], nt);
+  matmul_act(&mats[3], &acts[0], n, kvr, nt);
+  free(bufs[0]);
+  for (size_t e = 0; e < nc; e++) x[e] += kvr[e];
+
+  for (int j = 0; j < n; j++) layer_norm(x + (size_t)j * C, xn + (size_t)j * C, C, ln2w, ln2b);
+  shift_mix(xn, n, C, st0, sstride, 4, starts, lens, B, fmix, 2, mixed);
+  bufs[0] = prepare(&mats[4], mixed, n, &acts[0], nt);
+  bufs[1] = prepare(&mats[5], mixed + nc, n, &acts[1], nt);
+  matmul_act(&mats[4], &acts[0], n, big, nt);
+  matmul_act(&mats[5], &acts[1], n, kvr, nt);
+  free(bufs[0]); free(bufs[1]);
+  for (size_t e = 0; e < (size_t)n * F; e++) { float v = big[e] > 0.0f ? big[e] : 0.0f; big[e] = v * v; }
+  bufs[0] = prepare(&mats[6], big, n, &acts[0], nt);
+  matmul_act(&mats[6], &acts[0], n, kvr + nc, nt);
+  free(bufs[0]);
+  for (size_t e = 0; e < nc; e++) {
+    float v = x[e] + sigmoidf(kvr[e]) * kvr[nc + e];
+    x[e] = post_scale != 1.0f ? v * post_scale : v;
+  }
+  free(xn); free(mixed); free(kvr); free(big);
+}
+
+/* read bandwidth probe: sums a buffer as 64-bit words */
+uint64_t rs_read_sum(const uint64_t* p, long words, int nt) {
+  uint64_t total = 0;
+  #pragma omp parallel for schedule(static) reduction(+:total) num_threads(nt)
+  for (long i = 0; i < words; i += 8) {
+    total += p[i] + p[i + 1] + p[i + 2] + p[i + 3] + p[i + 4] + p[i + 5] + p[i + 6] + p[i + 7];
+  }
+  return total;
+}
+"""
+
+CFLAGS = ["-O3", "-march=native", "-fopenmp", "-ffp-contract=off", "-fPIC", "-shared"]
+
+
+class RsMat(ctypes.Structure):
+    _fields_ = [("kind", ctypes.c_int), ("out", ctypes.c_int), ("in_", ctypes.c_int), ("grouped", ctypes.c_int),
+                ("w", ctypes.c_void_p), ("s", ctypes.c_void_p)]
+
+
+_lib: ctypes.CDLL | None = None
+_tried = False
+_off = 0  # > 0 inside disabled()
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("RWKV_STREAM_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "rwkv-stream")
+    return Path(root) / "cpu-kernels"
+
+
+def _cpu_id() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return line
+    except OSError:
+        pass
+    return platform.processor() + platform.machine()
+
+
+def _build(compiler: str) -> Path:
+    version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=30).stdout
+    key = hashlib.sha256("\0".join([SOURCE, *CFLAGS, version, _cpu_id()]).encode()).hexdigest()[:16]
+    out = cache_dir() / f"rwkv_stream_cpu_{key}.so"
+    if out.exists():
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
+        src = Path(tmp) / "kernels.c"
+        src.write_text(SOURCE)
+        so = Path(tmp) / "kernels.so"
+        proc = subprocess.run([compiler, *CFLAGS, str(src), "-o", str(so), "-lm"], capture_output=True, text=True,
+                              timeout=300)
+        if proc.returncode != 0:
+            raise RuntimeError(f"{compiler} failed: {proc.stderr.strip().splitlines()[-1:] or proc.returncode}")
+        os.replace(so, out)  # atomic: concurrent builders race harmlessly
+    return out
+
+
+def load() -> ctypes.CDLL | None:
+    """The compiled kernels, built on first use (cached); None where disabled, or with no working compiler."""
+    global _lib, _tried
+    if _off:
+        return None
+    if _tried:
+        return _lib
+    _tried = True
+    if os.environ.get(ENV_SWITCH, "1") == "0":
+        log.info("rwkv-stream CPU kernels off (%s=0): torch path", ENV_SWITCH)
+        return None
+    compiler = shutil.which(os.environ.get("CC") or "cc") or shutil.which("gcc")
+    if compiler is None:
+        log.warning("rwkv-stream: no C compiler found ($CC, cc, gcc): CPU kernels off, torch path")
+        return None
+    try:
+        lib = ctypes.CDLL(str(_build(compiler)))
+        lib.rs_matmul.argtypes = [ctypes.POINTER(RsMat), ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p,
+                                  ctypes.c_int]
+        lib.rs_matmul.restype = None
+        lib.rs_rwkv4_layer.restype = None
+        lib.rs_features.restype = ctypes.c_int
+        lib.rs_read_sum.argtypes = [ctypes.c_void_p, ctypes.c_long, ctypes.c_int]
+        lib.rs_read_sum.restype = ctypes.c_uint64
+    except Exception as exc:  # any failure: the torch path is correct, only slower
+        log.warning("rwkv-stream: CPU kernels unavailable (%s): torch path", str(exc).replace("\n", " ")[:300])
+        return None
+    _lib = lib
+    return lib
+
+
+def reset() -> None:
+    """Forget the loaded library (tests switch kernels on and off)."""
+    global _lib, _tried
+    _lib, _tried = None, False
+
+
+@contextlib.contextmanager
+def disabled() -> Iterator[None]:
+    """Models built inside take the torch path, as on a machine without a compiler (benchmarks, tests)."""
+    global _off
+    _off += 1
+    try:
+        yield
+    finally:
+        _off -= 1
+
+
+def features() -> dict[str, bool]:
+    lib = load()
+    f = lib.rs_features() if lib is not None else 0
+    return {"compiled": lib is not None, "avx2": bool(f & 1), "vnni": bool(f & 2), "openmp": bool(f & 4)}
+
+
+def quantize_q8_0(weight: Tensor) -> tuple[Tensor, Tensor]:
+    """Symmetric int8 per block of :data:`QBLOCK` inputs: ``weight ~= q * scales`` (per block);
+    returns ``q`` ``[out, in]`` int8 and ``scales`` ``[out, in // QBLOCK]`` fp32."""
+    out, n_in = weight.shape
+    blocks = weight.float().reshape(out, n_in // QBLOCK, QBLOCK)
+    amax = blocks.abs().amax(dim=-1)
+    inv = torch.where(amax > 0, 127.0 / amax, torch.zeros_like(amax))
+    q = (blocks * inv.unsqueeze(-1)).round().clamp_(-127, 127).to(torch.int8).reshape(out, n_in)
+    return q.contiguous(), (amax / 127.0).contiguous()
+
+
+GROUP = 256  # inputs per group of the grouped q8_0 layout (8 blocks)
+
+
+def to_grouped(q: Tensor) -> Tensor:
+    """q8_0 rows (``in`` a multiple of 256) in the kernel's grouped layout: within each group of 8 blocks, the
+    t-th 32 bytes hold bytes ``4t .. 4t + 3`` of blocks 0..7 (one block per 32-bit lane of an integer dot)."""
+    out, n_in = q.shape
+    return q.reshape(out, n_in // GROUP, 8, 8, 4).transpose(2, 3).contiguous().reshape(out, n_in)
+
+
+def from_grouped(q: Tensor) -> Tensor:
+    out, n_in = q.shape
+    return q.reshape(out, n_in // GROUP, 8, 8, 4).transpose(2, 3).contiguous().reshape(out, n_in)
+
+
+def read_bandwidth(nbytes: int = 1 << 29, repeats: int = 5) -> float | None:
+    """Bytes per second the compiled kernel reads from a buffer well beyond the caches (best of ``repeats``)."""
+    import time
+
+    lib = load()
+    if lib is None:
+        return None
+    buf = torch.ones(nbytes // 8, dtype=torch.int64)
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        lib.rs_read_sum(buf.data_ptr(), buf.numel(), torch.get_num_threads())
+        best = min(best, time.perf_counter() - t0)
+    return nbytes / best
+
+
+def rwkv4_layer_ready(n_embd: int, ffn_dim: int) -> bool:
+    return n_embd % QBLOCK == 0 and ffn_dim % QBLOCK == 0 and load() is not None
+
+
+def rwkv4_layer(lib: ctypes.CDLL, x: Tensor, states: Tensor, layer: int, starts: ctypes.Array, lens: ctypes.Array,
+                params: tuple, post_scale: float) -> None:
+    """One layer in place: ``x`` ``[n, C]`` fp32 contiguous, ``states`` ``[B, L, 5, C]`` fp32 contiguous;
+    ``params`` from :func:`layer_params`."""
+    n, C = x.shape
+    L = states.shape[1]
+    st = states.data_ptr() + layer * 5 * C * 4
+    lib.rs_rwkv4_layer(ctypes.c_void_p(x.data_ptr()), n, C, params[0], ctypes.c_void_p(st), ctypes.c_long(L * 5 * C),
+                       starts, lens, len(starts), *params[1:], ctypes.c_float(post_scale), torch.get_num_threads())
+
+
+def layer_params(ffn_dim: int, vectors: list[Tensor], mats: list[RsMat]) -> tuple:
+    """Arguments of ``rs_rwkv4_layer`` that do not change per call (the tensors must outlive them)."""
+    arr = (RsMat * len(mats))(*mats)
+    return (ffn_dim, *[ctypes.c_void_p(v.data_ptr()) for v in vectors], arr)

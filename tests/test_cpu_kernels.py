@@ -1,0 +1,212 @@
+"""The compiled CPU kernels (rwkv_stream.cpu_kernels) and their fallback: products against torch, rows
+independent of their batch mates, the fused RWKV-4 layer against the torch path, q8_0 with and without a
+compiler, and the rwkv.cpp comparison bench on a tiny shape."""
+
+from __future__ import annotations
+
+import json
+import logging
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import TINY
+
+from rwkv_stream import cpu_kernels, load
+from rwkv_stream.linear import KernelLinear, Q8Linear, q8_0_reference
+
+ROOT = Path(__file__).resolve().parents[1]
+TEXT = [5, 17, 3, 88, 42, 1, 0, 96, 33, 7, 64, 12, 9, 50, 21, 70]
+needs_kernels = pytest.mark.skipif(cpu_kernels.load() is None, reason="no C compiler: kernels not built")
+
+
+@pytest.fixture
+def no_kernels(monkeypatch, tmp_path):
+    """As on a machine without a compiler: kernels off for this test, library state restored after."""
+    monkeypatch.setenv(cpu_kernels.ENV_SWITCH, "0")
+    cpu_kernels.reset()
+    yield
+    monkeypatch.delenv(cpu_kernels.ENV_SWITCH)
+    cpu_kernels.reset()
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-6), (torch.float16, 2e-3), (torch.bfloat16, 1e-2)])
+def test_float_kernels_match_torch(dtype, tol):
+    gen = torch.Generator().manual_seed(0)
+    w, x = torch.randn(70, 96, generator=gen), torch.randn(9, 96, generator=gen)
+    lin = KernelLinear(w, dtype)
+    ref = x @ w.to(dtype).float().t()
+    y = lin(x)
+    assert y.dtype == torch.float32 and y.shape == (9, 70)
+    assert (y - ref).abs().max() / ref.abs().max() < (1e-6 if dtype != torch.float32 else tol)
+    assert (y - x @ w.t()).abs().max() / ref.abs().max() < tol
+
+
+@needs_kernels
+@pytest.mark.parametrize("n_in", [128, 512])  # 512: the grouped layout (8 blocks per integer dot)
+def test_q8_0_kernel_matches_its_torch_emulation_and_fp32(n_in):
+    gen = torch.Generator().manual_seed(1)
+    w, x = torch.randn(50, n_in, generator=gen), torch.randn(7, n_in, generator=gen)
+    lin = Q8Linear(w)
+    assert lin.grouped == (n_in % 256 == 0)
+    y = lin(x)
+    q, scales = cpu_kernels.quantize_q8_0(w)
+    emulated = q8_0_reference(q, scales, x)
+    assert (y - emulated).abs().max() <= 1e-5 * emulated.abs().max()  # same integers, fp32 sums in another order
+    ref = x @ w.t()
+    assert (y - ref).abs().max() / ref.abs().max() < 0.02
+    assert lin.nbytes == 50 * n_in + 50 * (n_in // 32) * 4
+    assert torch.equal(cpu_kernels.from_grouped(cpu_kernels.to_grouped(q)), q) if lin.grouped else True
+
+
+@needs_kernels
+@pytest.mark.parametrize("make", [lambda w: KernelLinear(w, torch.float16), lambda w: KernelLinear(w, torch.float32),
+                                  lambda w: KernelLinear(w, torch.bfloat16), Q8Linear])
+@pytest.mark.parametrize("n_in", [64, 256])
+def test_each_row_is_bitwise_independent_of_the_others(make, n_in):
+    gen = torch.Generator().manual_seed(2)
+    lin = make(torch.randn(33, n_in, generator=gen))
+    x = torch.randn(11, n_in, generator=gen)
+    whole = lin(x)
+    for n in range(1, 11):
+        for s in (0, 11 - n):
+            assert torch.equal(lin(x[s:s + n]), whole[s:s + n])
+
+
+@needs_kernels
+@pytest.mark.parametrize("fmt,tol", [("float32", 1e-5), ("float16", 5e-3), ("bfloat16", 5e-2), ("q8_0", 5e-2)])
+def test_fused_layers_match_the_torch_path(tiny_pth, fmt, tol):
+    ref_model = _torch_model(tiny_pth, "float32")
+    ref, ref_state = ref_model.forward(TEXT)
+    model = load(tiny_pth, dtype=fmt)
+    assert model._lib is not None  # the compiled path
+    logits, state = model.forward(TEXT)
+    assert (logits - ref).abs().max() / ref.abs().max() < tol
+    assert (state.tensor - ref_state.tensor).abs().max() < max(tol, 1e-4) * ref_state.tensor.abs().max()
+    one = model.new_state()
+    rows = []
+    for tok in TEXT:  # one token per call: the same bits as the whole sequence in one call
+        out, one = model.forward([tok], one)
+        rows.append(out)
+    assert torch.equal(torch.cat(rows), logits)
+    assert torch.equal(one.tensor, state.tensor)
+
+
+@needs_kernels
+@pytest.mark.parametrize("fmt", ["float16", "q8_0"])
+def test_fused_path_on_a_real_width(tmp_path, fmt):
+    """256 wide: the grouped q8_0 layout inside the fused layers."""
+    from rwkv_stream import ModelConfig
+    from rwkv_stream.random_checkpoint import random_tensors, save_pth
+
+    cfg = ModelConfig(n_layer=2, n_embd=256, vocab_size=97, ffn_dim=1024)
+    save_pth(random_tensors(cfg, seed=3), tmp_path / "w.pth")
+    ref, _ = _torch_model(tmp_path / "w.pth", "float32").forward(TEXT)
+    model = load(tmp_path / "w.pth", dtype=fmt)
+    logits, state = model.forward(TEXT)
+    assert (logits - ref).abs().max() / ref.abs().max() < (5e-3 if fmt == "float16" else 3e-2)
+    pool = model.new_pool(4)
+    a, b, c = pool.alloc(), pool.alloc(), pool.alloc()
+    solo = model.step(pool, [a], [TEXT[:3]])
+    shared = model.step(pool, [b, c], [[9, 9, 9, 9, 9], TEXT[:3]])
+    assert torch.equal(solo.logits[0], shared.logits[1])
+
+
+@needs_kernels
+@pytest.mark.parametrize("fmt", ["float32", "float16", "q8_0"])
+def test_fused_steps_do_not_depend_on_batch_mates_even_without_padding(tiny_pth, fmt):
+    model = load(tiny_pth, dtype=fmt)
+    assert model.invariant_rows == 1  # no padding needed: each row is computed on its own
+    pool = model.new_pool(8)
+    alone, crowd = pool.alloc(), [pool.alloc() for _ in range(3)]
+    solo = model.step(pool, [alone], [TEXT[:5]])
+    shared = model.step(pool, crowd, [TEXT[20:27] or [4, 4], TEXT[:5], [3]])
+    assert torch.equal(solo.logits[0], shared.logits[1])
+    assert torch.equal(pool.read(alone).tensor, pool.read(crowd[1]).tensor)
+
+
+def test_q8_0_runs_without_a_compiler(tiny_pth, no_kernels):
+    assert cpu_kernels.load() is None
+    model = load(tiny_pth, dtype="q8_0")
+    assert model._lib is None
+    ref, _ = load(tiny_pth).forward(TEXT)
+    logits, _ = model.forward(TEXT)
+    assert (logits - ref).abs().max() / ref.abs().max() < 5e-2
+    pool = model.new_pool(4)
+    a, b = pool.alloc(), pool.alloc()
+    solo = model.step(pool, [a], [TEXT[:4]], batch_invariant=True)
+    shared = model.step(pool, [b, pool.alloc()], [TEXT[:4], [7, 8, 9]], batch_invariant=True)
+    assert torch.equal(solo.logits[0], shared.logits[0])
+
+
+@needs_kernels
+def test_fallback_and_compiled_q8_0_agree(tiny_pth, monkeypatch):
+    compiled, _ = load(tiny_pth, dtype="q8_0").forward(TEXT)
+    monkeypatch.setenv(cpu_kernels.ENV_SWITCH, "0")
+    cpu_kernels.reset()
+    try:
+        fallback, _ = load(tiny_pth, dtype="q8_0").forward(TEXT)
+    finally:
+        monkeypatch.delenv(cpu_kernels.ENV_SWITCH)
+        cpu_kernels.reset()
+    assert (compiled - fallback).abs().max() / fallback.abs().max() < 1e-3
+
+
+@pytest.mark.parametrize("cc", ["missing", "failing"])
+def test_no_or_broken_compiler_logs_one_line_and_falls_back(tiny_pth, monkeypatch, tmp_path, caplog, cc):
+    monkeypatch.setenv("RWKV_STREAM_CACHE", str(tmp_path / "cache"))
+    if cc == "missing":
+        monkeypatch.setattr(cpu_kernels.shutil, "which", lambda name: None)
+    else:
+        script = tmp_path / "cc"
+        script.write_text("#!/bin/sh\n[ \"$1\" = --version ] && { echo fake 1.0; exit 0; }\necho 'boom' >&2\nexit 1\n")
+        script.chmod(0o755)
+        monkeypatch.setenv("CC", str(script))
+    cpu_kernels.reset()
+    try:
+        with caplog.at_level(logging.WARNING, logger="rwkv_stream.cpu_kernels"):
+            assert cpu_kernels.load() is None
+            model = load(tiny_pth, dtype="float16")
+        assert len(caplog.records) == 1 and "torch path" in caplog.records[0].getMessage()
+        assert model._lib is None
+        logits, _ = model.forward(TEXT)
+        assert torch.isfinite(logits).all()
+    finally:
+        cpu_kernels.reset()
+
+
+@needs_kernels
+def test_kernels_are_cached_under_the_user_cache_dir(monkeypatch, tmp_path):
+    monkeypatch.setenv("RWKV_STREAM_CACHE", str(tmp_path))
+    cpu_kernels.reset()
+    try:
+        assert cpu_kernels.load() is not None
+        assert list((tmp_path / "cpu-kernels").glob("rwkv_stream_cpu_*.so"))
+    finally:
+        cpu_kernels.reset()
+
+
+def test_bench_runs_on_a_tiny_shape_and_prints_json(monkeypatch):
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "cpu_vs_rwkvcpp.py"), "--shape", "tiny", "--rounds", "1",
+         "--formats", "float16,q8_0,torch:float32", "--bandwidth-mib", "8", "--prefill", "4", "--streams", "2",
+         "--threads", "1"], capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert out.returncode == 0, out.stderr
+    data = json.loads(out.stdout)
+    assert "skipped" in data["rwkv.cpp"]  # no librwkv given
+    assert "loadavg_before" in data["machine"] and data["read_bandwidth"]["gb_s_best"] > 0
+    row = data["results"]["rwkv-stream q8_0"]
+    assert row["error"] < 0.05 and row["batch1"]["ms_per_step_p50"] > 0 and row["floor_fraction_best"] > 0
+    assert data["results"]["rwkv-stream torch:float32"]["path"] == "torch"
+
+
+def _torch_model(path, fmt):
+    with cpu_kernels.disabled():
+        return load(path, dtype=fmt)
+
+
+def test_tiny_config_is_kernel_sized():
+    assert TINY.n_embd % cpu_kernels.QBLOCK == 0 and TINY.ffn_dim % cpu_kernels.QBLOCK == 0

@@ -82,6 +82,7 @@ class Processor:
         self.book = PartitionBook()
         self.started = threading.Event()
         self._stop = threading.Event()
+        self._member: str | None = None  # the group member id the partitions held were taken on under
         self.consumer: KafkaConsumer | None = None
         self.delivery: Delivery | None = None
         self.store: StateStore | None = None
@@ -135,6 +136,7 @@ class Processor:
 
     def setup(self) -> None:
         cfg = self.cfg
+        self._member = None
         self.readiness.set("starting")
         co_partitioned = self.clients.create_missing_topics()
         self.consumer = self.clients.new_consumer()
@@ -255,12 +257,20 @@ class Processor:
         parts.checkpointer.maybe_checkpoint()
 
     def _drop_partitions_gone_silently(self) -> None:
-        """Partitions held here that the consumer no longer has (no rebalance callback said so): lost."""
+        """Partitions held here that the consumer no longer has (no rebalance callback said so): lost. And all
+        of them when the consumer is in the group under another member id than when they were taken on (it was
+        fenced out and rejoined) without a callback: they are restored from what the group committed."""
         assert self.parts is not None and self.consumer is not None
         held = self.book.assigned | self.book.to_restore
         gone = held - set(self.consumer.assignment() or ()) if held else set()
         if gone:
             self.parts.rebalance.on_gone(gone)
+        member = self.consumer.group_metadata().member_id
+        if not member:
+            return  # not in the group right now: nothing is committed meanwhile (check_membership)
+        if self._member is not None and member != self._member:
+            self.parts.rebalance.on_rejoined(held - gone)
+        self._member = member
 
     def _update_readiness(self) -> None:
         if self.book.to_restore:

@@ -76,6 +76,22 @@ class RebalanceHandler:
             self.checkpointer.rollback()
 
 
+    def on_rejoined(self, held: set[TopicPartition]) -> None:
+        """Main thread: the consumer is in the group under a new member id (it was fenced out, e.g. frozen past
+        its session timeout, and rejoined) and still holds these partitions, with no callback having said so.
+        Seen in the soak with kafka-python 3.0.12: a member frozen in the middle of a rebalance woke up, rejoined
+        and was handed back the same partitions (another member had processed and committed them meanwhile)
+        without ``on_partitions_lost``/``on_partitions_assigned``, and went on from its own position and states:
+        under exactly-once it committed duplicates. Handled like lost partitions that are assigned again: the
+        uncommitted work is thrown away and the partitions are restored from what the group committed."""
+        log.warning("group member id changed without a rebalance callback: restoring the partitions held",
+                    extra={"partitions": _numbers(held)})
+        self.metrics.rebalances.labels("lost").inc()
+        self.checkpointer.await_background_job()
+        self.delivery.abort()
+        self.checkpointer.rollback()  # every held partition back to to_restore: restored as if just assigned
+
+
 class RebalanceListener(AsyncConsumerRebalanceListener):
     """Runs on kafka-python's I/O thread; slow work goes to a worker thread that it awaits."""
 

@@ -57,8 +57,10 @@ def load_average() -> list[float]:
 
 
 def cases(one: Step, streams: Step, prefill: Step, args: argparse.Namespace) -> dict[str, tuple[Step, int]]:
-    return {"batch1": (one, 1), f"streams{args.streams}": (streams, args.streams),
-            f"prefill{args.prefill}": (prefill, args.prefill)}
+    every = {"batch1": (one, 1), f"streams{args.streams}": (streams, args.streams),
+             f"prefill{args.prefill}": (prefill, args.prefill)}
+    wanted = set(args.cases.split(","))
+    return {name: case for name, case in every.items() if any(name.startswith(w) for w in wanted)}
 
 
 def error_vs(ref: torch.Tensor, logits: torch.Tensor) -> float:
@@ -200,7 +202,7 @@ def measure(impls: dict[str, dict], rounds: int, bw_bytes: int, warmup: int = 2)
         results[impl][name] = {"ms_per_step_p50": round(med * 1e3, 3), "ms_per_step_min": round(best * 1e3, 3),
                                "tokens_per_s_p50": round(tokens / med, 1), "tokens_per_s_best": round(tokens / best, 1)}
     for info in results.values():
-        if "batch1" in info:
+        if "batch1" in info and "bytes_per_token" in info:
             floor_best = info["bytes_per_token"] / (bw["gb_s_best"] * 1e9) * 1e3
             floor_p50 = info["bytes_per_token"] / (bw["gb_s_p50"] * 1e9) * 1e3
             info["floor_ms_at_best_bw"] = round(floor_best, 3)
@@ -217,6 +219,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--streams", type=int, default=16)
     p.add_argument("--prefill", type=int, default=64, help="tokens of the long fragment (one stream, one call)")
     p.add_argument("--error-tokens", type=int, default=16)
+    p.add_argument("--cases", default="batch1,streams,prefill", help="of batch1, streams, prefill")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--bandwidth-mib", type=int, default=512)
     p.add_argument("--librwkv", default=os.environ.get("RWKV_CPP_LIB"), help="path of librwkv (or $RWKV_CPP_LIB)")

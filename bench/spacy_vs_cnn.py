@@ -7,6 +7,13 @@ paragraphs of ``train.txt``, evaluate on the first ``--dev`` of ``test.txt``, th
 saw; the shipped model was pretrained on all of ``train.txt``; both drawn at random, seed 0), or generated prose
 (``--synthetic``).
 
+The machine is shared, so the two pipelines are measured side by side, not one after the other: training
+alternates update steps (always the pipeline that has used less of its budget), and inference alternates
+``nlp.pipe`` passes over the dev texts (``--passes`` each; words/s from the best pass, wall clock and CPU
+time of this process, with the median beside it). The host (``/proc/cpuinfo``) and its load (``/proc/loadavg``
+and the share of all cores busy during the inference passes, from ``/proc/stat``) are in the JSON.
+``--formats`` also times the trained rwkv pipeline reloaded with other weight formats (accuracy beside).
+
     OMP_NUM_THREADS=1 .venv/bin/python bench/spacy_vs_cnn.py --corpus data/corpus --budget 180
 """
 
@@ -16,6 +23,8 @@ import argparse
 import json
 import os
 import random
+import statistics
+import tempfile
 import time
 from pathlib import Path
 
@@ -65,33 +74,101 @@ def cnn_pipeline() -> Language:
     return load_model_from_config(config, auto_fill=True)
 
 
-def train(nlp: Language, train_docs: list[Doc], budget: float, batch_words: int) -> dict:
-    examples = [Example(nlp.make_doc(d.text), d) for d in train_docs]
-    optimizer = nlp.initialize(lambda: examples)
-    start, steps, epoch = time.monotonic(), 0, 0
-    while time.monotonic() - start < budget:
-        order = examples[epoch % len(examples):] + examples[: epoch % len(examples)]
-        for batch in minibatch_by_words(order, size=batch_words):
-            nlp.update(batch, sgd=optimizer)
-            optimizer.step_schedules()  # as spacy train does (learning-rate warmup and decay)
-            steps += 1
-            if time.monotonic() - start >= budget:
-                break
-        epoch += 1
-    return {"steps": steps, "train_seconds": round(time.monotonic() - start, 1)}
+def host() -> dict:
+    cpus = [line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("model name")]
+    return {"cpu": cpus[0] if cpus else "unknown", "vcpus": os.cpu_count(), "torch": torch.__version__,
+            "spacy": spacy.__version__}
 
 
-def evaluate(nlp: Language, dev_docs: list[Doc]) -> dict:
-    examples = [Example(nlp.make_doc(d.text), d) for d in dev_docs]
-    scores = nlp.evaluate(examples)
-    texts = [d.text for d in dev_docs]
-    seconds, n_words = float("inf"), 0
-    for _ in range(3):  # the best of three passes: the machine is shared
-        start = time.monotonic()
-        n_words = sum(len(doc) for doc in nlp.pipe(texts))
-        seconds = min(seconds, time.monotonic() - start)
-    return {"tag_acc": round(scores["tag_acc"], 4), "cats_macro_f": round(scores["cats_macro_f"], 4),
-            "words_per_s": round(n_words / seconds)}
+def loadavg() -> list[float]:
+    return [float(x) for x in Path("/proc/loadavg").read_text().split()[:3]]
+
+
+def cpu_ticks() -> tuple[int, int]:
+    """(busy, total) jiffies of all cores from /proc/stat (busy: all but idle and iowait)."""
+    fields = [int(x) for x in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
+    return sum(fields) - fields[3] - fields[4], sum(fields)
+
+
+class Trainer:
+    """One pipeline's training loop, advanced one update at a time (so two can alternate)."""
+
+    def __init__(self, nlp: Language, train_docs: list[Doc], batch_words: int) -> None:
+        self.nlp = nlp
+        self.examples = [Example(nlp.make_doc(d.text), d) for d in train_docs]
+        self.optimizer = nlp.initialize(lambda: self.examples)
+        self.batch_words, self.epoch, self.steps, self.seconds, self.cpu = batch_words, 0, 0, 0.0, 0.0
+        self._batches = self._epoch()
+
+    def _epoch(self):  # type: ignore[no-untyped-def]
+        n = len(self.examples)
+        order = self.examples[self.epoch % n:] + self.examples[: self.epoch % n]
+        return iter(minibatch_by_words(order, size=self.batch_words))
+
+    def step(self) -> None:
+        batch = next(self._batches, None)
+        if batch is None:
+            self.epoch += 1
+            self._batches = self._epoch()
+            batch = next(self._batches)
+        wall, cpu = time.monotonic(), time.process_time()
+        self.nlp.update(batch, sgd=self.optimizer)
+        self.optimizer.step_schedules()  # as spacy train does (learning-rate warmup and decay)
+        self.seconds += time.monotonic() - wall
+        self.cpu += time.process_time() - cpu
+        self.steps += 1
+
+
+def train_side_by_side(trainers: dict[str, Trainer], budget: float) -> dict:
+    """Update steps alternate: always the pipeline that has used less of its budget (wall clock)."""
+    load_start = loadavg()
+    while True:
+        open_ = [t for t in trainers.values() if t.seconds < budget]
+        if not open_:
+            break
+        min(open_, key=lambda t: t.seconds).step()
+    return {name: {"steps": t.steps, "train_seconds": round(t.seconds, 1), "train_cpu_seconds": round(t.cpu, 1)}
+            for name, t in trainers.items()} | {"loadavg": [load_start, loadavg()]}
+
+
+def accuracy(nlp: Language, dev_docs: list[Doc]) -> dict:
+    scores = nlp.evaluate([Example(nlp.make_doc(d.text), d) for d in dev_docs])
+    return {"tag_acc": round(scores["tag_acc"], 4), "cats_macro_f": round(scores["cats_macro_f"], 4)}
+
+
+def time_side_by_side(pipelines: dict[str, Language], texts: list[str], passes: int) -> dict:
+    """``nlp.pipe`` passes over ``texts``, alternating between the pipelines; words/s of the best pass
+    (wall and CPU time) and of the median one."""
+    for nlp in pipelines.values():
+        list(nlp.pipe(texts[:20]))  # warm-up (lazy loads, first-call allocations)
+    walls: dict[str, list[float]] = {name: [] for name in pipelines}
+    cpus: dict[str, list[float]] = {name: [] for name in pipelines}
+    n_words = 0
+    load_start, ticks = loadavg(), cpu_ticks()
+    for i in range(passes):
+        names = list(pipelines) if i % 2 == 0 else list(reversed(pipelines))
+        for name in names:
+            wall, cpu = time.monotonic(), time.process_time()
+            n_words = sum(len(doc) for doc in pipelines[name].pipe(texts))
+            walls[name].append(time.monotonic() - wall)
+            cpus[name].append(time.process_time() - cpu)
+    busy, total = (b - a for a, b in zip(ticks, cpu_ticks(), strict=True))
+    out: dict = {name: {"words_per_s": round(n_words / min(walls[name])),
+                        "words_per_s_median": round(n_words / statistics.median(walls[name])),
+                        "words_per_cpu_s": round(n_words / min(cpus[name])),
+                        "words_per_cpu_s_median": round(n_words / statistics.median(cpus[name]))}
+                 for name in pipelines}
+    out["host_load"] = {"loadavg": [load_start, loadavg()], "cores_busy": round(busy / max(total, 1), 3),
+                        "passes": passes}
+    return out
+
+
+def reload_as(nlp: Language, dtype: str) -> Language:
+    """The trained rwkv pipeline saved and loaded again with another weight format."""
+    with tempfile.TemporaryDirectory() as tmp:
+        nlp.to_disk(tmp)
+        return spacy.load(tmp, config={"components": {"rwkv": {"dtype": dtype}}})
 
 
 def main() -> None:
@@ -102,10 +179,16 @@ def main() -> None:
     parser.add_argument("--dev", type=int, default=300, help="evaluation paragraphs (a random sample)")
     parser.add_argument("--budget", type=float, default=180.0, help="training seconds per pipeline")
     parser.add_argument("--batch-words", type=int, default=1000)
+    parser.add_argument("--passes", type=int, default=5, help="inference passes per pipeline (alternating)")
+    parser.add_argument("--formats", default="", help="comma-separated weight formats to time the trained rwkv "
+                                                      "pipeline in too (e.g. w8a8,int8,bfloat16)")
+    parser.add_argument("--out", type=Path, help="also write the JSON here")
     args = parser.parse_args()
     torch.set_num_threads(1)
     train_docs, dev_docs = corpus(args)
+    texts = [d.text for d in dev_docs]
     result: dict = {
+        "host": host(), "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
         "data": "synthetic" if args.synthetic else str(args.corpus),
         "train_docs": len(train_docs), "train_words": sum(len(d) for d in train_docs),
         "dev_docs": len(dev_docs), "dev_words": sum(len(d) for d in dev_docs),
@@ -114,12 +197,27 @@ def main() -> None:
     }
     shipped = rwkv_pipeline()
     shipped.initialize(lambda: [Example(shipped.make_doc(d.text), d) for d in train_docs])
-    result["rwkv_before_training"] = evaluate(shipped, dev_docs)  # the shipped heads, relabelled to the data
-    for name, make in (("rwkv", rwkv_pipeline), ("cnn_tok2vec", cnn_pipeline)):
-        nlp = make()
-        result[name] = {**train(nlp, train_docs, args.budget, args.batch_words), **evaluate(nlp, dev_docs)}
-        print(json.dumps({name: result[name]}), flush=True)
-    print(json.dumps(result, indent=2))
+    result["rwkv_before_training"] = accuracy(shipped, dev_docs)  # the shipped heads, relabelled to the data
+    trainers = {"rwkv": Trainer(rwkv_pipeline(), train_docs, args.batch_words),
+                "cnn_tok2vec": Trainer(cnn_pipeline(), train_docs, args.batch_words)}
+    result["training"] = train_side_by_side(trainers, args.budget)
+    pipelines = {name: t.nlp for name, t in trainers.items()}
+    for name, nlp in pipelines.items():
+        result[name] = {**result["training"][name], **accuracy(nlp, dev_docs)}
+    formats = [f for f in args.formats.split(",") if f]
+    timed = {"rwkv": pipelines["rwkv"], "cnn_tok2vec": pipelines["cnn_tok2vec"], "rwkv_before_training": shipped}
+    for dtype in formats:
+        timed[f"rwkv_{dtype}"] = reload_as(pipelines["rwkv"], dtype)
+        result[f"rwkv_{dtype}"] = accuracy(timed[f"rwkv_{dtype}"], dev_docs)
+    speed = time_side_by_side(timed, texts, args.passes)
+    result["inference_host_load"] = speed.pop("host_load")
+    for name, row in speed.items():
+        result[name] = {**result[name], **row}
+    text = json.dumps(result, indent=2)
+    print(text)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(text + "\n")
 
 
 if __name__ == "__main__":

@@ -196,10 +196,9 @@ static inline __attribute__((always_inline)) void q8g_rows(const rs_mat* m, cons
 }
 
 static inline __attribute__((always_inline)) void f_rows(const rs_mat* m, const rs_act* a, int o, int r0, int R,
-                                                         float* y, const int kind) {
+                                                         float* y, const int kind, size_t wo) {
   const int in = m->in;
-  const size_t wo = (size_t)o * in;
-  __m256 acc[2][4];
+  __m256 acc[4][4];
   for (int i = 0; i < R; i++) for (int j = 0; j < 4; j++) acc[i][j] = _mm256_setzero_ps();
   for (int k = 0; k < in; k += 32) {
     for (int j = 0; j < 4; j++) {
@@ -213,8 +212,26 @@ static inline __attribute__((always_inline)) void f_rows(const rs_mat* m, const 
         hsum8(_mm256_add_ps(_mm256_add_ps(acc[i][0], acc[i][1]), _mm256_add_ps(acc[i][2], acc[i][3])));
 }
 
+/* 16-bit weights for many rows: the weight row widened to fp32 once (exact), then fp32 products 4 rows at a
+   time; each row's sums are f_rows' (same values, same order), so a row's bits do not depend on n */
+static void f16_rows_buffered(const rs_mat* m, const rs_act* a, int n, float* y, int o) {
+  float buf[m->in] __attribute__((aligned(32)));
+  const size_t wo = (size_t)o * m->in;
+  for (int k = 0; k < m->in; k += 8) _mm256_store_ps(buf + k, load8(m->kind, m->w, wo + k));
+  rs_mat row = *m;
+  row.w = buf;
+  row.kind = K_F32;
+  int r = 0;
+  for (; r + 4 <= n; r += 4) f_rows(&row, a, o, r, 4, y, K_F32, 0);
+  for (; r < n; r++) f_rows(&row, a, o, r, 1, y, K_F32, 0);
+}
+
 static void out_row(const rs_mat* m, const rs_act* a, int n, float* y, int o) {
   int r = 0;
+  if ((m->kind == K_F16 || m->kind == K_BF16) && n >= 4) {
+    f16_rows_buffered(m, a, n, y, o);
+    return;
+  }
   if (m->kind == K_Q8 && m->grouped) {
     for (; r + 4 <= n; r += 4) q8g_rows(m, a, o, r, 4, y);
     for (; r < n; r++) q8g_rows(m, a, o, r, 1, y);
@@ -222,14 +239,14 @@ static void out_row(const rs_mat* m, const rs_act* a, int n, float* y, int o) {
     for (; r + 4 <= n; r += 4) q8_rows(m, a, o, r, 4, y);
     for (; r < n; r++) q8_rows(m, a, o, r, 1, y);
   } else if (m->kind == K_F32) {
-    for (; r + 2 <= n; r += 2) f_rows(m, a, o, r, 2, y, K_F32);
-    for (; r < n; r++) f_rows(m, a, o, r, 1, y, K_F32);
+    for (; r + 4 <= n; r += 4) f_rows(m, a, o, r, 4, y, K_F32, (size_t)o * m->in);
+    for (; r < n; r++) f_rows(m, a, o, r, 1, y, K_F32, (size_t)o * m->in);
   } else if (m->kind == K_F16) {
-    for (; r + 2 <= n; r += 2) f_rows(m, a, o, r, 2, y, K_F16);
-    for (; r < n; r++) f_rows(m, a, o, r, 1, y, K_F16);
+    for (; r + 2 <= n; r += 2) f_rows(m, a, o, r, 2, y, K_F16, (size_t)o * m->in);
+    for (; r < n; r++) f_rows(m, a, o, r, 1, y, K_F16, (size_t)o * m->in);
   } else {
-    for (; r + 2 <= n; r += 2) f_rows(m, a, o, r, 2, y, K_BF16);
-    for (; r < n; r++) f_rows(m, a, o, r, 1, y, K_BF16);
+    for (; r + 2 <= n; r += 2) f_rows(m, a, o, r, 2, y, K_BF16, (size_t)o * m->in);
+    for (; r < n; r++) f_rows(m, a, o, r, 1, y, K_BF16, (size_t)o * m->in);
   }
 }
 #else

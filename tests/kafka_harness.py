@@ -408,6 +408,8 @@ class Pacer:
                                       max_block_ms=120000, request_timeout_ms=30000, delivery_timeout_ms=300000,
                                       **(producer_options or {}))
         self.error: BaseException | None = None
+        self._go = threading.Event()  # cleared: production paused (see pause())
+        self._go.set()
         self._thread = threading.Thread(target=self._run, name="pacer", daemon=True)
 
     def start(self) -> Pacer:
@@ -419,12 +421,15 @@ class Pacer:
 
         import msgpack
 
-        t0 = time.monotonic()
+        next_at = time.monotonic()
         try:
-            for i, p in enumerate(self.plan):
-                delay = t0 + i / self.rate - time.monotonic()
+            for p in self.plan:
+                self._go.wait()
+                next_at = max(next_at, time.monotonic() - 1.0)  # after a pause, no burst to catch up
+                delay = next_at - time.monotonic()
                 if delay > 0:
                     time.sleep(delay)
+                next_at += 1 / self.rate
                 value = p.value
                 if self.ts:
                     obj = msgpack.unpackb(value, raw=False)
@@ -438,6 +443,14 @@ class Pacer:
 
     def done(self) -> bool:
         return not self._thread.is_alive()
+
+    def pause(self) -> None:
+        """Hold the remaining records back (e.g. while no consumer runs, so that input is left for later fault
+        points however slowly the machine gets through the earlier ones)."""
+        self._go.clear()
+
+    def resume(self) -> None:
+        self._go.set()
 
     def join(self, timeout_s: float = 300.0) -> list[InputRecord]:
         self._thread.join(timeout_s)

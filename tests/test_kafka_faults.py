@@ -142,17 +142,21 @@ KILL_POINTS = {
 def test_sigkill_at_random_points_then_restart(kafka_bootstrap, bundle_dir, scenarios, mode):
     """SIGKILL mid-batch, mid-checkpoint (injected at named points) and at random times, restart each time."""
     s = scenarios(kafka_bootstrap, bundle_dir, mode=mode, seed=SEED, n_fragments=30, rate=12)
-    s.start_producing()
+    s.pacer.pause()  # input flows only while a consumer runs: each fault point has input to reach it with,
+    s.start_producing()  # however slowly a loaded machine starts the consumers
     injected = 0
     for faults in KILL_POINTS[mode]:
         proc = s.consumer("a", faults=faults)
         s.ready(proc, may_die=bool(faults))
+        s.pacer.resume()
         if faults:
-            proc.wait(20)  # dies at the injected point (or is killed after 20 s)
+            proc.wait(60)  # dies at the injected point (or is killed after 60 s)
             injected += "fault injection: SIGKILL" in proc.log_text()
         else:  # a random moment after it became ready (the fault's timing, not a wait for the consumer)
             time.sleep(s.rng.uniform(0.3, 2.0))
             proc.kill()
+        s.pacer.pause()
+    s.pacer.resume()
     assert injected >= len([f for f in KILL_POINTS[mode] if f]) - 1, "the injected kill points were not reached"
     s.finish()
 
@@ -201,13 +205,17 @@ def test_injected_commit_failures(kafka_bootstrap, bundle_dir, scenarios, mode):
     """Half the offset (or transaction) commits fail; one consumer is SIGKILLed in between, so the input whose
     commit failed is replayed from older offsets."""
     s = scenarios(kafka_bootstrap, bundle_dir, mode=mode, seed=SEED + 3, n_fragments=20, rate=15)
+    s.pacer.pause()  # input flows only while a consumer runs (left for the second one on a loaded machine)
     s.start_producing()
     proc = s.consumer("a", faults=f"commit_fail~0.5;seed={SEED}")
     s.ready(proc)
+    s.pacer.resume()
     _wait_for_events(proc, "checkpoint failed", 2)
+    s.pacer.pause()
     proc.kill()
     proc = s.consumer("a", faults=f"commit_fail~0.5;seed={SEED + 1}")
     s.ready(proc)
+    s.pacer.resume()
     _wait_for_events(proc, "checkpoint failed", 1)
     s.finish()
 

@@ -23,31 +23,16 @@ Extensions set by the ``rwkv`` component when its tag head has transcript labels
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 from spacy.attrs import IDX, IS_SPACE, ORTH, SPACY
 from spacy.tokens import Doc, Span, Token
 
-MARKS = {"O": "", "COMMA": ",", "PERIOD": ".", "QUESTION": "?"}
-CASES = ("lower", "Cap", "UPPER")
+from rwkv_stream.restore import CASES, MARKS, apply_case, is_transcript_labels, parse_label
 
-
-@functools.lru_cache(maxsize=4096)
-def parse_label(label: str | None) -> tuple[str, str] | None:
-    """``("," , "Cap")`` for ``"COMMA-Cap"``; ``None`` when ``label`` is not a transcript label."""
-    if not label:
-        return None
-    punct, _, case = label.partition("-")
-    if punct not in MARKS or case not in CASES:
-        return None
-    return MARKS[punct], case
-
-
-def is_transcript_labels(labels: Sequence[str]) -> bool:
-    return bool(labels) and all(parse_label(label) is not None for label in labels)
-
+# The label rules live in rwkv_stream.restore (the Kafka processor uses them too); re-exported here.
+__all__ = ["CASES", "MARKS", "apply_case", "is_transcript_labels", "parse_label"]
 
 @dataclass
 class Restored:
@@ -95,14 +80,6 @@ def _attach(out: Restored, word_end: int | None, mark: str) -> None:
     if out.puncts[word_end] is None:
         out.puncts[word_end] = mark
         out.texts[word_end] += mark
-
-
-def apply_case(text: str, case: str) -> str:
-    if case == "UPPER":
-        return text.upper()
-    if case == "Cap":
-        return text[:1].upper() + text[1:]
-    return text
 
 
 # ------------------------------------------------------------------------------------------ spaCy

@@ -16,6 +16,7 @@ stream was split (between words, inside a word, inside a token's text). Its stat
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -24,6 +25,7 @@ MARKS = {"O": "", "COMMA": ",", "PERIOD": ".", "QUESTION": "?"}
 CASES = ("lower", "Cap", "UPPER")
 
 
+@functools.lru_cache(maxsize=4096)
 def parse_label(label: str | None) -> tuple[str, str] | None:
     """``(",", "Cap")`` for ``"COMMA-Cap"``; ``None`` when ``label`` is not a transcript label."""
     if not label:

@@ -285,15 +285,26 @@ static void out_row(const rs_mat* m, const rs_act* a, int n, float* y, int o) {
 #endif
 
 static void matmul_act(const rs_mat* m, const rs_act* a, int n, float* y, int nt) {
-  #pragma omp parallel for schedule(static) num_threads(nt)
+  #pragma omp parallel for schedule(runtime) num_threads(nt)
   for (int o = 0; o < m->out; o++) out_row(m, a, n, y, o);
+}
+
+/* how output rows are dealt to threads: dynamic chunks by default, so that on a busy host a thread that was
+   descheduled does not hold the others at the barrier (every output is computed alike whichever thread takes
+   it: the bits do not change) */
+static int g_dynamic = 1, g_chunk = 16;
+void rs_set_schedule(int dynamic, int chunk) { g_dynamic = dynamic; g_chunk = chunk; }
+static void apply_schedule(void) {
+#ifdef _OPENMP
+  omp_set_schedule(g_dynamic ? omp_sched_dynamic : omp_sched_static, g_dynamic ? g_chunk : 0);
+#endif
 }
 
 /* several products in one parallel loop (one barrier): outputs of mats[0], then mats[1], ... */
 static void matmul_multi(const rs_mat* mats, const rs_act* acts, int count, int n, float* const* ys, int nt) {
   int total = 0;
   for (int q = 0; q < count; q++) total += mats[q].out;
-  #pragma omp parallel for schedule(static) num_threads(nt)
+  #pragma omp parallel for schedule(runtime) num_threads(nt)
   for (int o = 0; o < total; o++) {
     int q = 0, oo = o;
     while (oo >= mats[q].out) { oo -= mats[q].out; q++; }
@@ -303,6 +314,7 @@ static void matmul_multi(const rs_mat* mats, const rs_act* acts, int count, int 
 
 void rs_matmul(const rs_mat* m, const float* x, int n, float* y, int nt) {
   rs_act a;
+  apply_schedule();
   void* buf = prepare(m, x, n, &a, nt);
   matmul_act(m, &a, n, y, nt);
   free(buf);
@@ -346,6 +358,7 @@ void rs_rwkv4_layer(float* x, int n, int C, int F, float* st0, long sstride, con
                     const float* amix, const float* tw, const float* tu, const float* fmix, const rs_mat* mats,
                     float post_scale, int nt) {
   size_t nc = (size_t)n * C;
+  apply_schedule();
   float* xn = (float*)malloc(sizeof(float) * nc);
   float* mixed = (float*)malloc(sizeof(float) * 3 * nc);
   float* kvr = (float*)malloc(sizeof(float) * 3 * nc);
@@ -494,6 +507,7 @@ def load() -> ctypes.CDLL | None:
         lib.rs_features.restype = ctypes.c_int
         lib.rs_read_sum.argtypes = [ctypes.c_void_p, ctypes.c_long, ctypes.c_int]
         lib.rs_read_sum.restype = ctypes.c_uint64
+        lib.rs_set_schedule.argtypes = [ctypes.c_int, ctypes.c_int]
     except Exception as exc:  # any failure: the torch path is correct, only slower
         log.warning("rwkv-stream: CPU kernels unavailable (%s): torch path", str(exc).replace("\n", " ")[:300])
         return None

@@ -34,6 +34,7 @@ from rwkv_stream.restore import CASES, MARKS, apply_case, is_transcript_labels, 
 # The label rules live in rwkv_stream.restore (the Kafka processor uses them too); re-exported here.
 __all__ = ["CASES", "MARKS", "apply_case", "is_transcript_labels", "parse_label"]
 
+
 @dataclass
 class Restored:
     lead: str  # punctuation owed to the previous fragment's last word

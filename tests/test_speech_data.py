@@ -86,3 +86,18 @@ def test_well_formed_messages_and_spoken_forms() -> None:
     assert not mod.well_formed("Hello")
     assert mod.spoken_forms("It cost $5 million, 7% of the U.S. budget at 9 p.m.") == \
         "It cost 5 million dollars, 7 percent of the US budget at 9 pm"
+
+
+def test_lookahead_decisions_fall_back_to_smaller_k_at_the_stream_end() -> None:
+    from rwkv_stream.train.speech_eval import decisions, doc_counts, report
+
+    # preds[j][p]: head j's label at item p; head j at p decides item p - j
+    preds = [[10, 11, 12, 13], [20, 21, 22, 23], [30, 31, 32, 33]]
+    assert decisions(preds[:1], 0) == [10, 11, 12, 13]
+    assert decisions(preds[:2], 1) == [21, 22, 23, 13]  # the last item: head 0 at the end marker
+    assert decisions(preds, 2) == [32, 33, 23, 13]
+    gold = ["O-Cap", "COMMA-lower", "QUESTION-Cap", "PERIOD-lower"]
+    c = doc_counts(gold, ["O-Cap", "O-lower", "QUESTION-Cap", "PERIOD-lower"])
+    r = report([c])
+    assert r["COMMA"]["recall"] == 0 and r["QUESTION"]["f1"] == 1 and r["PERIOD"]["f1"] == 1
+    assert r["CAP"]["f1"] == 1 and r["case_accuracy"] == 1 and r["n_words"] == 3

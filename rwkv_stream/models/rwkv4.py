@@ -74,8 +74,9 @@ class Rwkv4Model(RecurrentModel):
         fused = (dev.type == "cpu" and self.weight_format in FUSED_FORMATS
                  and cpu_kernels.rwkv4_layer_ready(cfg.n_embd, cfg.ffn_dim))
         self._lib = cpu_kernels.load() if fused else None
-        # fp16 activations of the torch path overflow without halving; the kernels keep activations in fp32
-        self._rescale = dt == torch.float16 and self._lib is None
+        # fp16 activations of the torch path overflow without halving; the kernels keep activations in fp32 but
+        # halve alike, so that a model's weights and numbers are the same on either path (and for the GPU stepper)
+        self._rescale = dt == torch.float16
 
         def vec(key: str) -> Tensor:
             return t[key].to(dev, torch.float32).contiguous()
@@ -164,7 +165,8 @@ class Rwkv4Model(RecurrentModel):
         c_starts = (ctypes.c_int * len(starts))(*starts)
         c_lens = (ctypes.c_int * len(starts))(*rag.lengths)
         for i, params in enumerate(self._fused_params):
-            cpu_kernels.rwkv4_layer(self._lib, x, work, i, c_starts, c_lens, params, 1.0)
+            halve = self._rescale and (i + 1) % FP16_RESCALE_EVERY == 0
+            cpu_kernels.rwkv4_layer(self._lib, x, work, i, c_starts, c_lens, params, 0.5 if halve else 1.0)
         if work is not states:
             states.copy_(work)
         return self._norm_out(x)

@@ -210,3 +210,25 @@ def _torch_model(path, fmt):
 
 def test_tiny_config_is_kernel_sized():
     assert TINY.n_embd % cpu_kernels.QBLOCK == 0 and TINY.ffn_dim % cpu_kernels.QBLOCK == 0
+
+
+@needs_kernels
+@pytest.mark.parametrize("fmt,tol", [("float32", 1e-5), ("float16", 5e-3)])
+def test_many_row_steps_take_the_gemm_unless_bit_exactness_is_asked(tiny_pth, fmt, tol):
+    from rwkv_stream.models import rwkv4
+
+    model = load(tiny_pth, dtype=fmt)
+    tokens = (TEXT * 5)[: rwkv4.GEMM_MIN_ROWS + 3]
+    state = model.new_state()
+    rows = []
+    for tok in tokens:  # one row per call: the kernels
+        out, state = model.forward([tok], state)
+        rows.append(out)
+    one_by_one = torch.cat(rows)
+    gemm, gemm_state = model.forward(tokens)  # many rows, no promise: torch's GEMM
+    assert (gemm - one_by_one).abs().max() / one_by_one.abs().max() < tol
+    pool = model.new_pool(2)
+    slot = pool.alloc()
+    exact = model.step(pool, [slot], [tokens], batch_invariant=True)  # bit-exact promise: the kernels
+    assert torch.equal(exact.logits[0], one_by_one)
+    assert torch.equal(pool.read(slot).tensor, state.tensor)

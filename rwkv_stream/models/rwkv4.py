@@ -20,7 +20,7 @@ from torch import Tensor
 
 from .. import cpu_kernels
 from ..config import FP16_RESCALE_EVERY, AnyConfig
-from ..linear import KernelLinear, Linear, make_linear, project
+from ..linear import KernelLinear, Linear, Q8Linear, make_linear, project
 from ..pool import StatePool
 from ..state import ROWS
 from ..wkv import wkv_ragged
@@ -29,6 +29,10 @@ from .base import LN_EPS, Ragged, RecurrentModel, token_shift
 ATT_X, FFN_X = ROWS.index("att_x"), ROWS.index("ffn_x")  # state rows the token shifts keep
 # formats whose CPU steps run one compiled call per layer (rwkv_stream.cpu_kernels) where a compiler is present
 FUSED_FORMATS = ("float32", "float16", "bfloat16", "q8_0")
+# from this many rows, float32 takes MKL's GEMM (256-token prefill of the 169M shape: 922 vs 281 tokens/s; bf16
+# 259 vs 275, so it stays on the kernels) unless the step promises bit-exactness (batch_invariant), which only
+# the kernels keep
+GEMM_MIN_ROWS = 64
 
 
 @dataclass
@@ -139,7 +143,9 @@ class Rwkv4Model(RecurrentModel):
         recurrence is always token by token, so ``sequential`` changes nothing)."""
         if self._kernels is not None:  # CUDA: the kernels address states by slot (here 0 .. B-1)
             return self._run_arena(ids, states, rag.slots_i32, rag)
-        if self._lib is not None:
+        gemm = (self._lib is not None and not sequential and len(ids) >= GEMM_MIN_ROWS
+                and self.weight_format == "float32")
+        if self._lib is not None and not gemm:
             return self._run_fused(ids, states, rag)
         x = self.emb[ids].float()
         for i, layer in enumerate(self.layers):
@@ -173,15 +179,15 @@ class Rwkv4Model(RecurrentModel):
 
     def _time_mix(self, layer: _Layer, xa: Tensor, st: Tensor, rag: Ragged) -> Tensor:
         sx = token_shift(xa, st[:, 0], rag)
-        k, v, r = project((layer.att_key, layer.att_value, layer.att_receptance), torch.lerp(sx, xa, layer.att_mix))
+        k, v, r = _project((layer.att_key, layer.att_value, layer.att_receptance), torch.lerp(sx, xa, layer.att_mix))
         r = torch.sigmoid(r)
         wkv = wkv_ragged(k, v, layer.w, layer.u, st[:, 1:4], rag.starts, rag.lengths, rag.time_major)
-        return layer.att_output(r * wkv)
+        return _apply(layer.att_output, r * wkv)
 
     def _channel_mix(self, layer: _Layer, xf: Tensor, st: Tensor, rag: Ragged) -> Tensor:
         sx = token_shift(xf, st[:, 4], rag)
-        k, r = project((layer.ffn_key, layer.ffn_receptance), torch.lerp(sx, xf, layer.ffn_mix))
-        return torch.sigmoid(r) * layer.ffn_value(torch.relu(k).square())
+        k, r = _project((layer.ffn_key, layer.ffn_receptance), torch.lerp(sx, xf, layer.ffn_mix))
+        return torch.sigmoid(r) * _apply(layer.ffn_value, torch.relu(k).square())
 
     # ----------------------------------------------------------------- CUDA: the slot arena in place
     def _steps_arena_in_place(self, pool: StatePool) -> bool:
@@ -213,6 +219,17 @@ class Rwkv4Model(RecurrentModel):
             if self._rescale and (i + 1) % FP16_RESCALE_EVERY == 0:
                 x = x / 2
         return self._norm_out(x)
+
+
+def _apply(lin: Linear, x: Tensor) -> Tensor:
+    """``lin(x)``; kernel-packed float weights through torch's GEMM (the torch path of a many-row step)."""
+    return lin.gemm(x) if isinstance(lin, KernelLinear) and not isinstance(lin, Q8Linear) else lin(x)
+
+
+def _project(linears: tuple[Linear, ...], xs: Tensor) -> list[Tensor]:
+    if isinstance(linears[0], KernelLinear) and not isinstance(linears[0], Q8Linear):
+        return [_apply(lin, x) for lin, x in zip(linears, xs, strict=True)]
+    return project(linears, xs)
 
 
 def _load_cuda_kernels(device: torch.device) -> ModuleType | None:

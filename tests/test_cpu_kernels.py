@@ -77,7 +77,7 @@ def test_each_row_is_bitwise_independent_of_the_others(make, n_in):
 
 
 @needs_kernels
-@pytest.mark.parametrize("fmt,tol", [("float32", 1e-5), ("float16", 5e-3), ("bfloat16", 5e-2), ("q8_0", 5e-2)])
+@pytest.mark.parametrize("fmt,tol", [("float16", 5e-3), ("bfloat16", 5e-2), ("q8_0", 5e-2)])
 def test_fused_layers_match_the_torch_path(tiny_pth, fmt, tol):
     ref_model = _torch_model(tiny_pth, "float32")
     ref, ref_state = ref_model.forward(TEXT)
@@ -116,7 +116,7 @@ def test_fused_path_on_a_real_width(tmp_path, fmt):
 
 
 @needs_kernels
-@pytest.mark.parametrize("fmt", ["float32", "float16", "q8_0"])
+@pytest.mark.parametrize("fmt", ["float16", "bfloat16", "q8_0"])
 def test_fused_steps_do_not_depend_on_batch_mates_even_without_padding(tiny_pth, fmt):
     model = load(tiny_pth, dtype=fmt)
     assert model.invariant_rows == 1  # no padding needed: each row is computed on its own
@@ -213,22 +213,11 @@ def test_tiny_config_is_kernel_sized():
 
 
 @needs_kernels
-@pytest.mark.parametrize("fmt,tol", [("float32", 1e-5), ("float16", 5e-3)])
-def test_many_row_steps_take_the_gemm_unless_bit_exactness_is_asked(tiny_pth, fmt, tol):
-    from rwkv_stream.models import rwkv4
-
-    model = load(tiny_pth, dtype=fmt)
-    tokens = (TEXT * 5)[: rwkv4.GEMM_MIN_ROWS + 3]
-    state = model.new_state()
-    rows = []
-    for tok in tokens:  # one row per call: the kernels
-        out, state = model.forward([tok], state)
-        rows.append(out)
-    one_by_one = torch.cat(rows)
-    gemm, gemm_state = model.forward(tokens)  # many rows, no promise: torch's GEMM
-    assert (gemm - one_by_one).abs().max() / one_by_one.abs().max() < tol
-    pool = model.new_pool(2)
-    slot = pool.alloc()
-    exact = model.step(pool, [slot], [tokens], batch_invariant=True)  # bit-exact promise: the kernels
-    assert torch.equal(exact.logits[0], one_by_one)
-    assert torch.equal(pool.read(slot).tensor, state.tensor)
+def test_float32_stays_on_the_torch_path(tiny_pth):
+    """The default format runs MKL's products with or without a compiler (same bits; prefill and batched
+    session steps several times faster than the kernels' few rows at a time)."""
+    model = load(tiny_pth, dtype="float32")
+    assert model._lib is None
+    with cpu_kernels.disabled():
+        plain = load(tiny_pth, dtype="float32")
+    assert torch.equal(model.forward(TEXT)[0], plain.forward(TEXT)[0])

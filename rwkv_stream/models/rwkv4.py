@@ -27,12 +27,12 @@ from ..wkv import wkv_ragged
 from .base import LN_EPS, Ragged, RecurrentModel, token_shift
 
 ATT_X, FFN_X = ROWS.index("att_x"), ROWS.index("ffn_x")  # state rows the token shifts keep
-# formats whose CPU steps run one compiled call per layer (rwkv_stream.cpu_kernels) where a compiler is present
-FUSED_FORMATS = ("float32", "float16", "bfloat16", "q8_0")
-# from this many rows, float32 takes MKL's GEMM (256-token prefill of the 169M shape: 922 vs 281 tokens/s; bf16
-# 259 vs 275, so it stays on the kernels) unless the step promises bit-exactness (batch_invariant), which only
-# the kernels keep
-GEMM_MIN_ROWS = 64
+# formats whose CPU steps run one compiled call per layer (rwkv_stream.cpu_kernels) where a compiler is present.
+# float32, the default, stays on the torch path (MKL): the kernels compute a product 1-4 rows at a time, which
+# made prefill and the batch-invariant steps of sessions (spaCy nlp.pipe, Kafka batches) about 4x slower
+# (nlp.pipe 1,783 vs 7,277 words per CPU-second), and the default format's bits would then depend on whether
+# the machine has a compiler.
+FUSED_FORMATS = ("float16", "bfloat16", "q8_0")
 
 
 @dataclass
@@ -143,9 +143,7 @@ class Rwkv4Model(RecurrentModel):
         recurrence is always token by token, so ``sequential`` changes nothing)."""
         if self._kernels is not None:  # CUDA: the kernels address states by slot (here 0 .. B-1)
             return self._run_arena(ids, states, rag.slots_i32, rag)
-        gemm = (self._lib is not None and not sequential and len(ids) >= GEMM_MIN_ROWS
-                and self.weight_format == "float32")
-        if self._lib is not None and not gemm:
+        if self._lib is not None:
             return self._run_fused(ids, states, rag)
         x = self.emb[ids].float()
         for i, layer in enumerate(self.layers):

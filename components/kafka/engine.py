@@ -134,9 +134,11 @@ class StreamEngine:
             else:
                 run.append(i)
         fragments = [Fragment(items[i].key, items[i].text) for i in run]
+        restorers = self._restorers({items[i].key for i in run}, changes=False)
         for i, res in zip(run, self.sessions.feed_interim(fragments), strict=True):
-            restorer = self._restorers({items[i].key}, changes=False).get(items[i].key)
-            results[i] = self._result(res, False, restorer, final=False)
+            # each interim starts from its stream's state: a copy, never advanced by another interim
+            restorer = restorers.get(items[i].key)
+            results[i] = self._result(res, False, restorer and TokenRestorer(**restorer.state()), final=False)
 
     def _sampling(self, item: StepItem) -> SamplingConfig | None:
         request = item.generate
@@ -147,11 +149,7 @@ class StreamEngine:
 
     def _result(self, res: FragmentResult, end: bool, restorer: TokenRestorer | None,
                 final: bool = True) -> StepResult:
-        taggers = self.sessions.taggers
-        tokens = []
-        for i, t in enumerate(res.tokens):
-            tags = {name: head.labels[res.tags[name][i]] for name, head in taggers.items() if name in res.tags}
-            tokens.append(TokenOut(t.id, t.text, t.start, t.end, tags))
+        tokens = [TokenOut(t.id, t.text, t.start, t.end, self._tags(res, i)) for i, t in enumerate(res.tokens)]
         if not final:
             tokens += self._tail_tokens(res, tokens)
         restored = None
@@ -170,11 +168,14 @@ class StreamEngine:
         for j, token_id in enumerate(res.tail_ids):
             last = j == len(res.tail_ids) - 1
             text = decoder.decode(self.sessions.tokenizer.id_to_token_bytes(token_id), final=last)
-            tags = {name: head.labels[res.tags[name][n + j]] for name, head in self.sessions.taggers.items()
-                    if name in res.tags and n + j < len(res.tags[name])}
-            out.append(TokenOut(token_id, text, start, start + len(text), tags))
+            out.append(TokenOut(token_id, text, start, start + len(text), self._tags(res, n + j)))
             start += len(text)
         return out
+
+    def _tags(self, res: FragmentResult, i: int) -> dict[str, str]:
+        """``{tagger: label}`` of the result's ``i``-th token (final tokens, then the tail's)."""
+        return {name: head.labels[res.tags[name][i]] for name, head in self.sessions.taggers.items()
+                if name in res.tags and i < len(res.tags[name])}
 
     # ----------------------------------------------------------------------------- restored text
     def _restorers(self, keys: set[StreamKey], changes: bool = True) -> dict[StreamKey, TokenRestorer]:
@@ -183,9 +184,13 @@ class StreamEngine:
         if self.restore_head is None:
             return {}
         sessions = self.sessions
-        read = sessions.meta if changes else sessions.read_meta  # no session is created for a stream not there
-        return {key: TokenRestorer.from_state(read(key).get(RESTORE_META) if sessions.exists(key) else None)
-                for key in keys}
+
+        def meta(key: StreamKey) -> dict:  # no session is created for a stream that is not there
+            if not changes:
+                return sessions.read_meta(key)
+            return sessions.meta(key) if sessions.exists(key) else {}
+
+        return {key: TokenRestorer.from_state(meta(key).get(RESTORE_META)) for key in keys}
 
     def _keep_restorers(self, restorers: dict[StreamKey, TokenRestorer]) -> None:
         for key, restorer in restorers.items():

@@ -55,7 +55,7 @@ def test_same_member_same_partitions_is_left_alone():
     proc, rebalance = _processor(_Consumer("m-1", set(TPS)))
     proc.book.assigned |= set(TPS)
     for _ in range(3):
-        proc._drop_partitions_gone_silently()
+        proc._reconcile_with_consumer()
     assert rebalance.calls == []
 
 
@@ -63,9 +63,9 @@ def test_partitions_the_consumer_no_longer_has_are_lost():
     consumer = _Consumer("m-1", set(TPS))
     proc, rebalance = _processor(consumer)
     proc.book.assigned |= set(TPS)
-    proc._drop_partitions_gone_silently()
+    proc._reconcile_with_consumer()
     consumer.assigned = {TPS[0]}
-    proc._drop_partitions_gone_silently()
+    proc._reconcile_with_consumer()
     assert rebalance.calls == [("gone", {TPS[1], TPS[2]})]
 
 
@@ -73,13 +73,13 @@ def test_a_new_member_id_without_a_callback_restores_what_is_held():
     consumer = _Consumer("m-1", set(TPS))
     proc, rebalance = _processor(consumer)
     proc.book.assigned |= set(TPS)
-    proc._drop_partitions_gone_silently()
+    proc._reconcile_with_consumer()
     consumer.member = ""  # fenced out: not a member until it rejoins; nothing can be committed meanwhile
-    proc._drop_partitions_gone_silently()
+    proc._reconcile_with_consumer()
     assert rebalance.calls == []
     consumer.member, consumer.assigned = "m-2", {TPS[0], TPS[2]}  # rejoined, two of them handed back silently
-    proc._drop_partitions_gone_silently()
+    proc._reconcile_with_consumer()
     assert rebalance.calls == [("gone", {TPS[1]}), ("rejoined", {TPS[0], TPS[2]})]
     rebalance.calls.clear()
-    proc._drop_partitions_gone_silently()  # once: the new member id is now the reference
+    proc._reconcile_with_consumer()  # once: the new member id is now the reference
     assert rebalance.calls == [("gone", {TPS[1]})]  # (the fake rebalance handler drops nothing)

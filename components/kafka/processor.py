@@ -241,7 +241,7 @@ class Processor:
         client_compat.unpark_fetched_records(self.consumer)
         timeout = 0 if book.has_ready_records() else cfg.poll_timeout_ms
         polled = self.consumer.poll(timeout_ms=timeout, max_records=cfg.max_poll_records)
-        self._drop_partitions_gone_silently()
+        self._reconcile_with_consumer()
         if parts.residency.restore_due():
             repositioned = parts.residency.try_restore()
             polled = {tp: records for tp, records in polled.items() if tp not in repositioned}  # re-fetched
@@ -256,7 +256,7 @@ class Processor:
         parts.residency.evict_idle()
         parts.checkpointer.maybe_checkpoint()
 
-    def _drop_partitions_gone_silently(self) -> None:
+    def _reconcile_with_consumer(self) -> None:
         """Partitions held here that the consumer no longer has (no rebalance callback said so): lost. And all
         of them when the consumer is in the group under another member id than when they were taken on (it was
         fenced out and rejoined) without a callback: they are restored from what the group committed."""

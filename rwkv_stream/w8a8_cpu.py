@@ -1,0 +1,364 @@
+"""Compiled element-wise parts of an RWKV-4 layer in the ``w8a8`` format (CPU), around torch's int8 products.
+
+In ``w8a8`` the seven matrix products of a layer are int8 x int8 -> int32 (``torch._int_mm``, VNNI) and cheap
+at the sizes of the small models; what costs is everything between them when written as torch ops over a
+ragged batch: dequantizing, layer norms, token shift and mixes, quantizing activations row by row (six
+passes over memory each), the gates and the WKV recurrence walking time. Here each of those runs as one C call
+over all rows of the step (:class:`W8A8Layers`), so a layer is 4 C calls and 7 ``_int_mm``:
+
+- ``w8_mix``: optional residual ``x += gate * dequant(acc)``, then per stream and token in order: layer norm,
+  token shift (the stream's previous normalized row, from its state for the first token), ``m`` mixes, each
+  quantized to int8 per row (the same rule as :func:`rwkv_stream.linear.quantize_rows`);
+- ``w8_wkv``: dequantize k, v, r, the WKV recurrence token by token within each stream (state in place),
+  ``sigmoid(r) * wkv``, quantized per row for the output product;
+- ``w8_ffn``: ``relu(k)^2`` quantized per row for the value product, and the gate ``sigmoid(r)``;
+- ``w8_residual``: the last layer's ``x += gate * dequant(acc)``.
+
+Every row is computed on its own by the same instructions whatever the number of rows (reductions in a fixed
+lane order), and the WKV state is advanced token by token: a stream's bits depend neither on its batch mates
+nor on how its tokens are split into steps (the engine's batch-invariance contract). The bits are not the
+torch path's (a different exp and layer-norm summation order); the torch path stays the fallback where no
+compiler is present or ``RWKV_STREAM_CPU_KERNELS=0``. Built like :mod:`rwkv_stream.cpu_kernels` (system
+compiler, ``-O3 -march=native``, cached under its cache directory), without OpenMP: one thread.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from . import cpu_kernels
+
+log = logging.getLogger(__name__)
+
+SOURCE = r"""
+#include <stdint.h>
+#include <string.h>
+#include <math.h>
+
+#define LANES 16
+
+/* exp(x) for x <= 0 (every caller passes -|d|): Cephes' polynomial on a range reduction by ln 2; 0 below
+   -87.3. Branch-free so that the channel loops vectorize; each element's result depends on it alone. */
+static inline float neg_exp(float x) {
+  float xc = x < -87.3f ? -87.3f : x;
+  float n = nearbyintf(xc * 1.44269504088896341f);
+  float r = xc - n * 0.693359375f;
+  r = r - n * -2.12194440e-4f;
+  float p = 1.9875691500E-4f;
+  p = p * r + 1.3981999507E-3f;
+  p = p * r + 8.3334519073E-3f;
+  p = p * r + 4.1665795894E-2f;
+  p = p * r + 1.6666665459E-1f;
+  p = p * r + 5.0000001201E-1f;
+  p = p * r * r + r + 1.0f;
+  int32_t bits = ((int32_t)n + 127) << 23;
+  float s;
+  memcpy(&s, &bits, 4);
+  return x < -87.3f ? 0.0f : p * s;
+}
+
+static inline float sigmoid(float x) {
+  float e = neg_exp(-fabsf(x));
+  float d = 1.0f + e;
+  return x >= 0.0f ? 1.0f / d : e / d;
+}
+
+static float row_sum(const float* restrict x, int C) {
+  float acc[LANES] = {0};
+  int c = 0;
+  for (; c + LANES <= C; c += LANES)
+    for (int l = 0; l < LANES; l++) acc[l] += x[c + l];
+  float s = 0.0f;
+  for (int l = 0; l < LANES; l++) s += acc[l];
+  for (; c < C; c++) s += x[c];
+  return s;
+}
+
+static void layer_norm(const float* restrict x, int C, const float* restrict w, const float* restrict b,
+                       float* restrict out) {
+  float mean = row_sum(x, C) / (float)C;
+  for (int c = 0; c < C; c++) out[c] = x[c] - mean;
+  float acc[LANES] = {0};
+  int c = 0;
+  for (; c + LANES <= C; c += LANES)
+    for (int l = 0; l < LANES; l++) acc[l] += out[c + l] * out[c + l];
+  float var = 0.0f;
+  for (int l = 0; l < LANES; l++) var += acc[l];
+  for (; c < C; c++) var += out[c] * out[c];
+  float rstd = 1.0f / sqrtf(var / (float)C + 1e-5f);
+  for (c = 0; c < C; c++) out[c] = out[c] * rstd * w[c] + b[c];
+}
+
+/* int8 per row, as rwkv_stream.linear.quantize_rows: scale = max(absmax, 1e-30) / 127, q = round(y / scale) */
+static float quant_row(const float* restrict y, int C, int8_t* restrict q) {
+  float m[LANES] = {0};
+  int c = 0;
+  for (; c + LANES <= C; c += LANES)
+    for (int l = 0; l < LANES; l++) {
+      float a = fabsf(y[c + l]);
+      m[l] = a > m[l] ? a : m[l];
+    }
+  float amax = 0.0f;
+  for (int l = 0; l < LANES; l++) amax = m[l] > amax ? m[l] : amax;
+  for (; c < C; c++) amax = fabsf(y[c]) > amax ? fabsf(y[c]) : amax;
+  float s = (amax > 1e-30f ? amax : 1e-30f) / 127.0f;
+  for (c = 0; c < C; c++) q[c] = (int8_t)nearbyintf(y[c] / s);
+  return s;
+}
+
+static void residual(float* restrict x, int C, const int32_t* restrict acc, float xs, const float* restrict ws,
+                     const float* restrict gate) {
+  if (gate)
+    for (int c = 0; c < C; c++) x[c] += gate[c] * ((float)acc[c] * xs * ws[c]);
+  else
+    for (int c = 0; c < C; c++) x[c] += (float)acc[c] * xs * ws[c];
+}
+
+/* torch.lerp's formula */
+static void lerp_row(const float* restrict a, const float* restrict b, const float* restrict t, int C,
+                     float* restrict out) {
+  for (int c = 0; c < C; c++) {
+    float d = b[c] - a[c];
+    out[c] = t[c] < 0.5f ? a[c] + t[c] * d : b[c] - d * (1.0f - t[c]);
+  }
+}
+
+void w8_mix(int N, int C, float* x, const int32_t* acc, const float* xs, const float* ws, const float* gate,
+            const float* lnw, const float* lnb, float* state, long sstride, const int* starts, const int* lens,
+            int B, const float* mix, int m, int8_t* q, float* s) {
+  float buf[2][C], y[C];
+  for (int b = 0; b < B; b++) {
+    float* st = state + (long)b * sstride;
+    const float* prev = st;
+    for (int t = 0; t < lens[b]; t++) {
+      long n = starts[b] + t;
+      float* xr = x + n * C;
+      if (acc) residual(xr, C, acc + n * C, xs[n], ws, gate ? gate + n * C : 0);
+      float* cur = buf[t & 1];
+      layer_norm(xr, C, lnw, lnb, cur);
+      for (int j = 0; j < m; j++) {
+        lerp_row(prev, cur, mix + (long)j * C, C, y);
+        s[(long)j * N + n] = quant_row(y, C, q + ((long)j * N + n) * C);
+      }
+      prev = cur;
+    }
+    if (lens[b] > 0) memcpy(st, prev, sizeof(float) * C);
+  }
+}
+
+void w8_residual(int N, int C, float* x, const int32_t* acc, const float* xs, const float* ws, const float* gate) {
+  for (long n = 0; n < N; n++) residual(x + n * C, C, acc + n * C, xs[n], ws, gate ? gate + n * C : 0);
+}
+
+/* one token of one stream: k, v, r int32 sums with their scales; aa, bb, pp advanced in place; y = sigmoid(r) * wkv */
+static void wkv_row(int C, const int32_t* restrict pk, const int32_t* restrict pv, const int32_t* restrict pr,
+                    float sk, float sv, float sr, const float* restrict wk, const float* restrict wv,
+                    const float* restrict wr, const float* restrict w, const float* restrict u,
+                    float* restrict aa, float* restrict bb, float* restrict pp, float* restrict y) {
+  for (int c = 0; c < C; c++) {
+    float k = (float)pk[c] * sk * wk[c];
+    float v = (float)pv[c] * sv * wv[c];
+    float r = (float)pr[c] * sr * wr[c];
+    float ww = u[c] + k, p = pp[c], a = aa[c], d = bb[c];
+    float e = neg_exp(-fabsf(p - ww));
+    float e1 = p >= ww ? 1.0f : e, e2 = p >= ww ? e : 1.0f;
+    float out = (e1 * a + e2 * v) / (e1 * d + e2);
+    float w2 = p + w[c];
+    float g = neg_exp(-fabsf(w2 - k));
+    float f1 = w2 >= k ? 1.0f : g, f2 = w2 >= k ? g : 1.0f;
+    aa[c] = f1 * a + f2 * v;
+    bb[c] = f1 * d + f2;
+    pp[c] = w2 >= k ? w2 : k;
+    y[c] = sigmoid(r) * out;
+  }
+}
+
+/* k, v, r: int32 sums of [N, C] with their row scales xk/xv/xr and column scales wk/wv/wr; state rows aa, bb,
+   pp of stream b at state + b * sstride (+ C, + 2C). Output sigmoid(r) * wkv quantized per row. */
+void w8_wkv(int N, int C, const int32_t* ak, const int32_t* av, const int32_t* ar, const float* xk,
+            const float* xv, const float* xr, const float* wk, const float* wv, const float* wr, const float* w,
+            const float* u, float* state, long sstride, const int* starts, const int* lens, int B, int8_t* q,
+            float* s) {
+  float y[C];
+  for (int b = 0; b < B; b++) {
+    float* aa = state + (long)b * sstride;
+    for (int t = 0; t < lens[b]; t++) {
+      long n = starts[b] + t;
+      wkv_row(C, ak + n * C, av + n * C, ar + n * C, xk[n], xv[n], xr[n], wk, wv, wr, w, u, aa, aa + C,
+              aa + 2 * C, y);
+      s[n] = quant_row(y, C, q + n * C);
+    }
+  }
+}
+
+static void relu_sq(int F, const int32_t* restrict pk, float sk, const float* restrict wk, float* restrict y) {
+  for (int f = 0; f < F; f++) {
+    float k = (float)pk[f] * sk * wk[f];
+    k = k > 0.0f ? k : 0.0f;
+    y[f] = k * k;
+  }
+}
+
+static void gate_row(int C, const int32_t* restrict pr, float sr, const float* restrict wr, float* restrict g) {
+  for (int c = 0; c < C; c++) g[c] = sigmoid((float)pr[c] * sr * wr[c]);
+}
+
+/* channel mix middle: relu(k)^2 quantized per row ([N, F]) and the gate sigmoid(r) ([N, C]) */
+void w8_ffn(int N, int C, int F, const int32_t* ak, const int32_t* ar, const float* xk, const float* xr,
+            const float* wk, const float* wr, int8_t* q, float* s, float* gate) {
+  float y[F];
+  for (long n = 0; n < N; n++) {
+    relu_sq(F, ak + n * F, xk[n], wk, y);
+    s[n] = quant_row(y, F, q + n * F);
+    gate_row(C, ar + n * C, xr[n], wr, gate + n * C);
+  }
+}
+"""
+
+CFLAGS = ["-O3", "-march=native", "-fno-math-errno", "-fPIC", "-shared"]
+
+_lib: ctypes.CDLL | None = None
+_tried = False
+
+
+def _build(compiler: str) -> Path:
+    version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=30).stdout
+    flags = [line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")][:1] \
+        if Path("/proc/cpuinfo").exists() else []
+    key = hashlib.sha256("\0".join([SOURCE, *CFLAGS, version, *flags]).encode()).hexdigest()[:16]
+    out = cpu_kernels.cache_dir() / f"rwkv_stream_w8a8_{key}.so"
+    if out.exists():
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
+        src, so = Path(tmp) / "w8a8.c", Path(tmp) / "w8a8.so"
+        src.write_text(SOURCE)
+        proc = subprocess.run([compiler, *CFLAGS, str(src), "-o", str(so), "-lm"], capture_output=True, text=True,
+                              timeout=300)
+        if proc.returncode != 0:
+            raise RuntimeError(f"{compiler} failed: {proc.stderr.strip().splitlines()[-1:] or proc.returncode}")
+        os.replace(so, out)  # atomic: concurrent builders race harmlessly
+    return out
+
+
+def load() -> ctypes.CDLL | None:
+    """The compiled w8a8 layer parts, built on first use (cached); None where the CPU kernels are off
+    (``RWKV_STREAM_CPU_KERNELS=0``, :func:`rwkv_stream.cpu_kernels.disabled`) or no compiler works."""
+    global _lib, _tried
+    if cpu_kernels.load() is None:  # the same switch, the same "no compiler" answer
+        return None
+    if _tried:
+        return _lib
+    _tried = True
+    compiler = shutil.which(os.environ.get("CC") or "cc") or shutil.which("gcc")
+    if compiler is None:
+        return None
+    try:
+        lib = ctypes.CDLL(str(_build(compiler)))
+        for name in ("w8_mix", "w8_residual", "w8_wkv", "w8_ffn"):
+            getattr(lib, name).restype = None
+    except Exception as exc:  # the torch path is correct, only slower
+        log.warning("rwkv-stream: w8a8 CPU kernels unavailable (%s): torch path", str(exc).replace("\n", " ")[:300])
+        return None
+    _lib = lib
+    return lib
+
+
+def _p(t: Tensor | None) -> ctypes.c_void_p:
+    return ctypes.c_void_p(None if t is None else t.data_ptr())
+
+
+class W8A8Layers:
+    """The w8a8 RWKV-4 network over a flat ragged batch with the compiled parts (see the module docstring).
+
+    ``layers``: the model's ``_Layer`` records whose seven matrices are :class:`rwkv_stream.linear.W8A8Linear`.
+    """
+
+    def __init__(self, lib: ctypes.CDLL, layers: list, n_embd: int, ffn_dim: int) -> None:
+        self.lib, self.layers, self.C, self.F = lib, layers, n_embd, ffn_dim
+        self.chunk_rows = int(os.environ.get("RWKV_STREAM_W8A8_CHUNK", "512"))
+        for layer in layers:  # contiguous fp32 vectors the kernels read
+            for vec in (*layer.ln1, *layer.ln2, layer.att_mix, layer.ffn_mix, layer.w, layer.u):
+                assert vec.dtype == torch.float32 and vec.is_contiguous()
+
+    def run(self, x: Tensor, states: Tensor, lengths: list[int]) -> Tensor:
+        """Advance ``x`` ``[N, C]`` (fp32, stream-major rows) through all layers; ``states`` ``[B, L, 5, C]``
+        fp32 contiguous is updated in place. Returns ``x`` (the last layer's residual stream).
+
+        The rows go through all layers in chunks of at most :attr:`chunk_rows` consecutive rows, so that a
+        chunk's activations stay in the core's cache: a stream cut by a chunk boundary continues in the next
+        chunk from the state the first left (every update is token by token, so the bits are the same)."""
+        x = x.to(torch.float32).contiguous()
+        assert states.is_contiguous() and states.dtype == torch.float32
+        rows = min(len(x), self.chunk_rows)
+        bufs = self._buffers(rows)
+        pos, b, done = 0, 0, 0  # chunk start row; its first stream and how many of that stream's rows are done
+        while pos < len(x):
+            end = min(pos + rows, len(x))
+            first, starts, lens, at = b, [], [], pos
+            while at < end:
+                n = min(lengths[b] - done, end - at)
+                starts.append(at - pos)
+                lens.append(n)
+                at += n
+                done += n
+                if done == lengths[b]:
+                    b, done = b + 1, 0
+            self._chunk(x[pos:end], states[first:first + len(lens)], starts, lens, bufs)
+            pos = end
+        return x
+
+    def _buffers(self, rows: int) -> dict[str, Tensor]:
+        C, F = self.C, self.F
+        return {"qa": torch.empty(3, rows, C, dtype=torch.int8), "sa": torch.empty(3, rows),
+                "acc3": torch.empty(3, rows, C, dtype=torch.int32), "qo": torch.empty(rows, C, dtype=torch.int8),
+                "so": torch.empty(rows), "qf": torch.empty(2, rows, C, dtype=torch.int8), "sf": torch.empty(2, rows),
+                "acc_f": torch.empty(rows, F, dtype=torch.int32), "qv": torch.empty(rows, F, dtype=torch.int8),
+                "sv": torch.empty(rows), "gate": torch.empty(rows, C), "acc_v": torch.empty(rows, C, dtype=torch.int32)}
+
+    def _chunk(self, x: Tensor, states: Tensor, starts: list[int], lengths: list[int], bufs: dict[str, Tensor]) -> None:
+        lib, C, F = self.lib, self.C, self.F
+        N, B, L = x.shape[0], len(lengths), len(self.layers)
+        c_starts, c_lens = (ctypes.c_int * B)(*starts), (ctypes.c_int * B)(*lengths)
+        qa, sa, acc3 = bufs["qa"][:, :N], bufs["sa"][:, :N], bufs["acc3"][:, :N]
+        qo, so, qf, sf = bufs["qo"][:N], bufs["so"][:N], bufs["qf"][:, :N], bufs["sf"][:, :N]
+        acc_f, qv, sv = bufs["acc_f"][:N], bufs["qv"][:N], bufs["sv"][:N]
+        gate, acc_v = bufs["gate"][:N], bufs["acc_v"][:N]
+        if bufs["qa"].shape[1] > N:  # [3, rows, C] views of fewer rows: the kernels want [3, N, C] packed
+            qa, sa, acc3, qf, sf = (t.contiguous() for t in (qa, sa, acc3, qf, sf))
+        sstride = ctypes.c_long(L * 5 * C)
+        base = states.data_ptr()
+        prev = None
+        for i, layer in enumerate(self.layers):
+            row = base + i * 5 * C * 4
+            res = (None, None, None, None) if prev is None else (acc_v, sv, prev.ffn_value.scales, gate)
+            lib.w8_mix(N, C, _p(x), *map(_p, res), _p(layer.ln1[0]), _p(layer.ln1[1]), ctypes.c_void_p(row),
+                       sstride, c_starts, c_lens, B, _p(layer.att_mix), 3, _p(qa), _p(sa))
+            for j, lin in enumerate((layer.att_key, layer.att_value, layer.att_receptance)):
+                torch._int_mm(qa[j], lin.qweight.t(), out=acc3[j])
+            lib.w8_wkv(N, C, _p(acc3[0]), _p(acc3[1]), _p(acc3[2]), _p(sa[0]), _p(sa[1]), _p(sa[2]),
+                       _p(layer.att_key.scales), _p(layer.att_value.scales), _p(layer.att_receptance.scales),
+                       _p(layer.w), _p(layer.u), ctypes.c_void_p(row + C * 4), sstride, c_starts, c_lens, B,
+                       _p(qo), _p(so))
+            torch._int_mm(qo, layer.att_output.qweight.t(), out=acc3[0])
+            lib.w8_mix(N, C, _p(x), _p(acc3[0]), _p(so), _p(layer.att_output.scales), None, _p(layer.ln2[0]),
+                       _p(layer.ln2[1]), ctypes.c_void_p(row + 4 * C * 4), sstride, c_starts, c_lens, B,
+                       _p(layer.ffn_mix), 2, _p(qf), _p(sf))
+            torch._int_mm(qf[0], layer.ffn_key.qweight.t(), out=acc_f)
+            torch._int_mm(qf[1], layer.ffn_receptance.qweight.t(), out=acc3[1])
+            lib.w8_ffn(N, C, F, _p(acc_f), _p(acc3[1]), _p(sf[0]), _p(sf[1]), _p(layer.ffn_key.scales),
+                       _p(layer.ffn_receptance.scales), _p(qv), _p(sv), _p(gate))
+            torch._int_mm(qv, layer.ffn_value.qweight.t(), out=acc_v)
+            prev = layer
+        if prev is not None:
+            lib.w8_residual(N, C, _p(x), _p(acc_v), _p(sv), _p(prev.ffn_value.scales), _p(gate))

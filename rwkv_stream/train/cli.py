@@ -15,7 +15,7 @@ import torch
 from rwkv_stream.heads import HeadSet
 from rwkv_stream.train import data as D
 from rwkv_stream.train import transcript
-from rwkv_stream.train.loop import LoopConfig, Trainable, TrainModel, head_set, make_heads, train
+from rwkv_stream.train.loop import LoopConfig, Trainable, TrainModel, head_set, make_heads, output_name, train
 from rwkv_stream.train.model import RWKV4, TrainConfig
 from rwkv_stream.train.model7 import RWKV7, Train7Config
 
@@ -43,6 +43,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="model family to train (default: --init's family, else rwkv4)")
     g.add_argument("--head-size", type=int, default=64, help="rwkv7: channels per head (n-embd a multiple)")
     g.add_argument("--init", help="start from this checkpoint or bundle, or 'shipped[:NAME]' (else from scratch)")
+    g.add_argument("--init-heads", type=Path, action="append", metavar="DIR",
+                   help="start the heads from these heads.json folders (repeatable; those of the same name and "
+                        "labels; default: --init's own heads when it is a bundle), else they start fresh")
     g.add_argument("--tokenizer", type=Path, help="tokenizer.json (default: --init's, else train a BPE)")
     g.add_argument("--vocab-size", type=int, default=4096, help="vocabulary of a newly trained BPE")
     g.add_argument("--n-embd", type=int, default=192)
@@ -102,6 +105,7 @@ def run(args: argparse.Namespace) -> int:
     model = build_model(args, tok.vocab_size)
     device = pick_device(args.device)
     net = Trainable(model, make_heads(train_data, model.cfg.n_embd, args.head_hidden))
+    load_init_heads(net, args)
     summary = train(net, train_data, loop_config(args), args.out, device, args.resume)
     net.cpu().eval()
     round_to_fp16(net.model)
@@ -238,6 +242,23 @@ def build_model(args: argparse.Namespace, vocab_size: int) -> TrainModel:
     if model.cfg.vocab_size < vocab_size:
         raise SystemExit(f"--init has {model.cfg.vocab_size} embeddings, the tokenizer {vocab_size} ids")
     return model
+
+
+@torch.no_grad()
+def load_init_heads(net: Trainable, args: argparse.Namespace) -> None:
+    """Copy into the new heads the weights of same-named, same-spec heads of ``--init-heads`` folders (default:
+    the ``--init`` bundle's own heads), so a fine-tune does not relearn its heads from scratch."""
+    dirs = list(getattr(args, "init_heads", None) or [])
+    if not dirs and args.init is not None and (Path(args.init) / "heads.json").exists():
+        dirs = [Path(args.init)]
+    names = head_names(args)
+    for directory in dirs:
+        loaded = HeadSet.load(directory)
+        for role, head in net.head_modules().items():
+            name = output_name(role, names)
+            if name in loaded and loaded[name].spec() == head.spec():
+                head.load_state_dict(loaded[name].state_dict())
+                print(f"head {name} starts from {directory}", file=sys.stderr)
 
 
 @torch.no_grad()

@@ -14,12 +14,13 @@ over all rows of the step (:class:`W8A8Layers`), so a layer is 4 C calls and 7 `
 - ``w8_ffn``: ``relu(k)^2`` quantized per row for the value product, and the gate ``sigmoid(r)``;
 - ``w8_residual``: the last layer's ``x += gate * dequant(acc)``.
 
-Every row is computed on its own by the same instructions whatever the number of rows (reductions in a fixed
-lane order), and the WKV state is advanced token by token: a stream's bits depend neither on its batch mates
-nor on how its tokens are split into steps (the engine's batch-invariance contract). The bits are not the
-torch path's (a different exp and layer-norm summation order); the torch path stays the fallback where no
-compiler is present or ``RWKV_STREAM_CPU_KERNELS=0``. Built like :mod:`rwkv_stream.cpu_kernels` (system
-compiler, ``-O3 -march=native``, cached under its cache directory), without OpenMP: one thread.
+Every row is computed on its own by the same instructions whatever the number of rows (a row's sums are
+vectorized in an order fixed at compile time), and the WKV state is advanced token by token: a stream's bits
+depend neither on its batch mates nor on how its tokens are split into steps (the engine's batch-invariance
+contract). The bits are not the torch path's (another exp, summation order, and quantization by the scale's
+reciprocal; within 1e-4 of it, tests/test_w8a8_cpu.py); the torch path stays the fallback where no compiler is
+present or ``RWKV_STREAM_CPU_KERNELS=0``. Built like :mod:`rwkv_stream.cpu_kernels` (system compiler, ``-O3
+-march=native``, cached under its cache directory), without OpenMP: one thread.
 """
 
 from __future__ import annotations
@@ -44,8 +45,6 @@ SOURCE = r"""
 #include <stdint.h>
 #include <string.h>
 #include <math.h>
-
-#define LANES 16
 
 /* exp(x) for x <= 0 (every caller passes -|d|): Cephes' polynomial on a range reduction by ln 2; 0 below
    -87.3. Branch-free so that the channel loops vectorize; each element's result depends on it alone. */
@@ -74,45 +73,38 @@ static inline float sigmoid(float x) {
 }
 
 static float row_sum(const float* restrict x, int C) {
-  float acc[LANES] = {0};
-  int c = 0;
-  for (; c + LANES <= C; c += LANES)
-    for (int l = 0; l < LANES; l++) acc[l] += x[c + l];
   float s = 0.0f;
-  for (int l = 0; l < LANES; l++) s += acc[l];
-  for (; c < C; c++) s += x[c];
+  #pragma omp simd reduction(+:s)
+  for (int c = 0; c < C; c++) s += x[c];
   return s;
 }
 
 static void layer_norm(const float* restrict x, int C, const float* restrict w, const float* restrict b,
                        float* restrict out) {
   float mean = row_sum(x, C) / (float)C;
-  for (int c = 0; c < C; c++) out[c] = x[c] - mean;
-  float acc[LANES] = {0};
-  int c = 0;
-  for (; c + LANES <= C; c += LANES)
-    for (int l = 0; l < LANES; l++) acc[l] += out[c + l] * out[c + l];
   float var = 0.0f;
-  for (int l = 0; l < LANES; l++) var += acc[l];
-  for (; c < C; c++) var += out[c] * out[c];
+  #pragma omp simd reduction(+:var)
+  for (int c = 0; c < C; c++) {
+    float d = x[c] - mean;
+    out[c] = d;
+    var += d * d;
+  }
   float rstd = 1.0f / sqrtf(var / (float)C + 1e-5f);
-  for (c = 0; c < C; c++) out[c] = out[c] * rstd * w[c] + b[c];
+  for (int c = 0; c < C; c++) out[c] = out[c] * rstd * w[c] + b[c];
 }
 
-/* int8 per row, as rwkv_stream.linear.quantize_rows: scale = max(absmax, 1e-30) / 127, q = round(y / scale) */
+/* int8 per row, the rule of rwkv_stream.linear.quantize_rows: scale = max(absmax, 1e-30) / 127, q = round(y /
+   scale), the division done as a product with the scale's reciprocal */
 static float quant_row(const float* restrict y, int C, int8_t* restrict q) {
-  float m[LANES] = {0};
-  int c = 0;
-  for (; c + LANES <= C; c += LANES)
-    for (int l = 0; l < LANES; l++) {
-      float a = fabsf(y[c + l]);
-      m[l] = a > m[l] ? a : m[l];
-    }
   float amax = 0.0f;
-  for (int l = 0; l < LANES; l++) amax = m[l] > amax ? m[l] : amax;
-  for (; c < C; c++) amax = fabsf(y[c]) > amax ? fabsf(y[c]) : amax;
+  #pragma omp simd reduction(max:amax)
+  for (int c = 0; c < C; c++) {
+    float a = fabsf(y[c]);
+    amax = a > amax ? a : amax;
+  }
   float s = (amax > 1e-30f ? amax : 1e-30f) / 127.0f;
-  for (c = 0; c < C; c++) q[c] = (int8_t)nearbyintf(y[c] / s);
+  float inv = 1.0f / s;
+  for (int c = 0; c < C; c++) q[c] = (int8_t)nearbyintf(y[c] * inv);
   return s;
 }
 
@@ -172,14 +164,15 @@ static void wkv_row(int C, const int32_t* restrict pk, const int32_t* restrict p
     float ww = u[c] + k, p = pp[c], a = aa[c], d = bb[c];
     float e = neg_exp(-fabsf(p - ww));
     float e1 = p >= ww ? 1.0f : e, e2 = p >= ww ? e : 1.0f;
-    float out = (e1 * a + e2 * v) / (e1 * d + e2);
+    float num = e1 * a + e2 * v, den = e1 * d + e2;
     float w2 = p + w[c];
     float g = neg_exp(-fabsf(w2 - k));
     float f1 = w2 >= k ? 1.0f : g, f2 = w2 >= k ? g : 1.0f;
     aa[c] = f1 * a + f2 * v;
     bb[c] = f1 * d + f2;
     pp[c] = w2 >= k ? w2 : k;
-    y[c] = sigmoid(r) * out;
+    float er = neg_exp(-fabsf(r));  /* sigmoid(r) * num / den with one division */
+    y[c] = (num * (r >= 0.0f ? 1.0f : er)) / (den * (1.0f + er));
   }
 }
 
@@ -225,7 +218,7 @@ void w8_ffn(int N, int C, int F, const int32_t* ak, const int32_t* ar, const flo
 }
 """
 
-CFLAGS = ["-O3", "-march=native", "-fno-math-errno", "-fPIC", "-shared"]
+CFLAGS = ["-O3", "-march=native", "-mprefer-vector-width=512", "-fopenmp-simd", "-fno-math-errno", "-fPIC", "-shared"]
 
 _lib: ctypes.CDLL | None = None
 _tried = False

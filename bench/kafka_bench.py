@@ -123,6 +123,7 @@ class Bench:
         self.early: dict[tuple[int, int], tuple[float, dict, int]] = {}  # outputs read before their input's ack
         self.lock = threading.Lock()
         self.log_dir = Path(args.log_dir or tempfile.mkdtemp(prefix="rwkv-kafka-bench-logs-"))
+        self.log_dir.mkdir(parents=True, exist_ok=True)
         self.metrics_port = _free_port()
         self.consumer_metrics: dict = {}
         self.gc_pauses: list[tuple[float, float]] = []  # (end time, seconds) of this process's collections

@@ -127,7 +127,7 @@ static void lerp_row(const float* restrict a, const float* restrict b, const flo
 
 void w8_mix(int N, int C, float* x, const int32_t* acc, const float* xs, const float* ws, const float* gate,
             const float* lnw, const float* lnb, float* state, long sstride, const int* starts, const int* lens,
-            int B, const float* mix, int m, int8_t* q, float* s) {
+            int B, const float* mix, int m, int8_t* q, float* s, long qstride) {
   float buf[2][C], y[C];
   for (int b = 0; b < B; b++) {
     float* st = state + (long)b * sstride;
@@ -140,7 +140,7 @@ void w8_mix(int N, int C, float* x, const int32_t* acc, const float* xs, const f
       layer_norm(xr, C, lnw, lnb, cur);
       for (int j = 0; j < m; j++) {
         lerp_row(prev, cur, mix + (long)j * C, C, y);
-        s[(long)j * N + n] = quant_row(y, C, q + ((long)j * N + n) * C);
+        s[j * qstride + n] = quant_row(y, C, q + (j * qstride + n) * C);
       }
       prev = cur;
     }
@@ -271,6 +271,32 @@ def _p(t: Tensor | None) -> ctypes.c_void_p:
     return ctypes.c_void_p(None if t is None else t.data_ptr())
 
 
+class _Buffers:
+    """Work rows of one chunk size, reused by every chunk of a step (views of ``n`` rows are contiguous)."""
+
+    def __init__(self, rows: int, C: int, F: int) -> None:
+        i8, i32 = torch.int8, torch.int32
+        self.rows = rows
+        self.qa, self.sa = torch.empty(3, rows, C, dtype=i8), torch.empty(3, rows)
+        self.qf, self.sf = torch.empty(2, rows, C, dtype=i8), torch.empty(2, rows)
+        self.acc = [torch.empty(rows, C, dtype=i32) for _ in range(3)]
+        self.qo, self.so = torch.empty(rows, C, dtype=i8), torch.empty(rows)
+        self.acc_f, self.qv = torch.empty(rows, F, dtype=i32), torch.empty(rows, F, dtype=i8)
+        self.sv = torch.empty(rows)
+        self.gate, self.acc_v = torch.empty(rows, C), torch.empty(rows, C, dtype=i32)
+
+    def views(self, n: int) -> tuple:
+        """``n``-row views: int_mm inputs and outputs, and the pointers the kernels take."""
+        qa, qf, acc = [q[:n] for q in self.qa], [q[:n] for q in self.qf], [a[:n] for a in self.acc]
+        tensors = (qa, qf, acc, self.qo[:n], self.acc_f[:n], self.qv[:n], self.acc_v[:n])
+        ptrs = {name: _p(getattr(self, name)) for name in ("qa", "qf", "qo", "so", "acc_f", "qv", "sv", "gate",
+                                                           "acc_v")}
+        ptrs["sa"] = [_p(self.sa[j]) for j in range(3)]
+        ptrs["sf"] = [_p(self.sf[j]) for j in range(2)]
+        ptrs["acc"] = [_p(a) for a in self.acc]
+        return tensors, ptrs
+
+
 class W8A8Layers:
     """The w8a8 RWKV-4 network over a flat ragged batch with the compiled parts (see the module docstring).
 
@@ -280,9 +306,17 @@ class W8A8Layers:
     def __init__(self, lib: ctypes.CDLL, layers: list, n_embd: int, ffn_dim: int) -> None:
         self.lib, self.layers, self.C, self.F = lib, layers, n_embd, ffn_dim
         self.chunk_rows = int(os.environ.get("RWKV_STREAM_W8A8_CHUNK", "512"))
+        self._args = []  # per layer: pointers and transposed weight views, made once
         for layer in layers:  # contiguous fp32 vectors the kernels read
-            for vec in (*layer.ln1, *layer.ln2, layer.att_mix, layer.ffn_mix, layer.w, layer.u):
-                assert vec.dtype == torch.float32 and vec.is_contiguous()
+            vectors = (*layer.ln1, *layer.ln2, layer.att_mix, layer.ffn_mix, layer.w, layer.u)
+            assert all(v.dtype == torch.float32 and v.is_contiguous() for v in vectors)
+            mats = (layer.att_key, layer.att_value, layer.att_receptance, layer.att_output, layer.ffn_key,
+                    layer.ffn_receptance, layer.ffn_value)
+            self._args.append({
+                "ln1": (_p(layer.ln1[0]), _p(layer.ln1[1])), "ln2": (_p(layer.ln2[0]), _p(layer.ln2[1])),
+                "att_mix": _p(layer.att_mix), "ffn_mix": _p(layer.ffn_mix), "w": _p(layer.w), "u": _p(layer.u),
+                "wt": [m.qweight.t() for m in mats], "ws": [_p(m.scales) for m in mats],
+            })
 
     def run(self, x: Tensor, states: Tensor, lengths: list[int]) -> Tensor:
         """Advance ``x`` ``[N, C]`` (fp32, stream-major rows) through all layers; ``states`` ``[B, L, 5, C]``
@@ -293,11 +327,10 @@ class W8A8Layers:
         chunk from the state the first left (every update is token by token, so the bits are the same)."""
         x = x.to(torch.float32).contiguous()
         assert states.is_contiguous() and states.dtype == torch.float32
-        rows = min(len(x), self.chunk_rows)
-        bufs = self._buffers(rows)
+        bufs = _Buffers(min(len(x), self.chunk_rows), self.C, self.F)
         pos, b, done = 0, 0, 0  # chunk start row; its first stream and how many of that stream's rows are done
         while pos < len(x):
-            end = min(pos + rows, len(x))
+            end = min(pos + bufs.rows, len(x))
             first, starts, lens, at = b, [], [], pos
             while at < end:
                 n = min(lengths[b] - done, end - at)
@@ -311,47 +344,34 @@ class W8A8Layers:
             pos = end
         return x
 
-    def _buffers(self, rows: int) -> dict[str, Tensor]:
-        C, F = self.C, self.F
-        return {"qa": torch.empty(3, rows, C, dtype=torch.int8), "sa": torch.empty(3, rows),
-                "acc3": torch.empty(3, rows, C, dtype=torch.int32), "qo": torch.empty(rows, C, dtype=torch.int8),
-                "so": torch.empty(rows), "qf": torch.empty(2, rows, C, dtype=torch.int8), "sf": torch.empty(2, rows),
-                "acc_f": torch.empty(rows, F, dtype=torch.int32), "qv": torch.empty(rows, F, dtype=torch.int8),
-                "sv": torch.empty(rows), "gate": torch.empty(rows, C), "acc_v": torch.empty(rows, C, dtype=torch.int32)}
-
-    def _chunk(self, x: Tensor, states: Tensor, starts: list[int], lengths: list[int], bufs: dict[str, Tensor]) -> None:
+    def _chunk(self, x: Tensor, states: Tensor, starts: list[int], lengths: list[int], bufs: _Buffers) -> None:
         lib, C, F = self.lib, self.C, self.F
         N, B, L = x.shape[0], len(lengths), len(self.layers)
         c_starts, c_lens = (ctypes.c_int * B)(*starts), (ctypes.c_int * B)(*lengths)
-        qa, sa, acc3 = bufs["qa"][:, :N], bufs["sa"][:, :N], bufs["acc3"][:, :N]
-        qo, so, qf, sf = bufs["qo"][:N], bufs["so"][:N], bufs["qf"][:, :N], bufs["sf"][:, :N]
-        acc_f, qv, sv = bufs["acc_f"][:N], bufs["qv"][:N], bufs["sv"][:N]
-        gate, acc_v = bufs["gate"][:N], bufs["acc_v"][:N]
-        if bufs["qa"].shape[1] > N:  # [3, rows, C] views of fewer rows: the kernels want [3, N, C] packed
-            qa, sa, acc3, qf, sf = (t.contiguous() for t in (qa, sa, acc3, qf, sf))
-        sstride = ctypes.c_long(L * 5 * C)
+        (qa, qf, acc, qo, acc_f, qv, acc_v), p = bufs.views(N)
+        stride, sstride, px = ctypes.c_long(bufs.rows), ctypes.c_long(L * 5 * C), _p(x)
         base = states.data_ptr()
-        prev = None
-        for i, layer in enumerate(self.layers):
+        none = ctypes.c_void_p(None)
+        for i, a in enumerate(self._args):
             row = base + i * 5 * C * 4
-            res = (None, None, None, None) if prev is None else (acc_v, sv, prev.ffn_value.scales, gate)
-            lib.w8_mix(N, C, _p(x), *map(_p, res), _p(layer.ln1[0]), _p(layer.ln1[1]), ctypes.c_void_p(row),
-                       sstride, c_starts, c_lens, B, _p(layer.att_mix), 3, _p(qa), _p(sa))
-            for j, lin in enumerate((layer.att_key, layer.att_value, layer.att_receptance)):
-                torch._int_mm(qa[j], lin.qweight.t(), out=acc3[j])
-            lib.w8_wkv(N, C, _p(acc3[0]), _p(acc3[1]), _p(acc3[2]), _p(sa[0]), _p(sa[1]), _p(sa[2]),
-                       _p(layer.att_key.scales), _p(layer.att_value.scales), _p(layer.att_receptance.scales),
-                       _p(layer.w), _p(layer.u), ctypes.c_void_p(row + C * 4), sstride, c_starts, c_lens, B,
-                       _p(qo), _p(so))
-            torch._int_mm(qo, layer.att_output.qweight.t(), out=acc3[0])
-            lib.w8_mix(N, C, _p(x), _p(acc3[0]), _p(so), _p(layer.att_output.scales), None, _p(layer.ln2[0]),
-                       _p(layer.ln2[1]), ctypes.c_void_p(row + 4 * C * 4), sstride, c_starts, c_lens, B,
-                       _p(layer.ffn_mix), 2, _p(qf), _p(sf))
-            torch._int_mm(qf[0], layer.ffn_key.qweight.t(), out=acc_f)
-            torch._int_mm(qf[1], layer.ffn_receptance.qweight.t(), out=acc3[1])
-            lib.w8_ffn(N, C, F, _p(acc_f), _p(acc3[1]), _p(sf[0]), _p(sf[1]), _p(layer.ffn_key.scales),
-                       _p(layer.ffn_receptance.scales), _p(qv), _p(sv), _p(gate))
-            torch._int_mm(qv, layer.ffn_value.qweight.t(), out=acc_v)
-            prev = layer
-        if prev is not None:
-            lib.w8_residual(N, C, _p(x), _p(acc_v), _p(sv), _p(prev.ffn_value.scales), _p(gate))
+            wt, ws = a["wt"], a["ws"]
+            if i == 0:
+                lib.w8_mix(N, C, px, none, none, none, none, *a["ln1"], ctypes.c_void_p(row), sstride, c_starts,
+                           c_lens, B, a["att_mix"], 3, p["qa"], p["sa"][0], stride)
+            else:  # the previous layer's channel-mix residual first
+                lib.w8_mix(N, C, px, p["acc_v"], p["sv"], self._args[i - 1]["ws"][6], p["gate"], *a["ln1"],
+                           ctypes.c_void_p(row), sstride, c_starts, c_lens, B, a["att_mix"], 3, p["qa"], p["sa"][0],
+                           stride)
+            for j in range(3):
+                torch._int_mm(qa[j], wt[j], out=acc[j])
+            lib.w8_wkv(N, C, *p["acc"], *p["sa"], ws[0], ws[1], ws[2], a["w"], a["u"], ctypes.c_void_p(row + C * 4),
+                       sstride, c_starts, c_lens, B, p["qo"], p["so"])
+            torch._int_mm(qo, wt[3], out=acc[0])
+            lib.w8_mix(N, C, px, p["acc"][0], p["so"], ws[3], none, *a["ln2"], ctypes.c_void_p(row + 4 * C * 4),
+                       sstride, c_starts, c_lens, B, a["ffn_mix"], 2, p["qf"], p["sf"][0], stride)
+            torch._int_mm(qf[0], wt[4], out=acc_f)
+            torch._int_mm(qf[1], wt[5], out=acc[1])
+            lib.w8_ffn(N, C, F, p["acc_f"], p["acc"][1], *p["sf"], ws[4], ws[5], p["qv"], p["sv"], p["gate"])
+            torch._int_mm(qv, wt[6], out=acc_v)
+        if L:
+            lib.w8_residual(N, C, px, p["acc_v"], p["sv"], self._args[-1]["ws"][6], p["gate"])

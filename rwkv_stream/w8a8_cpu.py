@@ -33,6 +33,7 @@ import shutil
 import subprocess
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -289,8 +290,8 @@ class _Buffers:
         """``n``-row views: int_mm inputs and outputs, and the pointers the kernels take."""
         qa, qf, acc = [q[:n] for q in self.qa], [q[:n] for q in self.qf], [a[:n] for a in self.acc]
         tensors = (qa, qf, acc, self.qo[:n], self.acc_f[:n], self.qv[:n], self.acc_v[:n])
-        ptrs = {name: _p(getattr(self, name)) for name in ("qa", "qf", "qo", "so", "acc_f", "qv", "sv", "gate",
-                                                           "acc_v")}
+        names = ("qa", "qf", "qo", "so", "acc_f", "qv", "sv", "gate", "acc_v")
+        ptrs: dict[str, Any] = {name: _p(getattr(self, name)) for name in names}
         ptrs["sa"] = [_p(self.sa[j]) for j in range(3)]
         ptrs["sf"] = [_p(self.sf[j]) for j in range(2)]
         ptrs["acc"] = [_p(a) for a in self.acc]
@@ -306,7 +307,7 @@ class W8A8Layers:
     def __init__(self, lib: ctypes.CDLL, layers: list, n_embd: int, ffn_dim: int) -> None:
         self.lib, self.layers, self.C, self.F = lib, layers, n_embd, ffn_dim
         self.chunk_rows = int(os.environ.get("RWKV_STREAM_W8A8_CHUNK", "512"))
-        self._args = []  # per layer: pointers and transposed weight views, made once
+        self._args: list[dict[str, Any]] = []  # per layer: pointers and transposed weight views, made once
         for layer in layers:  # contiguous fp32 vectors the kernels read
             vectors = (*layer.ln1, *layer.ln2, layer.att_mix, layer.ffn_mix, layer.w, layer.u)
             assert all(v.dtype == torch.float32 and v.is_contiguous() for v in vectors)

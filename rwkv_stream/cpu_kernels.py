@@ -6,10 +6,14 @@ the streams' states) and one matrix product for the head (:class:`KernelLinear`)
 load for the kernel that reads them:
 
 - ``float32`` / ``float16`` / ``bfloat16``: the weights as stored, products accumulated in fp32 (fp16 through
-  F16C, bf16 widened by a shift);
-- ``q8_0``: int8 weights with one fp32 scale per block of 32 inputs, activations quantized to int8 per block of
-  32 on the fly; integer block sums are exact (AVX-512 VNNI ``vpdpbusd``, or AVX2 ``maddubs``), scaled and
-  accumulated in fp32.
+  F16C, bf16 widened by a shift; 512-bit vectors where the CPU has AVX-512, with the same sums in the same
+  order as the 256-bit code);
+- ``q8_0``: int8 weights with one fp16 scale per block of 32 inputs, packed in row pairs with the scales inline
+  (:func:`pack_q8_0`: one sequential stream per thread); activations quantized on the fly to int16 per block
+  of 32; integer block sums are exact (``vpdpwssd`` / ``pmaddwd``), scaled and accumulated in fp32, so AVX-512,
+  AVX2 and plain C builds give the same bits.
+
+Weights are prefetched a few KiB ahead of the reads (:c:func:`rs_set_prefetch`).
 
 Every output element is computed by the same instructions in the same order whatever the number of rows in
 the product, so a row's bits never depend on the other rows (its batch mates): batch invariance with no
@@ -55,71 +59,106 @@ SOURCE = r"""
 #if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
 #include <immintrin.h>
 #define RS_AVX2 1
-#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
-#define RS_VNNI 1
-#elif defined(__AVXVNNI__)
-#define RS_AVXVNNI 1
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512DQ__) && defined(__AVX512VL__)
+#define RS_AVX512 1
 #endif
 #endif
+#define AI __attribute__((always_inline))
 
-#define QB 32
+#define QB 32     /* inputs per block (one scale) */
+#define GRP 256   /* inputs per group: 8 blocks, one block per 32-bit lane of a 256-bit integer dot */
+#define PG 544    /* bytes of a row pair's group: 16 fp16 scales (8 per row), then 16 steps x (16 + 16) bytes */
 enum { K_F32 = 0, K_F16 = 1, K_BF16 = 2, K_Q8 = 3 };
 
-typedef struct { int kind, out, in, grouped; const void* w; const float* s; } rs_mat;  /* grouped: q8 layout */
-typedef struct { const float* x; const int8_t* q; const uint8_t* aq; const float* qs; int in; } rs_act;
+/* inp: inputs padded to a multiple of GRP (q8) or in (float kinds); s unused */
+typedef struct { int kind, out, in, inp; const void* w; const float* s; } rs_mat;
+/* activations: fp32 rows (float kinds) or int16 rows in the grouped order with one fp32 scale per block (q8) */
+typedef struct { const float* x; const int16_t* q; const float* qs; int in, inp; } rs_act;
+
+static int g_pf = 4096;  /* software prefetch distance in bytes (0: off) */
+void rs_set_prefetch(int bytes) { g_pf = bytes; }
 
 int rs_features(void) {
   int f = 0;
 #ifdef RS_AVX2
   f |= 1;
 #endif
-#if defined(RS_VNNI) || defined(RS_AVXVNNI)
+#if defined(__AVX512VNNI__) || defined(__AVXVNNI__)
   f |= 2;
 #endif
 #ifdef _OPENMP
   f |= 4;
 #endif
+#ifdef RS_AVX512
+  f |= 8;
+#endif
   return f;
 }
 
-/* grouped layout (rows of a multiple of 256): in each group of 8 blocks, byte i of 4 of block j for the t-th
-   32-byte vector sits at t * 32 + j * 4 + i, so that one lane of a 256-bit integer dot product sums one block */
-static inline int grouped_index(int e) {
-  int g = e / 256, r = e % 256, j = r / 32, t = (r % 32) / 4, i = r % 4;
-  return g * 256 + t * 32 + j * 4 + i;
+static float half_to_float(uint16_t h) {
+  uint32_t sign = (uint32_t)(h >> 15) << 31, e = (h >> 10) & 31, mant = h & 1023, bits;
+  if (e == 0) {
+    if (mant == 0) bits = sign;
+    else { e = 113; while (!(mant & 1024)) { mant <<= 1; e--; } bits = sign | (e << 23) | ((mant & 1023) << 13); }
+  } else if (e == 31) bits = sign | 0x7f800000u | (mant << 13);
+  else bits = sign | ((e + 112) << 23) | (mant << 13);
+  float f; memcpy(&f, &bits, 4); return f;
 }
 
-static void quantize_row(const float* x, int in, int8_t* q, uint8_t* aq, float* s, int grouped) {
-  for (int b = 0; b < in / QB; b++) {
-    const float* xb = x + b * QB;
-    float amax = 0.0f;
-    for (int i = 0; i < QB; i++) { float a = fabsf(xb[i]); amax = a > amax ? a : amax; }
-    float id = amax > 0.0f ? 127.0f / amax : 0.0f;
-    s[b] = amax / 127.0f;
-    for (int i = 0; i < QB; i++) {
-      int v = (int)lrintf(xb[i] * id);
-      v = v > 127 ? 127 : (v < -127 ? -127 : v);
-      int e = grouped ? grouped_index(b * QB + i) : b * QB + i;
-      q[e] = (int8_t)v;
-      aq[e] = (uint8_t)(v < 0 ? -v : v);
+/* one row of activations for q8: int16 per block of 32 (scale = block absmax / 32767), stored grouped: in group g,
+   the pair of elements 2t, 2t+1 of block j is 32-bit word t * 8 + j; blocks beyond in (padding) are zero.
+   The same values on every code path (max and products exact, round to nearest even). */
+static void quantize_row16(const float* x, int in, int inp, int16_t* q, float* s) {
+  for (int b = 0; b < inp / QB; b++) {
+    int32_t v[QB];
+    float sc = 0.0f;
+    if (b * QB < in) {
+      const float* xb = x + b * QB;
+      float amax = 0.0f;
+#ifdef RS_AVX512
+      __m512 x0 = _mm512_loadu_ps(xb), x1 = _mm512_loadu_ps(xb + 16);
+      amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(x0), _mm512_abs_ps(x1)));
+      float id = amax > 0.0f ? 32767.0f / amax : 0.0f;
+      __m512 vid = _mm512_set1_ps(id);
+      __m512i lo = _mm512_set1_epi32(-32767), hi = _mm512_set1_epi32(32767);
+      _mm512_storeu_si512(v, _mm512_min_epi32(_mm512_max_epi32(_mm512_cvtps_epi32(_mm512_mul_ps(x0, vid)), lo), hi));
+      _mm512_storeu_si512(v + 16, _mm512_min_epi32(_mm512_max_epi32(_mm512_cvtps_epi32(_mm512_mul_ps(x1, vid)), lo),
+                                                   hi));
+#else
+      for (int i = 0; i < QB; i++) { float a = fabsf(xb[i]); amax = a > amax ? a : amax; }
+      float id = amax > 0.0f ? 32767.0f / amax : 0.0f;
+      for (int i = 0; i < QB; i++) {
+        long r = lrintf(xb[i] * id);
+        v[i] = (int32_t)(r > 32767 ? 32767 : (r < -32767 ? -32767 : r));
+      }
+#endif
+      sc = amax / 32767.0f;
+    } else {
+      memset(v, 0, sizeof(v));
     }
+    s[b] = sc;
+    uint32_t* dst = (uint32_t*)(q + (size_t)(b / 8) * GRP) + (b % 8);
+    for (int t = 0; t < QB / 2; t++)
+      dst[t * 8] = (uint32_t)(uint16_t)v[2 * t] | ((uint32_t)(uint16_t)v[2 * t + 1] << 16);
   }
 }
 
-/* activations of n rows for a product with m: quantized into buf (q8) or read as they are */
+/* activations of n rows for a product with m: quantized into a buffer (q8) or read as they are */
 static void *prepare(const rs_mat* m, const float* x, int n, rs_act* a, int nt) {
-  a->x = x; a->in = m->in; a->q = 0; a->aq = 0; a->qs = 0;
+  a->x = x; a->in = m->in; a->inp = m->inp; a->q = 0; a->qs = 0;
   if (m->kind != K_Q8) return 0;
-  size_t e = (size_t)n * m->in;
-  char* buf = (char*)malloc(2 * e + (e / QB) * sizeof(float) + 64);
-  int8_t* q = (int8_t*)buf; uint8_t* aq = (uint8_t*)(buf + e); float* s = (float*)(buf + 2 * e);
+  size_t e = (size_t)n * m->inp, nb = (size_t)m->inp / QB;
+  char* buf = (char*)malloc(2 * e + (size_t)n * nb * sizeof(float) + 64);
+  int16_t* q = (int16_t*)buf; float* s = (float*)(buf + 2 * e);
   #pragma omp parallel for schedule(static) num_threads(nt) if (n > 8)
-  for (int r = 0; r < n; r++) {
-    size_t at = (size_t)r * m->in;
-    quantize_row(x + at, m->in, q + at, aq + at, s + (size_t)r * (m->in / QB), m->grouped);
-  }
-  a->q = q; a->aq = aq; a->qs = s;
+  for (int r = 0; r < n; r++) quantize_row16(x + (size_t)r * m->in, m->in, m->inp, q + (size_t)r * m->inp, s + r * nb);
+  a->q = q; a->qs = s;
   return buf;
+}
+
+static inline float hsum8_s(const float* v) {  /* the order of hsum8 */
+  float a0 = v[0] + v[4], a1 = v[1] + v[5], a2 = v[2] + v[6], a3 = v[3] + v[7];
+  return (a0 + a2) + (a1 + a3);
 }
 
 #ifdef RS_AVX2
@@ -129,78 +168,139 @@ static inline float hsum8(__m256 v) {
   lo = _mm_add_ss(lo, _mm_shuffle_ps(lo, lo, 1));
   return _mm_cvtss_f32(lo);
 }
-static inline __m256i dot_u8s8(__m256i ax, __m256i sw) {
-#if defined(RS_VNNI)
-  return _mm256_dpbusd_epi32(_mm256_setzero_si256(), ax, sw);
-#elif defined(RS_AVXVNNI)
-  return _mm256_dpbusd_avx_epi32(_mm256_setzero_si256(), ax, sw);
+static inline __m256i dpw256(__m256i d, __m256i w, __m256i a) {  /* exact: |w| <= 127, |a| <= 32767 */
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+  return _mm256_dpwssd_epi32(d, w, a);
+#elif defined(__AVXVNNI__)
+  return _mm256_dpwssd_avx_epi32(d, w, a);
 #else
-  return _mm256_madd_epi16(_mm256_maddubs_epi16(ax, sw), _mm256_set1_epi16(1));
+  return _mm256_add_epi32(d, _mm256_madd_epi16(w, a));
 #endif
 }
+#define PF(p) do { if (g_pf) _mm_prefetch((const char*)(p) + g_pf, _MM_HINT_T0); } while (0)
+#else
+#define PF(p) do { } while (0)
+#endif
+
+#ifdef RS_AVX512
+static inline __m512i dpw512(__m512i d, __m512i w, __m512i a) {
+#if defined(__AVX512VNNI__)
+  return _mm512_dpwssd_epi32(d, w, a);
+#else
+  return _mm512_add_epi32(d, _mm512_madd_epi16(w, a));
+#endif
+}
+/* q8: rows 2p and 2p+1 (one 512-bit vector: row 2p in the low half) against R activation rows r0.. (1..4); each
+   output's arithmetic (exact integer block sums, then per lane fp32 scale and fma, then hsum8) is the same
+   whatever R, and the same as q8_half's */
+static inline AI void q8_pair(const rs_mat* m, const rs_act* a, int p, int r0, int R, float* y) {
+  const int G = m->inp / GRP, nb = m->inp / QB;
+  const uint8_t* base = (const uint8_t*)m->w + (size_t)p * G * PG;
+  __m512 acc[4];
+  for (int i = 0; i < R; i++) acc[i] = _mm512_setzero_ps();
+  for (int g = 0; g < G; g++) {
+    const uint8_t* blk = base + (size_t)g * PG;
+    const int16_t* ag = a->q + (size_t)r0 * m->inp + g * GRP;
+    __m512i d[4];
+    for (int i = 0; i < R; i++) d[i] = _mm512_setzero_si512();
+    for (int t = 0; t < 16; t++) {
+      if (!(t & 1)) PF(blk + 32 * t);
+      __m512i w = _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i*)(blk + 32 + 32 * t)));
+      for (int i = 0; i < R; i++)
+        d[i] = dpw512(d[i], w, _mm512_broadcast_i32x8(_mm256_loadu_si256(
+                                   (const __m256i*)(ag + (size_t)i * m->inp + 16 * t))));
+    }
+    PF(blk + 512);
+    __m512 ws = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)blk));
+    for (int i = 0; i < R; i++) {
+      __m512 sc = _mm512_mul_ps(ws, _mm512_broadcast_f32x8(_mm256_loadu_ps(a->qs + (size_t)(r0 + i) * nb + g * 8)));
+      acc[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d[i]), sc, acc[i]);
+    }
+  }
+  const int o = 2 * p;
+  for (int i = 0; i < R; i++) {
+    float* yr = y + (size_t)(r0 + i) * m->out;
+    yr[o] = hsum8(_mm512_castps512_ps256(acc[i]));
+    if (o + 1 < m->out) yr[o + 1] = hsum8(_mm512_extractf32x8_ps(acc[i], 1));
+  }
+}
+#elif defined(RS_AVX2)
+/* q8 without AVX-512: row 2p + h of the pair, the same arithmetic per output as q8_pair */
+static inline AI void q8_half(const rs_mat* m, const rs_act* a, int p, int h, int r0, int R, float* y) {
+  const int G = m->inp / GRP, nb = m->inp / QB;
+  const uint8_t* base = (const uint8_t*)m->w + (size_t)p * G * PG;
+  __m256 acc[4];
+  for (int i = 0; i < R; i++) acc[i] = _mm256_setzero_ps();
+  for (int g = 0; g < G; g++) {
+    const uint8_t* blk = base + (size_t)g * PG;
+    const int16_t* ag = a->q + (size_t)r0 * m->inp + g * GRP;
+    __m256i d[4];
+    for (int i = 0; i < R; i++) d[i] = _mm256_setzero_si256();
+    for (int t = 0; t < 16; t++) {
+      if (!(t & 1)) PF(blk + 32 * t);
+      __m256i w = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i*)(blk + 32 + 32 * t + 16 * h)));
+      for (int i = 0; i < R; i++)
+        d[i] = dpw256(d[i], w, _mm256_loadu_si256((const __m256i*)(ag + (size_t)i * m->inp + 16 * t)));
+    }
+    __m256 ws = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(blk + 16 * h)));
+    for (int i = 0; i < R; i++) {
+      __m256 sc = _mm256_mul_ps(ws, _mm256_loadu_ps(a->qs + (size_t)(r0 + i) * nb + g * 8));
+      acc[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d[i]), sc, acc[i]);
+    }
+  }
+  for (int i = 0; i < R; i++) y[(size_t)(r0 + i) * m->out + 2 * p + h] = hsum8(acc[i]);
+}
+#endif
+
+#ifdef RS_AVX512
+static inline __m512 load16(int kind, const void* w, size_t i) {
+  if (kind == K_F32) return _mm512_loadu_ps((const float*)w + i);
+  __m256i h = _mm256_loadu_si256((const __m256i*)((const uint16_t*)w + i));
+  if (kind == K_F16) return _mm512_cvtph_ps(h);
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+/* R rows (1..4) against weight row o; lanes 0-7 / 8-15 of acc[i][j] are the 8-lane sums 2j / 2j+1 of the AVX2
+   code: the same values in the same order */
+static inline AI void f_rows(const rs_mat* m, const rs_act* a, int o, int r0, int R, float* y, const int kind,
+                             size_t wo) {
+  const int in = m->in;
+  const int esz = kind == K_F32 ? 4 : 2;
+  __m512 acc[4][2];
+  for (int i = 0; i < R; i++) acc[i][0] = acc[i][1] = _mm512_setzero_ps();
+  for (int k = 0; k < in; k += 32) {
+    PF((const char*)m->w + (wo + k) * esz);
+    if (esz == 4) PF((const char*)m->w + (wo + k) * esz + 64);
+    for (int j = 0; j < 2; j++) {
+      __m512 wv = load16(kind, m->w, wo + k + 16 * j);
+      for (int i = 0; i < R; i++)
+        acc[i][j] = _mm512_fmadd_ps(wv, _mm512_loadu_ps(a->x + (size_t)(r0 + i) * in + k + 16 * j), acc[i][j]);
+    }
+  }
+  for (int i = 0; i < R; i++) {
+    __m256 s01 = _mm256_add_ps(_mm512_castps512_ps256(acc[i][0]), _mm512_extractf32x8_ps(acc[i][0], 1));
+    __m256 s23 = _mm256_add_ps(_mm512_castps512_ps256(acc[i][1]), _mm512_extractf32x8_ps(acc[i][1], 1));
+    y[(size_t)(r0 + i) * m->out + o] = hsum8(_mm256_add_ps(s01, s23));
+  }
+}
+static inline void widen_row(const rs_mat* m, size_t wo, float* buf) {
+  for (int k = 0; k < m->in; k += 16) _mm512_store_ps(buf + k, load16(m->kind, m->w, wo + k));
+}
+#elif defined(RS_AVX2)
 static inline __m256 load8(int kind, const void* w, size_t i) {
   if (kind == K_F32) return _mm256_loadu_ps((const float*)w + i);
   if (kind == K_F16) return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)((const uint16_t*)w + i)));
   return _mm256_castsi256_ps(_mm256_slli_epi32(
       _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i*)((const uint16_t*)w + i))), 16));
 }
-
-/* R rows (1..4) against weight row o; each row's arithmetic is the same whatever R */
-static inline __attribute__((always_inline)) void q8_rows(const rs_mat* m, const rs_act* a, int o, int r0, int R,
-                                                          float* y) {
-  const int in = m->in, nb = in / QB;
-  const int8_t* w = (const int8_t*)m->w + (size_t)o * in;
-  const float* ws = m->s + (size_t)o * nb;
-  __m256 acc[4][2];
-  for (int i = 0; i < R; i++) { acc[i][0] = _mm256_setzero_ps(); acc[i][1] = _mm256_setzero_ps(); }
-  for (int b = 0; b < nb; b++) {
-    __m256i wv = _mm256_loadu_si256((const __m256i*)(w + b * QB));
-    float wsb = ws[b];
-    for (int i = 0; i < R; i++) {
-      size_t off = (size_t)(r0 + i) * in + b * QB;
-      __m256i sw = _mm256_sign_epi8(wv, _mm256_loadu_si256((const __m256i*)(a->q + off)));
-      __m256i d = dot_u8s8(_mm256_loadu_si256((const __m256i*)(a->aq + off)), sw);
-      __m256 sc = _mm256_set1_ps(wsb * a->qs[(size_t)(r0 + i) * nb + b]);
-      acc[i][b & 1] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d), sc, acc[i][b & 1]);
-    }
-  }
-  for (int i = 0; i < R; i++) y[(size_t)(r0 + i) * m->out + o] = hsum8(_mm256_add_ps(acc[i][0], acc[i][1]));
-}
-
-/* the grouped layout: 8 blocks per 256-bit integer dot (one block per lane), one fma per 8 blocks */
-static inline __attribute__((always_inline)) void q8g_rows(const rs_mat* m, const rs_act* a, int o, int r0, int R,
-                                                           float* y) {
-  const int in = m->in, nb = in / QB;
-  const int8_t* w = (const int8_t*)m->w + (size_t)o * in;
-  const float* ws = m->s + (size_t)o * nb;
-  __m256 acc[4];
-  for (int i = 0; i < R; i++) acc[i] = _mm256_setzero_ps();
-  for (int g = 0; g < in / 256; g++) {
-    __m256i d[4];
-    for (int i = 0; i < R; i++) d[i] = _mm256_setzero_si256();
-    for (int t = 0; t < 8; t++) {
-      __m256i wv = _mm256_loadu_si256((const __m256i*)(w + g * 256 + t * 32));
-      for (int i = 0; i < R; i++) {
-        size_t off = (size_t)(r0 + i) * in + g * 256 + t * 32;
-        __m256i sw = _mm256_sign_epi8(wv, _mm256_loadu_si256((const __m256i*)(a->q + off)));
-        d[i] = _mm256_add_epi32(d[i], dot_u8s8(_mm256_loadu_si256((const __m256i*)(a->aq + off)), sw));
-      }
-    }
-    __m256 wsv = _mm256_loadu_ps(ws + g * 8);
-    for (int i = 0; i < R; i++) {
-      __m256 sc = _mm256_mul_ps(wsv, _mm256_loadu_ps(a->qs + (size_t)(r0 + i) * nb + g * 8));
-      acc[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d[i]), sc, acc[i]);
-    }
-  }
-  for (int i = 0; i < R; i++) y[(size_t)(r0 + i) * m->out + o] = hsum8(acc[i]);
-}
-
-static inline __attribute__((always_inline)) void f_rows(const rs_mat* m, const rs_act* a, int o, int r0, int R,
-                                                         float* y, const int kind, size_t wo) {
+static inline AI void f_rows(const rs_mat* m, const rs_act* a, int o, int r0, int R, float* y, const int kind,
+                             size_t wo) {
   const int in = m->in;
+  const int esz = kind == K_F32 ? 4 : 2;
   __m256 acc[4][4];
   for (int i = 0; i < R; i++) for (int j = 0; j < 4; j++) acc[i][j] = _mm256_setzero_ps();
   for (int k = 0; k < in; k += 32) {
+    PF((const char*)m->w + (wo + k) * esz);
+    if (esz == 4) PF((const char*)m->w + (wo + k) * esz + 64);
     for (int j = 0; j < 4; j++) {
       __m256 wv = load8(kind, m->w, wo + k + 8 * j);
       for (int i = 0; i < R; i++)
@@ -211,13 +311,17 @@ static inline __attribute__((always_inline)) void f_rows(const rs_mat* m, const 
     y[(size_t)(r0 + i) * m->out + o] =
         hsum8(_mm256_add_ps(_mm256_add_ps(acc[i][0], acc[i][1]), _mm256_add_ps(acc[i][2], acc[i][3])));
 }
+static inline void widen_row(const rs_mat* m, size_t wo, float* buf) {
+  for (int k = 0; k < m->in; k += 8) _mm256_store_ps(buf + k, load8(m->kind, m->w, wo + k));
+}
+#endif
 
+#ifdef RS_AVX2
 /* 16-bit weights for many rows: the weight row widened to fp32 once (exact), then fp32 products 4 rows at a
    time; each row's sums are f_rows' (same values, same order), so a row's bits do not depend on n */
 static void f16_rows_buffered(const rs_mat* m, const rs_act* a, int n, float* y, int o) {
-  float buf[m->in] __attribute__((aligned(32)));
-  const size_t wo = (size_t)o * m->in;
-  for (int k = 0; k < m->in; k += 8) _mm256_store_ps(buf + k, load8(m->kind, m->w, wo + k));
+  float buf[m->in] __attribute__((aligned(64)));
+  widen_row(m, (size_t)o * m->in, buf);
   rs_mat row = *m;
   row.w = buf;
   row.kind = K_F32;
@@ -226,19 +330,27 @@ static void f16_rows_buffered(const rs_mat* m, const rs_act* a, int n, float* y,
   for (; r < n; r++) f_rows(&row, a, o, r, 1, y, K_F32, 0);
 }
 
-static void out_row(const rs_mat* m, const rs_act* a, int n, float* y, int o) {
+/* unit u of m: output row u (float kinds) or the row pair u (q8) for all n rows */
+static void out_unit(const rs_mat* m, const rs_act* a, int n, float* y, int u) {
   int r = 0;
+  if (m->kind == K_Q8) {
+#ifdef RS_AVX512
+    for (; r + 4 <= n; r += 4) q8_pair(m, a, u, r, 4, y);
+    for (; r < n; r++) q8_pair(m, a, u, r, 1, y);
+#else
+    for (int h = 0; h < 2 && 2 * u + h < m->out; h++) {
+      for (r = 0; r + 4 <= n; r += 4) q8_half(m, a, u, h, r, 4, y);
+      for (; r < n; r++) q8_half(m, a, u, h, r, 1, y);
+    }
+#endif
+    return;
+  }
+  const int o = u;
   if ((m->kind == K_F16 || m->kind == K_BF16) && n >= 4) {
     f16_rows_buffered(m, a, n, y, o);
     return;
   }
-  if (m->kind == K_Q8 && m->grouped) {
-    for (; r + 4 <= n; r += 4) q8g_rows(m, a, o, r, 4, y);
-    for (; r < n; r++) q8g_rows(m, a, o, r, 1, y);
-  } else if (m->kind == K_Q8) {
-    for (; r + 4 <= n; r += 4) q8_rows(m, a, o, r, 4, y);
-    for (; r < n; r++) q8_rows(m, a, o, r, 1, y);
-  } else if (m->kind == K_F32) {
+  if (m->kind == K_F32) {
     for (; r + 4 <= n; r += 4) f_rows(m, a, o, r, 4, y, K_F32, (size_t)o * m->in);
     for (; r < n; r++) f_rows(m, a, o, r, 1, y, K_F32, (size_t)o * m->in);
   } else if (m->kind == K_F16) {
@@ -254,45 +366,51 @@ static float wget(int kind, const void* w, size_t i) {
   if (kind == K_F32) return ((const float*)w)[i];
   uint16_t h = ((const uint16_t*)w)[i];
   if (kind == K_BF16) { uint32_t b = (uint32_t)h << 16; float f; memcpy(&f, &b, 4); return f; }
-  uint32_t sign = (uint32_t)(h >> 15) << 31, e = (h >> 10) & 31, mant = h & 1023, bits;
-  if (e == 0) {
-    if (mant == 0) bits = sign;
-    else { e = 113; while (!(mant & 1024)) { mant <<= 1; e--; } bits = sign | (e << 23) | ((mant & 1023) << 13); }
-  } else if (e == 31) bits = sign | 0x7f800000u | (mant << 13);
-  else bits = sign | ((e + 112) << 23) | (mant << 13);
-  float f; memcpy(&f, &bits, 4); return f;
+  return half_to_float(h);
 }
-static void out_row(const rs_mat* m, const rs_act* a, int n, float* y, int o) {
-  const int in = m->in, nb = in / QB;
+static void out_unit(const rs_mat* m, const rs_act* a, int n, float* y, int u) {
+  if (m->kind == K_Q8) {
+    const int G = m->inp / GRP, nb = m->inp / QB;
+    for (int h = 0; h < 2 && 2 * u + h < m->out; h++) {
+      for (int r = 0; r < n; r++) {
+        float acc[8] = {0};
+        for (int g = 0; g < G; g++) {
+          const uint8_t* blk = (const uint8_t*)m->w + ((size_t)u * G + g) * PG;
+          const int16_t* ag = a->q + (size_t)r * m->inp + g * GRP;
+          for (int j = 0; j < 8; j++) {
+            int32_t d = 0;
+            for (int t = 0; t < 16; t++)
+              for (int e = 0; e < 2; e++)
+                d += (int32_t)(int8_t)blk[32 + 32 * t + 16 * h + 2 * j + e] * ag[16 * t + 2 * j + e];
+            uint16_t hs; memcpy(&hs, blk + 2 * (8 * h + j), 2);
+            acc[j] = fmaf((float)d, half_to_float(hs) * a->qs[(size_t)r * nb + g * 8 + j], acc[j]);
+          }
+        }
+        y[(size_t)r * m->out + 2 * u + h] = hsum8_s(acc);
+      }
+    }
+    return;
+  }
+  const int in = m->in;
   for (int r = 0; r < n; r++) {
     float acc = 0.0f;
-    if (m->kind == K_Q8) {
-      const int8_t* w = (const int8_t*)m->w + (size_t)o * in;
-      for (int b = 0; b < nb; b++) {
-        int32_t d = 0;
-        for (int i = 0; i < QB; i++) {
-          int e = m->grouped ? grouped_index(b * QB + i) : b * QB + i;
-          d += (int32_t)w[e] * a->q[(size_t)r * in + e];
-        }
-        acc += (float)d * (m->s[(size_t)o * nb + b] * a->qs[(size_t)r * nb + b]);
-      }
-    } else {
-      for (int k = 0; k < in; k++) acc += wget(m->kind, m->w, (size_t)o * in + k) * a->x[(size_t)r * in + k];
-    }
-    y[(size_t)r * m->out + o] = acc;
+    for (int k = 0; k < in; k++) acc += wget(m->kind, m->w, (size_t)u * in + k) * a->x[(size_t)r * in + k];
+    y[(size_t)r * m->out + u] = acc;
   }
 }
 #endif
 
+static inline int units(const rs_mat* m) { return m->kind == K_Q8 ? (m->out + 1) / 2 : m->out; }
+
 static void matmul_act(const rs_mat* m, const rs_act* a, int n, float* y, int nt) {
+  const int U = units(m);
   #pragma omp parallel for schedule(runtime) num_threads(nt)
-  for (int o = 0; o < m->out; o++) out_row(m, a, n, y, o);
+  for (int u = 0; u < U; u++) out_unit(m, a, n, y, u);
 }
 
 /* how output rows are dealt to threads: dynamic chunks of 64 by default (16 or static: within 2-5%), so that
-   on a busy host a thread that was
-   descheduled does not hold the others at the barrier (every output is computed alike whichever thread takes
-   it: the bits do not change) */
+   on a busy host a thread that was descheduled does not hold the others at the barrier (every output is
+   computed alike whichever thread takes it: the bits do not change). q8 units are row pairs. */
 static int g_dynamic = 1, g_chunk = 64;
 void rs_set_schedule(int dynamic, int chunk) { g_dynamic = dynamic; g_chunk = chunk; }
 static void apply_schedule(void) {
@@ -304,12 +422,12 @@ static void apply_schedule(void) {
 /* several products in one parallel loop (one barrier): outputs of mats[0], then mats[1], ... */
 static void matmul_multi(const rs_mat* mats, const rs_act* acts, int count, int n, float* const* ys, int nt) {
   int total = 0;
-  for (int q = 0; q < count; q++) total += mats[q].out;
+  for (int q = 0; q < count; q++) total += units(&mats[q]);
   #pragma omp parallel for schedule(runtime) num_threads(nt)
-  for (int o = 0; o < total; o++) {
-    int q = 0, oo = o;
-    while (oo >= mats[q].out) { oo -= mats[q].out; q++; }
-    out_row(&mats[q], &acts[q], n, ys[q], oo);
+  for (int u = 0; u < total; u++) {
+    int q = 0, uu = u;
+    while (uu >= units(&mats[q])) { uu -= units(&mats[q]); q++; }
+    out_unit(&mats[q], &acts[q], n, ys[q], uu);
   }
 }
 
@@ -437,7 +555,9 @@ CFLAGS = ["-O3", "-march=native", "-fopenmp", "-ffp-contract=off", "-fPIC", "-sh
 
 
 class RsMat(ctypes.Structure):
-    _fields_ = [("kind", ctypes.c_int), ("out", ctypes.c_int), ("in_", ctypes.c_int), ("grouped", ctypes.c_int),
+    """A packed matrix as the kernels read it: ``inp`` is ``in_`` padded to :data:`GROUP` for q8_0."""
+
+    _fields_ = [("kind", ctypes.c_int), ("out", ctypes.c_int), ("in_", ctypes.c_int), ("inp", ctypes.c_int),
                 ("w", ctypes.c_void_p), ("s", ctypes.c_void_p)]
 
 
@@ -509,6 +629,7 @@ def load() -> ctypes.CDLL | None:
         lib.rs_read_sum.argtypes = [ctypes.c_void_p, ctypes.c_long, ctypes.c_int]
         lib.rs_read_sum.restype = ctypes.c_uint64
         lib.rs_set_schedule.argtypes = [ctypes.c_int, ctypes.c_int]
+        lib.rs_set_prefetch.argtypes = [ctypes.c_int]
     except Exception as exc:  # any failure: the torch path is correct, only slower
         log.warning("rwkv-stream: CPU kernels unavailable (%s): torch path", str(exc).replace("\n", " ")[:300])
         return None
@@ -536,33 +657,61 @@ def disabled() -> Iterator[None]:
 def features() -> dict[str, bool]:
     lib = load()
     f = lib.rs_features() if lib is not None else 0
-    return {"compiled": lib is not None, "avx2": bool(f & 1), "vnni": bool(f & 2), "openmp": bool(f & 4)}
+    return {"compiled": lib is not None, "avx2": bool(f & 1), "vnni": bool(f & 2), "openmp": bool(f & 4),
+            "avx512": bool(f & 8)}
 
 
 def quantize_q8_0(weight: Tensor) -> tuple[Tensor, Tensor]:
-    """Symmetric int8 per block of :data:`QBLOCK` inputs: ``weight ~= q * scales`` (per block);
-    returns ``q`` ``[out, in]`` int8 and ``scales`` ``[out, in // QBLOCK]`` fp32."""
+    """Symmetric int8 per block of :data:`QBLOCK` inputs: ``weight ~= q * scales`` (per block); the scales are
+    fp16 values (kept as fp32), as the packed rows store them. Returns ``q`` ``[out, in]`` int8 and ``scales``
+    ``[out, in // QBLOCK]`` fp32."""
     out, n_in = weight.shape
     blocks = weight.float().reshape(out, n_in // QBLOCK, QBLOCK)
-    amax = blocks.abs().amax(dim=-1)
-    inv = torch.where(amax > 0, 127.0 / amax, torch.zeros_like(amax))
+    scales = (blocks.abs().amax(dim=-1) / 127.0).half().float()
+    inv = torch.where(scales > 0, 1.0 / scales, torch.zeros_like(scales))
     q = (blocks * inv.unsqueeze(-1)).round().clamp_(-127, 127).to(torch.int8).reshape(out, n_in)
-    return q.contiguous(), (amax / 127.0).contiguous()
+    return q.contiguous(), scales.contiguous()
 
 
-GROUP = 256  # inputs per group of the grouped q8_0 layout (8 blocks)
+def quantize_activations(x: Tensor) -> tuple[Tensor, Tensor]:
+    """What the kernel does to a q8_0 product's input rows: int16 per block of :data:`QBLOCK` (scale = block
+    absmax / 32767, round to nearest even); returns the integers (as int32) and ``[rows, in // QBLOCK]`` scales."""
+    rows, n_in = x.shape
+    blocks = x.float().reshape(rows, n_in // QBLOCK, QBLOCK)
+    amax = blocks.abs().amax(dim=-1)
+    inv = torch.where(amax > 0, 32767.0 / amax, torch.zeros_like(amax))
+    q = (blocks * inv.unsqueeze(-1)).round().clamp_(-32767, 32767).to(torch.int32).reshape(rows, n_in)
+    return q, amax / 32767.0
 
 
-def to_grouped(q: Tensor) -> Tensor:
-    """q8_0 rows (``in`` a multiple of 256) in the kernel's grouped layout: within each group of 8 blocks, the
-    t-th 32 bytes hold bytes ``4t .. 4t + 3`` of blocks 0..7 (one block per 32-bit lane of an integer dot)."""
+GROUP = 256  # inputs per group of the packed q8_0 layout (8 blocks, one per 32-bit lane of an integer dot)
+PAIR_GROUP_BYTES = 32 + 2 * GROUP  # 16 fp16 scales, then two rows' 256 int8 weights
+
+
+def pack_q8_0(q: Tensor, scales: Tensor) -> Tensor:
+    """Rows in pairs, inputs padded to a multiple of :data:`GROUP`, one contiguous stream the kernel reads in
+    order: for pair ``p`` and group ``g``, the 16 fp16 scales (8 of row 2p, 8 of row 2p+1), then 16 steps of 32
+    bytes (16 of row 2p, 16 of row 2p+1), each holding elements ``2t, 2t+1`` of the group's 8 blocks in turn.
+    Returns uint8 ``[pairs, groups, PAIR_GROUP_BYTES]``."""
     out, n_in = q.shape
-    return q.reshape(out, n_in // GROUP, 8, 8, 4).transpose(2, 3).contiguous().reshape(out, n_in)
+    pad_in, pad_out = (-n_in) % GROUP, out % 2
+    q = torch.nn.functional.pad(q, (0, pad_in, 0, pad_out))
+    s = torch.nn.functional.pad(scales.half(), (0, pad_in // QBLOCK, 0, pad_out))
+    pairs, groups = q.shape[0] // 2, q.shape[1] // GROUP
+    # [pair, row, group, block, step, 2] -> [pair, group, step, row, block, 2]
+    w = q.reshape(pairs, 2, groups, 8, 16, 2).permute(0, 2, 4, 1, 3, 5).reshape(pairs, groups, 2 * GROUP)
+    sb = s.reshape(pairs, 2, groups, 8).permute(0, 2, 1, 3).contiguous().view(torch.uint8).reshape(pairs, groups, 32)
+    return torch.cat((sb, w.view(torch.uint8)), dim=-1).contiguous()
 
 
-def from_grouped(q: Tensor) -> Tensor:
-    out, n_in = q.shape
-    return q.reshape(out, n_in // GROUP, 8, 8, 4).transpose(2, 3).contiguous().reshape(out, n_in)
+def unpack_q8_0(packed: Tensor, out: int, n_in: int) -> tuple[Tensor, Tensor]:
+    """The ``q`` and ``scales`` of :func:`quantize_q8_0` back from :func:`pack_q8_0`."""
+    pairs, groups, _ = packed.shape
+    w = packed[..., 32:].contiguous().view(torch.int8).reshape(pairs, groups, 16, 2, 8, 2)
+    q = w.permute(0, 3, 1, 4, 2, 5).reshape(2 * pairs, groups * GROUP)
+    s = packed[..., :32].contiguous().view(torch.float16).reshape(pairs, groups, 2, 8).permute(0, 2, 1, 3)
+    s = s.reshape(2 * pairs, groups * 8).float()
+    return q[:out, :n_in].contiguous(), s[:out, : n_in // QBLOCK].contiguous()
 
 
 def read_bandwidth(nbytes: int = 1 << 29, repeats: int = 5) -> float | None:

@@ -137,7 +137,7 @@ class KernelLinear:
         _require_cpu(weight, "compiled-kernel")
         self.weight = weight.to(dtype).contiguous()
         self.scales: Tensor | None = None
-        self.mat = cpu_kernels.RsMat(cpu_kernels.KINDS[dtype], weight.shape[0], weight.shape[1], 0,
+        self.mat = cpu_kernels.RsMat(cpu_kernels.KINDS[dtype], weight.shape[0], weight.shape[1], weight.shape[1],
                                      self.weight.data_ptr(), None)
 
     def __call__(self, x: Tensor) -> Tensor:
@@ -171,9 +171,11 @@ class KernelLinear:
 
 
 class Q8Linear(KernelLinear):
-    """Format ``q8_0`` (CPU): int8 weights with one scale per block of 32 inputs, activations quantized the same
-    way on the fly, exact integer block sums (see :mod:`rwkv_stream.cpu_kernels`). Without the compiled
-    kernels, a torch emulation of the same arithmetic (the same quantized values; slower)."""
+    """Format ``q8_0`` (CPU): int8 weights with one fp16 scale per block of 32 inputs, packed once for the kernel
+    (:func:`rwkv_stream.cpu_kernels.pack_q8_0`: row pairs, scales inline, one sequential stream); activations
+    quantized on the fly to int16 per block of 32 (error ~1/65534 of the block's largest, next to the weights'
+    1/254), exact integer block sums (see :mod:`rwkv_stream.cpu_kernels`). Without the compiled kernels, a
+    torch emulation of the same arithmetic (the same quantized values and exact block sums; slower)."""
 
     fmt = "q8_0"
 
@@ -181,30 +183,49 @@ class Q8Linear(KernelLinear):
         _require_cpu(weight, self.fmt)
         if weight.shape[1] % cpu_kernels.QBLOCK:
             raise ValueError(f"q8_0 needs inputs in blocks of {cpu_kernels.QBLOCK}, not {weight.shape[1]}")
+        out, n_in = weight.shape
         q, scales = cpu_kernels.quantize_q8_0(weight)
-        self.grouped = weight.shape[1] % cpu_kernels.GROUP == 0  # 8 blocks per integer dot (real model widths)
-        self.weight = cpu_kernels.to_grouped(q) if self.grouped else q
-        self.scales = self.q8_scales = scales
-        self.mat = cpu_kernels.RsMat(cpu_kernels.KIND_Q8, weight.shape[0], weight.shape[1], int(self.grouped),
-                                     self.weight.data_ptr(), scales.data_ptr())
+        self.weight = cpu_kernels.pack_q8_0(q, scales)  # scales inline: nothing else is read
+        self.scales = None
+        self._shape = (out, n_in)
+        self._unpacked: tuple[Tensor, Tensor] | None = None
+        padded = self.weight.shape[1] * cpu_kernels.GROUP
+        self.mat = cpu_kernels.RsMat(cpu_kernels.KIND_Q8, out, n_in, padded, self.weight.data_ptr(), None)
 
     def __call__(self, x: Tensor) -> Tensor:
         lib = cpu_kernels.load()
         if lib is not None:
             return self._kernel(lib, x)
-        q = cpu_kernels.from_grouped(self.weight) if self.grouped else self.weight
-        return q8_0_reference(q, self.q8_scales, x)
+        return q8_0_reference(*self.unpacked(), x)
+
+    def unpacked(self) -> tuple[Tensor, Tensor]:
+        """int8 ``q`` ``[out, in]`` and fp32 ``scales`` ``[out, in // 32]`` (the torch emulation's operands)."""
+        if self._unpacked is None:
+            self._unpacked = cpu_kernels.unpack_q8_0(self.weight, *self._shape)
+        return self._unpacked
+
+    @property
+    def nbytes(self) -> int:
+        return self.weight.numel()
+
+    @property
+    def in_features(self) -> int:
+        return self._shape[1]
+
+    @property
+    def kernel_key(self) -> Hashable:
+        return (self.fmt, self._shape, cpu_kernels.load() is not None)
 
 
 def q8_0_reference(qweight: Tensor, scales: Tensor, x: Tensor) -> Tensor:
-    """The ``q8_0`` product in torch: activations quantized per block of 32 as the kernel does, block sums
-    exact (products and sums of 32 int8 products are exact in fp32), scaled and summed in fp32."""
+    """The ``q8_0`` product in torch: activations quantized to int16 per block of 32 as the kernel does, block
+    sums exact (in fp64), rounded to fp32 as the kernel converts them, scaled and summed in fp32."""
     out, n_in = qweight.shape
     nb = n_in // cpu_kernels.QBLOCK
-    xq, xs = cpu_kernels.quantize_q8_0(x.float())
-    blocks = torch.bmm(xq.float().reshape(-1, nb, cpu_kernels.QBLOCK).transpose(0, 1),
-                       qweight.float().reshape(out, nb, cpu_kernels.QBLOCK).permute(1, 2, 0))  # [nb, rows, out]
-    return (blocks * xs.t().unsqueeze(-1) * scales.t().unsqueeze(1)).sum(0)
+    xq, xs = cpu_kernels.quantize_activations(x.float())
+    blocks = torch.bmm(xq.double().reshape(-1, nb, cpu_kernels.QBLOCK).transpose(0, 1),
+                       qweight.double().reshape(out, nb, cpu_kernels.QBLOCK).permute(1, 2, 0))  # [nb, rows, out]
+    return (blocks.float() * (xs.t().unsqueeze(-1) * scales.t().unsqueeze(1))).sum(0)
 
 
 Linear = DenseLinear | Int8Linear | W8A8Linear | KernelLinear

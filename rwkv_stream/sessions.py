@@ -264,6 +264,7 @@ class SessionTable:
         self.ttl_s = ttl_s
         self.clock = clock
         self._resident: OrderedDict[Hashable, _Session] = OrderedDict()
+        self._token_texts: dict[int, str | None] = {}  # id -> its bytes decoded alone (None: not whole UTF-8)
         self.evictions = 0
 
     # ----------------------------------------------------------------------------- inspection
@@ -448,10 +449,23 @@ class SessionTable:
 
     def _tokens(self, session: _Session, ids: list[int], final: bool) -> list[Token]:
         tokens = []
-        for token_id in ids:
-            text = session.utf8.decode(self._token_bytes(token_id))
-            tokens.append(Token(token_id, text, session.chars_out, session.chars_out + len(text)))
-            session.chars_out += len(text)
+        texts = self._token_texts
+        pending = bool(session.utf8.getstate()[0])
+        pos = session.chars_out
+        for token_id in ids:  # the decoder only where bytes are pending or a token is not whole UTF-8 alone
+            text = None if pending else texts.get(token_id)
+            if text is None:
+                data = self._token_bytes(token_id)
+                if not pending:
+                    try:
+                        texts[token_id] = data.decode("utf-8")
+                    except UnicodeDecodeError:
+                        texts[token_id] = None
+                text = session.utf8.decode(data)
+                pending = bool(session.utf8.getstate()[0])
+            tokens.append(Token(token_id, text, pos, pos + len(text)))
+            pos += len(text)
+        session.chars_out = pos
         if final:
             rest = session.utf8.decode(b"", final=True)
             if rest and tokens:

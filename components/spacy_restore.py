@@ -50,37 +50,42 @@ def restore_tokens(words: Sequence[str], spaces: Sequence[bool], gaps: Sequence[
                    labels: Sequence[str | None]) -> Restored:
     """Restoration over tokens: ``words`` their texts, ``spaces`` whether a token is whitespace, ``gaps``
     whether whitespace precedes it (a token without one continues the previous word), ``labels`` the tags."""
-    out = Restored("", list(words), [None] * len(words), [None] * len(words))
-    last_word_end: int | None = None  # index of the last token of the previous word
+    n = len(words)
+    if not (len(spaces) == len(gaps) == len(labels) == n):
+        raise ValueError(f"restore_tokens: {n} words, {len(spaces)} spaces, {len(gaps)} gaps, {len(labels)} labels")
+    texts: list[str] = list(words)
+    cases: list[str | None] = [None] * n
+    puncts: list[str | None] = [None] * n
+    lead = ""
+    last_word_end = -1  # index of the last token of the previous word (-1: none yet)
     case = "lower"
-    for i, (text, space, label) in enumerate(zip(words, spaces, labels, strict=True)):
-        starts_word = not space and (i == 0 or gaps[i] or spaces[i - 1])
-        decision = parse_label(label) if (starts_word or (space and "\n" in text)) else None
-        if decision is not None:
-            _attach(out, last_word_end, decision[0])
+    prev_space = True  # the token before the first counts as whitespace: the first token starts a word
+    for i in range(n):  # one pass, locals only: this runs for every token nlp.pipe annotates
+        text, space = words[i], spaces[i]
+        starts_word = not space and (prev_space or gaps[i])
+        prev_space = space
+        decision = parse_label(labels[i]) if (starts_word or (space and "\n" in text)) else None
+        if decision is not None:  # the mark goes after the previous word (once), or is owed to the last fragment
+            if last_word_end < 0:
+                lead = lead or decision[0]
+            elif puncts[last_word_end] is None:
+                puncts[last_word_end] = decision[0]
+                texts[last_word_end] += decision[0]
         if space:
             continue
         if starts_word:
-            if last_word_end is not None and out.puncts[last_word_end] is None:
-                out.puncts[last_word_end] = ""
+            if last_word_end >= 0 and puncts[last_word_end] is None:
+                puncts[last_word_end] = ""
             case = decision[1] if decision is not None else "lower"
-            out.texts[i] = apply_case(text, case)
+            if case != "lower":
+                texts[i] = apply_case(text, case)
         else:
-            out.puncts[i - 1] = ""
-            out.texts[i] = text.upper() if case == "UPPER" else text
-        out.cases[i] = case
+            puncts[i - 1] = ""
+            if case == "UPPER":
+                texts[i] = text.upper()
+        cases[i] = case
         last_word_end = i
-    return out
-
-
-def _attach(out: Restored, word_end: int | None, mark: str) -> None:
-    """Put ``mark`` after the previous word (once), or owe it to the previous fragment."""
-    if word_end is None:
-        out.lead = out.lead or mark
-        return
-    if out.puncts[word_end] is None:
-        out.puncts[word_end] = mark
-        out.texts[word_end] += mark
+    return Restored(lead, texts, cases, puncts)
 
 
 # ------------------------------------------------------------------------------------------ spaCy
@@ -152,5 +157,5 @@ def set_restored(doc: Doc, labels: Sequence[str | None], layout: DocLayout | Non
             for token, value in zip(doc, column, strict=True):
                 token._.set(name, value)
             continue
-        for start, value in zip(lay.starts, column, strict=True):
-            user_data[("._.", name, start, None)] = value  # what token._.set(name, value) writes
+        keys = [("._.", name, start, None) for start in lay.starts]  # what token._.set(name, value) writes
+        user_data.update(zip(keys, column, strict=True))

@@ -193,7 +193,7 @@ static inline __m512i dpw512(__m512i d, __m512i w, __m512i a) {
 /* q8: rows 2p and 2p+1 (one 512-bit vector: row 2p in the low half) against R activation rows r0.. (1..4); each
    output's arithmetic (exact integer block sums, then per lane fp32 scale and fma, then hsum8) is the same
    whatever R, and the same as q8_half's */
-static inline AI void q8_pair(const rs_mat* m, const rs_act* a, int p, int r0, int R, float* y) {
+static inline AI void q8_pair(const rs_mat* m, const rs_act* a, int p, int r0, int R, float* y, const int NA) {
   const int G = m->inp / GRP, nb = m->inp / QB;
   const uint8_t* base = (const uint8_t*)m->w + (size_t)p * G * PG;
   __m512 acc[4];
@@ -201,20 +201,23 @@ static inline AI void q8_pair(const rs_mat* m, const rs_act* a, int p, int r0, i
   for (int g = 0; g < G; g++) {
     const uint8_t* blk = base + (size_t)g * PG;
     const int16_t* ag = a->q + (size_t)r0 * m->inp + g * GRP;
-    __m512i d[4];
-    for (int i = 0; i < R; i++) d[i] = _mm512_setzero_si512();
+    /* NA independent integer sums per row (one row: 4, hiding the dot's latency); exact, so any split gives
+       the same block sums */
+    __m512i d[4][NA];
+    for (int i = 0; i < R; i++) for (int k = 0; k < NA; k++) d[i][k] = _mm512_setzero_si512();
     for (int t = 0; t < 16; t++) {
       if (!(t & 1)) PF(blk + 32 * t);
       __m512i w = _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i*)(blk + 32 + 32 * t)));
       for (int i = 0; i < R; i++)
-        d[i] = dpw512(d[i], w, _mm512_broadcast_i32x8(_mm256_loadu_si256(
-                                   (const __m256i*)(ag + (size_t)i * m->inp + 16 * t))));
+        d[i][t % NA] = dpw512(d[i][t % NA], w, _mm512_broadcast_i32x8(_mm256_loadu_si256(
+                                                   (const __m256i*)(ag + (size_t)i * m->inp + 16 * t))));
     }
     PF(blk + 512);
+    for (int i = 0; i < R; i++) for (int k = 1; k < NA; k++) d[i][0] = _mm512_add_epi32(d[i][0], d[i][k]);
     __m512 ws = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)blk));
     for (int i = 0; i < R; i++) {
       __m512 sc = _mm512_mul_ps(ws, _mm512_broadcast_f32x8(_mm256_loadu_ps(a->qs + (size_t)(r0 + i) * nb + g * 8)));
-      acc[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d[i]), sc, acc[i]);
+      acc[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d[i][0]), sc, acc[i]);
     }
   }
   const int o = 2 * p;
@@ -226,7 +229,8 @@ static inline AI void q8_pair(const rs_mat* m, const rs_act* a, int p, int r0, i
 }
 #elif defined(RS_AVX2)
 /* q8 without AVX-512: row 2p + h of the pair, the same arithmetic per output as q8_pair */
-static inline AI void q8_half(const rs_mat* m, const rs_act* a, int p, int h, int r0, int R, float* y) {
+static inline AI void q8_half(const rs_mat* m, const rs_act* a, int p, int h, int r0, int R, float* y,
+                              const int NA) {
   const int G = m->inp / GRP, nb = m->inp / QB;
   const uint8_t* base = (const uint8_t*)m->w + (size_t)p * G * PG;
   __m256 acc[4];
@@ -234,18 +238,20 @@ static inline AI void q8_half(const rs_mat* m, const rs_act* a, int p, int h, in
   for (int g = 0; g < G; g++) {
     const uint8_t* blk = base + (size_t)g * PG;
     const int16_t* ag = a->q + (size_t)r0 * m->inp + g * GRP;
-    __m256i d[4];
-    for (int i = 0; i < R; i++) d[i] = _mm256_setzero_si256();
+    __m256i d[4][NA];
+    for (int i = 0; i < R; i++) for (int k = 0; k < NA; k++) d[i][k] = _mm256_setzero_si256();
     for (int t = 0; t < 16; t++) {
       if (!(t & 1)) PF(blk + 32 * t);
       __m256i w = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i*)(blk + 32 + 32 * t + 16 * h)));
       for (int i = 0; i < R; i++)
-        d[i] = dpw256(d[i], w, _mm256_loadu_si256((const __m256i*)(ag + (size_t)i * m->inp + 16 * t)));
+        d[i][t % NA] = dpw256(d[i][t % NA], w,
+                              _mm256_loadu_si256((const __m256i*)(ag + (size_t)i * m->inp + 16 * t)));
     }
+    for (int i = 0; i < R; i++) for (int k = 1; k < NA; k++) d[i][0] = _mm256_add_epi32(d[i][0], d[i][k]);
     __m256 ws = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(blk + 16 * h)));
     for (int i = 0; i < R; i++) {
       __m256 sc = _mm256_mul_ps(ws, _mm256_loadu_ps(a->qs + (size_t)(r0 + i) * nb + g * 8));
-      acc[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d[i]), sc, acc[i]);
+      acc[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d[i][0]), sc, acc[i]);
     }
   }
   for (int i = 0; i < R; i++) y[(size_t)(r0 + i) * m->out + 2 * p + h] = hsum8(acc[i]);
@@ -335,12 +341,12 @@ static void out_unit(const rs_mat* m, const rs_act* a, int n, float* y, int u) {
   int r = 0;
   if (m->kind == K_Q8) {
 #ifdef RS_AVX512
-    for (; r + 4 <= n; r += 4) q8_pair(m, a, u, r, 4, y);
-    for (; r < n; r++) q8_pair(m, a, u, r, 1, y);
+    for (; r + 4 <= n; r += 4) q8_pair(m, a, u, r, 4, y, 1);
+    for (; r < n; r++) q8_pair(m, a, u, r, 1, y, 4);
 #else
     for (int h = 0; h < 2 && 2 * u + h < m->out; h++) {
-      for (r = 0; r + 4 <= n; r += 4) q8_half(m, a, u, h, r, 4, y);
-      for (; r < n; r++) q8_half(m, a, u, h, r, 1, y);
+      for (r = 0; r + 4 <= n; r += 4) q8_half(m, a, u, h, r, 4, y, 1);
+      for (; r < n; r++) q8_half(m, a, u, h, r, 1, y, 4);
     }
 #endif
     return;
@@ -540,12 +546,30 @@ void rs_rwkv4_layer(float* x, int n, int C, int F, float* st0, long sstride, con
   free(xn); free(mixed); free(kvr); free(big);
 }
 
-/* read bandwidth probe: sums a buffer as 64-bit words */
+/* read bandwidth probe: sums a buffer as 64-bit words with full-width vector loads, prefetching as the products
+   do (the best read rate the kernels can reach is the floor's reference) */
 uint64_t rs_read_sum(const uint64_t* p, long words, int nt) {
   uint64_t total = 0;
   #pragma omp parallel for schedule(static) reduction(+:total) num_threads(nt)
-  for (long i = 0; i < words; i += 8) {
-    total += p[i] + p[i + 1] + p[i + 2] + p[i + 3] + p[i + 4] + p[i + 5] + p[i + 6] + p[i + 7];
+  for (long c = 0; c < words / 64; c++) {  /* 512-byte chunks */
+    const uint64_t* q = p + c * 64;
+#if defined(RS_AVX512)
+    __m512i s0 = _mm512_setzero_si512(), s1 = _mm512_setzero_si512();
+    for (int i = 0; i < 64; i += 16) {
+      PF(q + i);
+      PF(q + i + 8);
+      s0 = _mm512_add_epi64(s0, _mm512_loadu_si512(q + i));
+      s1 = _mm512_add_epi64(s1, _mm512_loadu_si512(q + i + 8));
+    }
+    total += (uint64_t)_mm512_reduce_add_epi64(_mm512_add_epi64(s0, s1));
+#else
+    uint64_t s = 0;
+    for (int i = 0; i < 64; i += 8) {
+      PF(q + i);
+      s += q[i] + q[i + 1] + q[i + 2] + q[i + 3] + q[i + 4] + q[i + 5] + q[i + 6] + q[i + 7];
+    }
+    total += s;
+#endif
   }
   return total;
 }

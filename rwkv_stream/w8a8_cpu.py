@@ -95,7 +95,14 @@ static void layer_norm(const float* restrict x, int C, const float* restrict w, 
 }
 
 /* int8 per row, the rule of rwkv_stream.linear.quantize_rows: scale = max(absmax, 1e-30) / 127, q = round(y /
-   scale), the division done as a product with the scale's reciprocal */
+   scale), the division done as a product with the scale's reciprocal; amax is the row's max |y| */
+static float quant_amax(const float* restrict y, int C, float amax, int8_t* restrict q) {
+  float s = (amax > 1e-30f ? amax : 1e-30f) / 127.0f;
+  float inv = 1.0f / s;
+  for (int c = 0; c < C; c++) q[c] = (int8_t)nearbyintf(y[c] * inv);
+  return s;
+}
+
 static float quant_row(const float* restrict y, int C, int8_t* restrict q) {
   float amax = 0.0f;
   #pragma omp simd reduction(max:amax)
@@ -103,10 +110,7 @@ static float quant_row(const float* restrict y, int C, int8_t* restrict q) {
     float a = fabsf(y[c]);
     amax = a > amax ? a : amax;
   }
-  float s = (amax > 1e-30f ? amax : 1e-30f) / 127.0f;
-  float inv = 1.0f / s;
-  for (int c = 0; c < C; c++) q[c] = (int8_t)nearbyintf(y[c] * inv);
-  return s;
+  return quant_amax(y, C, amax, q);
 }
 
 static void residual(float* restrict x, int C, const int32_t* restrict acc, float xs, const float* restrict ws,
@@ -117,13 +121,19 @@ static void residual(float* restrict x, int C, const int32_t* restrict acc, floa
     for (int c = 0; c < C; c++) x[c] += (float)acc[c] * xs * ws[c];
 }
 
-/* torch.lerp's formula */
-static void lerp_row(const float* restrict a, const float* restrict b, const float* restrict t, int C,
-                     float* restrict out) {
+/* torch.lerp's formula; returns the row's max |out| */
+static float lerp_row(const float* restrict a, const float* restrict b, const float* restrict t, int C,
+                      float* restrict out) {
+  float amax = 0.0f;
+  #pragma omp simd reduction(max:amax)
   for (int c = 0; c < C; c++) {
     float d = b[c] - a[c];
-    out[c] = t[c] < 0.5f ? a[c] + t[c] * d : b[c] - d * (1.0f - t[c]);
+    float o = t[c] < 0.5f ? a[c] + t[c] * d : b[c] - d * (1.0f - t[c]);
+    out[c] = o;
+    float m = fabsf(o);
+    amax = m > amax ? m : amax;
   }
+  return amax;
 }
 
 void w8_mix(int N, int C, float* x, const int32_t* acc, const float* xs, const float* ws, const float* gate,
@@ -140,8 +150,8 @@ void w8_mix(int N, int C, float* x, const int32_t* acc, const float* xs, const f
       float* cur = buf[t & 1];
       layer_norm(xr, C, lnw, lnb, cur);
       for (int j = 0; j < m; j++) {
-        lerp_row(prev, cur, mix + (long)j * C, C, y);
-        s[j * qstride + n] = quant_row(y, C, q + (j * qstride + n) * C);
+        float amax = lerp_row(prev, cur, mix + (long)j * C, C, y);
+        s[j * qstride + n] = quant_amax(y, C, amax, q + (j * qstride + n) * C);
       }
       prev = cur;
     }
@@ -195,12 +205,17 @@ void w8_wkv(int N, int C, const int32_t* ak, const int32_t* av, const int32_t* a
   }
 }
 
-static void relu_sq(int F, const int32_t* restrict pk, float sk, const float* restrict wk, float* restrict y) {
+static float relu_sq(int F, const int32_t* restrict pk, float sk, const float* restrict wk, float* restrict y) {
+  float amax = 0.0f;
+  #pragma omp simd reduction(max:amax)
   for (int f = 0; f < F; f++) {
     float k = (float)pk[f] * sk * wk[f];
     k = k > 0.0f ? k : 0.0f;
-    y[f] = k * k;
+    float k2 = k * k;
+    y[f] = k2;
+    amax = k2 > amax ? k2 : amax;
   }
+  return amax;
 }
 
 static void gate_row(int C, const int32_t* restrict pr, float sr, const float* restrict wr, float* restrict g) {
@@ -212,8 +227,8 @@ void w8_ffn(int N, int C, int F, const int32_t* ak, const int32_t* ar, const flo
             const float* wk, const float* wr, int8_t* q, float* s, float* gate) {
   float y[F];
   for (long n = 0; n < N; n++) {
-    relu_sq(F, ak + n * F, xk[n], wk, y);
-    s[n] = quant_row(y, F, q + n * F);
+    float amax = relu_sq(F, ak + n * F, xk[n], wk, y);
+    s[n] = quant_amax(y, F, amax, q + n * F);
     gate_row(C, ar + n * C, xr[n], wr, gate + n * C);
   }
 }

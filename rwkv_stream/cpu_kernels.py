@@ -425,18 +425,6 @@ static void apply_schedule(void) {
 #endif
 }
 
-/* several products in one parallel loop (one barrier): outputs of mats[0], then mats[1], ... */
-static void matmul_multi(const rs_mat* mats, const rs_act* acts, int count, int n, float* const* ys, int nt) {
-  int total = 0;
-  for (int q = 0; q < count; q++) total += units(&mats[q]);
-  #pragma omp parallel for schedule(runtime) num_threads(nt)
-  for (int u = 0; u < total; u++) {
-    int q = 0, uu = u;
-    while (uu >= units(&mats[q])) { uu -= units(&mats[q]); q++; }
-    out_unit(&mats[q], &acts[q], n, ys[q], uu);
-  }
-}
-
 void rs_matmul(const rs_mat* m, const float* x, int n, float* y, int nt) {
   rs_act a;
   apply_schedule();
@@ -475,9 +463,36 @@ static void shift_mix(const float* xn, int n, int C, float* st0, long sstride, i
   }
 }
 
+/* pieces of a layer's parallel regions (orphaned worksharing: every thread of the region calls them) */
+static size_t act_bytes(const rs_mat* m, int n) {
+  return m->kind == K_Q8 ? 2 * (size_t)n * m->inp + (size_t)n * (m->inp / QB) * sizeof(float) + 64 : 0;
+}
+static void act_init(const rs_mat* m, const float* x, int n, rs_act* a, char* buf) {
+  a->x = x; a->in = m->in; a->inp = m->inp; a->q = 0; a->qs = 0;
+  if (m->kind == K_Q8) { a->q = (const int16_t*)buf; a->qs = (const float*)(buf + 2 * (size_t)n * m->inp); }
+}
+static void act_quantize_for(const rs_mat* m, const float* x, int n, const rs_act* a) {  /* no barrier */
+  if (m->kind != K_Q8) return;
+  const size_t nb = (size_t)m->inp / QB;
+  #pragma omp for schedule(static) nowait
+  for (int r = 0; r < n; r++)
+    quantize_row16(x + (size_t)r * m->in, m->in, m->inp, (int16_t*)a->q + (size_t)r * m->inp, (float*)a->qs + r * nb);
+}
+static void multi_for(const rs_mat* mats, const rs_act* acts, int count, int n, float* const* ys) {  /* barrier */
+  int total = 0;
+  for (int q = 0; q < count; q++) total += units(&mats[q]);
+  #pragma omp for schedule(runtime)
+  for (int u = 0; u < total; u++) {
+    int q = 0, uu = u;
+    while (uu >= units(&mats[q])) { uu -= units(&mats[q]); q++; }
+    out_unit(&mats[q], &acts[q], n, ys[q], uu);
+  }
+}
+
 /* one RWKV-4 layer over n rows of B streams (stream b owns rows starts[b] .. + lens[b] - 1); x [n, C] and the
    states (stream b's rows att_x, aa, bb, pp, ffn_x at st0 + b * sstride) are updated in place.
-   mats: att key, value, receptance, output, ffn key, receptance, value. */
+   mats: att key, value, receptance, output, ffn key, receptance, value. Two parallel regions (attention, then
+   channel mix), the products and WKV of each separated by barriers only. */
 void rs_rwkv4_layer(float* x, int n, int C, int F, float* st0, long sstride, const int* starts, const int* lens,
                     int B, const float* ln1w, const float* ln1b, const float* ln2w, const float* ln2b,
                     const float* amix, const float* tw, const float* tu, const float* fmix, const rs_mat* mats,
@@ -488,20 +503,26 @@ void rs_rwkv4_layer(float* x, int n, int C, int F, float* st0, long sstride, con
   float* mixed = (float*)malloc(sizeof(float) * 3 * nc);
   float* kvr = (float*)malloc(sizeof(float) * 3 * nc);
   float* big = (float*)malloc(sizeof(float) * (size_t)n * F);
-  rs_act acts[3];
-  void* bufs[3];
+  rs_act acts[7];
+  size_t off[8] = {0};
+  for (int q = 0; q < 7; q++) off[q + 1] = off[q] + act_bytes(&mats[q], n);
+  char* abuf = (char*)malloc(off[7] + 64);
+  const float* ins[7] = {mixed, mixed + nc, mixed + 2 * nc, xn, mixed, mixed + nc, big};
+  for (int q = 0; q < 7; q++) act_init(&mats[q], ins[q], n, &acts[q], abuf + off[q]);
+  float* ys_att[3] = {kvr, kvr + nc, kvr + 2 * nc};
+  float* ys_out[1] = {kvr};
+  float* ys_ffn[2] = {big, kvr};
+  float* ys_val[1] = {kvr + nc};
 
   for (int j = 0; j < n; j++) layer_norm(x + (size_t)j * C, xn + (size_t)j * C, C, ln1w, ln1b);
   shift_mix(xn, n, C, st0, sstride, 0, starts, lens, B, amix, 3, mixed);
-  for (int q = 0; q < 3; q++) bufs[q] = prepare(&mats[q], mixed + q * nc, n, &acts[q], nt);
+  #pragma omp parallel num_threads(nt)
   {
-    float* ys[3] = {kvr, kvr + nc, kvr + 2 * nc};
-    matmul_multi(mats, acts, 3, n, ys, nt);
-  }
-  for (int q = 0; q < 3; q++) free(bufs[q]);
-  {
-    float *k = kvr, *v = kvr + nc, *r = kvr + 2 * nc;
-    #pragma omp parallel for schedule(static) num_threads(nt)
+    for (int q = 0; q < 3; q++) act_quantize_for(&mats[q], ins[q], n, &acts[q]);
+    #pragma omp barrier
+    multi_for(mats, acts, 3, n, ys_att);
+    const float *k = kvr, *v = kvr + nc, *r = kvr + 2 * nc;
+    #pragma omp for schedule(static)
     for (int c = 0; c < C; c++) {
       for (int b = 0; b < B; b++) {
         float* s = st0 + (size_t)b * sstride;
@@ -520,30 +541,31 @@ void rs_rwkv4_layer(float* x, int n, int C, int F, float* st0, long sstride, con
         s[C + c] = aa; s[2 * C + c] = bb; s[3 * C + c] = pp;
       }
     }
+    act_quantize_for(&mats[3], xn, n, &acts[3]);
+    #pragma omp barrier
+    multi_for(mats + 3, acts + 3, 1, n, ys_out);
   }
-  bufs[0] = prepare(&mats[3], xn, n, &acts[0], nt);
-  matmul_act(&mats[3], &acts[0], n, kvr, nt);
-  free(bufs[0]);
   for (size_t e = 0; e < nc; e++) x[e] += kvr[e];
 
   for (int j = 0; j < n; j++) layer_norm(x + (size_t)j * C, xn + (size_t)j * C, C, ln2w, ln2b);
   shift_mix(xn, n, C, st0, sstride, 4, starts, lens, B, fmix, 2, mixed);
-  bufs[0] = prepare(&mats[4], mixed, n, &acts[0], nt);
-  bufs[1] = prepare(&mats[5], mixed + nc, n, &acts[1], nt);
+  #pragma omp parallel num_threads(nt)
   {
-    float* ys[2] = {big, kvr};
-    matmul_multi(mats + 4, acts, 2, n, ys, nt);
+    act_quantize_for(&mats[4], ins[4], n, &acts[4]);
+    act_quantize_for(&mats[5], ins[5], n, &acts[5]);
+    #pragma omp barrier
+    multi_for(mats + 4, acts + 4, 2, n, ys_ffn);
+    #pragma omp for schedule(static)
+    for (size_t e = 0; e < (size_t)n * F; e++) { float v = big[e] > 0.0f ? big[e] : 0.0f; big[e] = v * v; }
+    act_quantize_for(&mats[6], big, n, &acts[6]);
+    #pragma omp barrier
+    multi_for(mats + 6, acts + 6, 1, n, ys_val);
   }
-  free(bufs[0]); free(bufs[1]);
-  for (size_t e = 0; e < (size_t)n * F; e++) { float v = big[e] > 0.0f ? big[e] : 0.0f; big[e] = v * v; }
-  bufs[0] = prepare(&mats[6], big, n, &acts[0], nt);
-  matmul_act(&mats[6], &acts[0], n, kvr + nc, nt);
-  free(bufs[0]);
   for (size_t e = 0; e < nc; e++) {
     float v = x[e] + sigmoidf(kvr[e]) * kvr[nc + e];
     x[e] = post_scale != 1.0f ? v * post_scale : v;
   }
-  free(xn); free(mixed); free(kvr); free(big);
+  free(xn); free(mixed); free(kvr); free(big); free(abuf);
 }
 
 /* read bandwidth probe: sums a buffer as 64-bit words with full-width vector loads, prefetching as the products

@@ -10,7 +10,8 @@ all of them alike. The host's CPU and load averages (before and after) are in th
 
 Formats: ``float32, float16, bfloat16, q8_0`` run the compiled kernels where a compiler is present
 (:mod:`rwkv_stream.cpu_kernels`); ``torch:<format>`` builds the same format on the plain torch path; ``int8``
-and ``w8a8`` are torch-only formats.
+and ``w8a8`` are torch-only formats; ``q8_0+q8head`` is ``q8_0`` with its head quantized to q8_0 as well
+(an experiment: the engine builds q8_0 models with an fp16 head).
 
 rwkv.cpp: pass ``--librwkv PATH`` (or ``$RWKV_CPP_LIB``) and its model files of the same random weights:
 ``--save-pth FILE`` writes the checkpoint this bench uses, which rwkv.cpp's own converter turns into its format;
@@ -40,6 +41,7 @@ import torch
 
 from rwkv_stream import cpu_kernels
 from rwkv_stream.bench import SHAPES, machine_info
+from rwkv_stream.linear import Q8Linear
 from rwkv_stream.model import Model
 from rwkv_stream.random_checkpoint import random_tensors, save_pth
 
@@ -50,6 +52,7 @@ ISSUE_FIGURES = {  # issue 18: rwkv.cpp on a 2-core Zen 4 host, 169M shape, 2 th
 }
 
 Step = Callable[[int], object]
+Q8_HEAD = "+q8head"  # format suffix: the head as q8_0 too (an experiment; the engine's q8_0 has an fp16 head)
 
 
 def load_average() -> list[float]:
@@ -243,13 +246,15 @@ def main(argv: list[str] | None = None) -> int:
         with cpu_kernels.disabled():
             ref, _ = Model(tensors, cfg, dtype="float32").forward(tokens)
         for fmt in filter(None, args.formats.split(",")):
-            name = fmt.removeprefix("torch:")
+            name = fmt.removeprefix("torch:").removesuffix(Q8_HEAD)
             print(f"bench: building {fmt}", file=sys.stderr, flush=True)
             if fmt.startswith("torch:"):
                 with cpu_kernels.disabled():
                     model = Model(tensors, cfg, dtype=name)
             else:
                 model = Model(tensors, cfg, dtype=name)
+            if fmt.endswith(Q8_HEAD):  # an experiment: the engine's q8_0 keeps an fp16 head
+                model.head_linear = Q8Linear(tensors["head.weight"].float())
             impls[f"rwkv-stream {fmt}"] = engine_entry(model, tokens, ref, args)
         args.n_layer = cfg.n_layer
         impls.update(rwkvcpp_entries(args, tokens, ref, result))

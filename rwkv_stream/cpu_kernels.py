@@ -408,26 +408,32 @@ static void out_unit(const rs_mat* m, const rs_act* a, int n, float* y, int u) {
 
 static inline int units(const rs_mat* m) { return m->kind == K_Q8 ? (m->out + 1) / 2 : m->out; }
 
+/* how output rows are dealt to threads: dynamic chunks of about g_chunk KiB of weights (whatever the row width),
+   so that on a busy host a thread that was descheduled does not hold the others at the barrier, and at the end
+   of a product the other thread waits for at most one small chunk (every output is computed alike whichever
+   thread takes it: the bits do not change); 0: static halves; 2: guided. q8 units are row pairs. */
+static int g_dynamic = 1, g_chunk = 64;
+void rs_set_schedule(int dynamic, int chunk_kib) { g_dynamic = dynamic; g_chunk = chunk_kib; }
+static void apply_schedule(const rs_mat* m) {  /* every thread of a region, before a schedule(runtime) loop */
+#ifdef _OPENMP
+  size_t unit = m->kind == K_Q8 ? (size_t)(m->inp / GRP) * PG : (size_t)m->in * (m->kind == K_F32 ? 4 : 2);
+  int ch = (int)(((size_t)g_chunk * 1024 + unit - 1) / unit);
+  omp_set_schedule(g_dynamic == 2 ? omp_sched_guided : g_dynamic ? omp_sched_dynamic : omp_sched_static,
+                   g_dynamic ? (ch > 0 ? ch : 1) : 0);
+#else
+  (void)m;
+#endif
+}
+
 static void matmul_act(const rs_mat* m, const rs_act* a, int n, float* y, int nt) {
   const int U = units(m);
+  apply_schedule(m);
   #pragma omp parallel for schedule(runtime) num_threads(nt)
   for (int u = 0; u < U; u++) out_unit(m, a, n, y, u);
 }
 
-/* how output rows are dealt to threads: dynamic chunks of 64 by default (16 or static: within 2-5%), so that
-   on a busy host a thread that was descheduled does not hold the others at the barrier (every output is
-   computed alike whichever thread takes it: the bits do not change). q8 units are row pairs. */
-static int g_dynamic = 1, g_chunk = 64;
-void rs_set_schedule(int dynamic, int chunk) { g_dynamic = dynamic; g_chunk = chunk; }
-static void apply_schedule(void) {
-#ifdef _OPENMP
-  omp_set_schedule(g_dynamic ? omp_sched_dynamic : omp_sched_static, g_dynamic ? g_chunk : 0);
-#endif
-}
-
 void rs_matmul(const rs_mat* m, const float* x, int n, float* y, int nt) {
   rs_act a;
-  apply_schedule();
   void* buf = prepare(m, x, n, &a, nt);
   matmul_act(m, &a, n, y, nt);
   free(buf);
@@ -443,6 +449,28 @@ static void layer_norm(const float* x, float* y, int C, const float* w, const fl
 }
 
 static inline float sigmoidf(float x) { return 1.0f / (1.0f + expf(-x)); }
+#ifdef RS_AVX512
+/* e^x in fp32 (Cephes expf: n = round(x / ln 2), degree-6 polynomial of the rest, 2^n by scalef; ~1 ulp) */
+static inline __m512 exp512(__m512 x) {
+  x = _mm512_max_ps(_mm512_min_ps(x, _mm512_set1_ps(88.7f)), _mm512_set1_ps(-104.0f));
+  __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                  _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+  p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
+  return _mm512_scalef_ps(p, n);
+}
+static inline __m512 sigmoid512(__m512 x) {
+  const __m512 one = _mm512_set1_ps(1.0f);
+  return _mm512_div_ps(one, _mm512_add_ps(one, exp512(_mm512_sub_ps(_mm512_setzero_ps(), x))));
+}
+#endif
 
 /* token shift over a ragged batch: mixes[j] = prev + mix_j * (xn - prev) for nm mixes; state row keeps the last */
 static void shift_mix(const float* xn, int n, int C, float* st0, long sstride, int row, const int* starts,
@@ -481,6 +509,7 @@ static void act_quantize_for(const rs_mat* m, const float* x, int n, const rs_ac
 static void multi_for(const rs_mat* mats, const rs_act* acts, int count, int n, float* const* ys) {  /* barrier */
   int total = 0;
   for (int q = 0; q < count; q++) total += units(&mats[q]);
+  apply_schedule(&mats[0]);
   #pragma omp for schedule(runtime)
   for (int u = 0; u < total; u++) {
     int q = 0, uu = u;
@@ -498,7 +527,6 @@ void rs_rwkv4_layer(float* x, int n, int C, int F, float* st0, long sstride, con
                     const float* amix, const float* tw, const float* tu, const float* fmix, const rs_mat* mats,
                     float post_scale, int nt) {
   size_t nc = (size_t)n * C;
-  apply_schedule();
   float* xn = (float*)malloc(sizeof(float) * nc);
   float* mixed = (float*)malloc(sizeof(float) * 3 * nc);
   float* kvr = (float*)malloc(sizeof(float) * 3 * nc);
@@ -522,6 +550,33 @@ void rs_rwkv4_layer(float* x, int n, int C, int F, float* st0, long sstride, con
     #pragma omp barrier
     multi_for(mats, acts, 3, n, ys_att);
     const float *k = kvr, *v = kvr + nc, *r = kvr + 2 * nc;
+#ifdef RS_AVX512
+    #pragma omp for schedule(static)
+    for (int cb = 0; cb < C / 16; cb++) {  /* 16 channels a time, each channel's arithmetic the scalar loop's */
+      const int c = cb * 16;
+      const __m512 u = _mm512_loadu_ps(tu + c), w = _mm512_loadu_ps(tw + c);
+      for (int b = 0; b < B; b++) {
+        float* s = st0 + (size_t)b * sstride;
+        __m512 aa = _mm512_loadu_ps(s + C + c), bb = _mm512_loadu_ps(s + 2 * C + c);
+        __m512 pp = _mm512_loadu_ps(s + 3 * C + c);
+        for (int t = 0; t < lens[b]; t++) {
+          size_t j = (size_t)(starts[b] + t) * C + c;
+          __m512 kk = _mm512_loadu_ps(k + j), vv = _mm512_loadu_ps(v + j);
+          __m512 ww = _mm512_add_ps(u, kk), q = _mm512_max_ps(ww, pp);
+          __m512 e1 = exp512(_mm512_sub_ps(pp, q)), e2 = exp512(_mm512_sub_ps(ww, q));
+          __m512 wkv = _mm512_div_ps(_mm512_add_ps(_mm512_mul_ps(e1, aa), _mm512_mul_ps(e2, vv)),
+                                     _mm512_add_ps(_mm512_mul_ps(e1, bb), e2));
+          ww = _mm512_add_ps(pp, w); q = _mm512_max_ps(kk, ww);
+          e1 = exp512(_mm512_sub_ps(ww, q)); e2 = exp512(_mm512_sub_ps(kk, q));
+          aa = _mm512_add_ps(_mm512_mul_ps(e1, aa), _mm512_mul_ps(e2, vv));
+          bb = _mm512_add_ps(_mm512_mul_ps(e1, bb), e2);
+          pp = q;
+          _mm512_storeu_ps(xn + j, _mm512_mul_ps(sigmoid512(_mm512_loadu_ps(r + j)), wkv));
+        }
+        _mm512_storeu_ps(s + C + c, aa); _mm512_storeu_ps(s + 2 * C + c, bb); _mm512_storeu_ps(s + 3 * C + c, pp);
+      }
+    }
+#else
     #pragma omp for schedule(static)
     for (int c = 0; c < C; c++) {
       for (int b = 0; b < B; b++) {
@@ -541,6 +596,7 @@ void rs_rwkv4_layer(float* x, int n, int C, int F, float* st0, long sstride, con
         s[C + c] = aa; s[2 * C + c] = bb; s[3 * C + c] = pp;
       }
     }
+#endif
     act_quantize_for(&mats[3], xn, n, &acts[3]);
     #pragma omp barrier
     multi_for(mats + 3, acts + 3, 1, n, ys_out);
@@ -561,7 +617,15 @@ void rs_rwkv4_layer(float* x, int n, int C, int F, float* st0, long sstride, con
     #pragma omp barrier
     multi_for(mats + 6, acts + 6, 1, n, ys_val);
   }
-  for (size_t e = 0; e < nc; e++) {
+  size_t e0 = 0;
+#ifdef RS_AVX512
+  for (; e0 + 16 <= nc; e0 += 16) {
+    __m512 v = _mm512_add_ps(_mm512_loadu_ps(x + e0),
+                             _mm512_mul_ps(sigmoid512(_mm512_loadu_ps(kvr + e0)), _mm512_loadu_ps(kvr + nc + e0)));
+    _mm512_storeu_ps(x + e0, post_scale != 1.0f ? _mm512_mul_ps(v, _mm512_set1_ps(post_scale)) : v);
+  }
+#endif
+  for (size_t e = e0; e < nc; e++) {
     float v = x[e] + sigmoidf(kvr[e]) * kvr[nc + e];
     x[e] = post_scale != 1.0f ? v * post_scale : v;
   }

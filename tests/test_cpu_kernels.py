@@ -7,6 +7,7 @@ from __future__ import annotations
 import ctypes
 import json
 import logging
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -267,3 +268,42 @@ def test_float32_stays_on_the_torch_path(tiny_pth):
     with cpu_kernels.disabled():
         plain = load(tiny_pth, dtype="float32")
     assert torch.equal(model.forward(TEXT)[0], plain.forward(TEXT)[0])
+
+
+@needs_kernels
+@pytest.mark.parametrize("fmt", ["float16", "q8_0"])
+def test_bits_do_not_depend_on_threads_or_schedule(tiny_pth, fmt):
+    """Output rows are dealt to threads in chunks (dynamic by default); whoever computes a row computes it alike,
+    so one thread, two threads, static, dynamic and guided schedules and any chunk size give the same bits."""
+    lib = cpu_kernels.load()
+    model = load(tiny_pth, dtype=fmt)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        ref, ref_state = model.forward(TEXT)
+        torch.set_num_threads(2)
+        for mode, chunk in [(1, 64), (1, 1), (0, 0), (2, 4)]:
+            lib.rs_set_schedule(mode, chunk)
+            logits, state = model.forward(TEXT)
+            assert torch.equal(logits, ref) and torch.equal(state.tensor, ref_state.tensor), (mode, chunk)
+    finally:
+        lib.rs_set_schedule(1, 64)
+        torch.set_num_threads(threads)
+
+
+def test_no_compiler_in_a_fresh_process_runs_the_torch_path(tiny_pth, tmp_path):
+    """As on a user's machine without a compiler: ``CC`` names nothing and no ``cc``/``gcc`` is on ``PATH`` (and,
+    separately, the kernels switched off): q8_0 and float16 load, step and give finite logits on the torch path."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "python").symlink_to(sys.executable)
+    code = ("import sys, torch; from rwkv_stream import cpu_kernels, load; assert cpu_kernels.load() is None; "
+            "m = load(sys.argv[1], dtype='q8_0'); assert m._lib is None; "
+            "assert torch.isfinite(m.forward([1, 2, 3])[0]).all(); "
+            "assert torch.isfinite(load(sys.argv[1], dtype='float16').forward([4, 5])[0]).all(); print('ok')")
+    for env_extra in ({"CC": "/nonexistent", "PATH": str(bin_dir)}, {cpu_kernels.ENV_SWITCH: "0"}):
+        env = {**{k: v for k, v in os.environ.items() if k not in ("CC", cpu_kernels.ENV_SWITCH)},
+               "RWKV_STREAM_CACHE": str(tmp_path / "cache"), **env_extra}
+        out = subprocess.run([sys.executable, "-c", code, str(tiny_pth)], capture_output=True, text=True,
+                             timeout=300, cwd=ROOT, env=env)
+        assert out.returncode == 0 and out.stdout.strip() == "ok", (env_extra, out.stderr[-2000:])

@@ -112,13 +112,16 @@ class W8A8Linear(_RowQuantized):
 
     def __init__(self, weight: Tensor) -> None:
         self.scales = self._quantize(weight).reshape(-1)  # per output column of the product
+        # kept as the [out, in] view of an [in, out] matrix: _int_mm reads a contiguous mat2 ~20% faster than
+        # the transposed layout (oneDNN, 512 x 192 x 768); the integer sums, hence the bits, are the same
+        self.qweight = self.qweight.t().contiguous().t()
 
     def __call__(self, x: Tensor) -> Tensor:
         return self.quantized(*quantize_rows(x.float()))
 
     def quantized(self, qx: Tensor, x_scales: Tensor) -> Tensor:
         """The product for rows already quantized by :func:`quantize_rows` (shared by several weights)."""
-        # mat2 as the transposed view of [out, in]: oneDNN reads it without a copy
+        # mat2: the contiguous [in, out] matrix behind qweight
         return torch._int_mm(qx, self.qweight.t()).float().mul_(x_scales).mul_(self.scales)
 
     @property

@@ -12,7 +12,7 @@ over all rows of the step (:class:`W8A8Layers`), so a layer is 4 C calls and 7 `
 - ``w8_wkv``: dequantize k, v, r, the WKV recurrence token by token within each stream (state in place),
   ``sigmoid(r) * wkv``, quantized per row for the output product;
 - ``w8_ffn``: ``relu(k)^2`` quantized per row for the value product, and the gate ``sigmoid(r)``;
-- ``w8_residual``: the last layer's ``x += gate * dequant(acc)``.
+- ``w8_residual``: the last layer's ``x += gate * dequant(acc)`` and the output layer norm.
 
 Every row is computed on its own by the same instructions whatever the number of rows (a row's sums are
 vectorized in an order fixed at compile time), and the WKV state is advanced token by token: a stream's bits
@@ -159,8 +159,15 @@ void w8_mix(int N, int C, float* x, const int32_t* acc, const float* xs, const f
   }
 }
 
-void w8_residual(int N, int C, float* x, const int32_t* acc, const float* xs, const float* ws, const float* gate) {
-  for (long n = 0; n < N; n++) residual(x + n * C, C, acc + n * C, xs[n], ws, gate ? gate + n * C : 0);
+/* the last layer's residual, then the output layer norm (lnw, lnb) in place */
+void w8_residual(int N, int C, float* x, const int32_t* acc, const float* xs, const float* ws, const float* gate,
+                 const float* lnw, const float* lnb) {
+  float y[C];
+  for (long n = 0; n < N; n++) {
+    residual(x + n * C, C, acc + n * C, xs[n], ws, gate ? gate + n * C : 0);
+    layer_norm(x + n * C, C, lnw, lnb, y);
+    memcpy(x + n * C, y, sizeof(float) * C);
+  }
 }
 
 /* one token of one stream: k, v, r int32 sums with their scales; aa, bb, pp advanced in place; y = sigmoid(r) * wkv */
@@ -319,8 +326,11 @@ class W8A8Layers:
     ``layers``: the model's ``_Layer`` records whose seven matrices are :class:`rwkv_stream.linear.W8A8Linear`.
     """
 
-    def __init__(self, lib: ctypes.CDLL, layers: list, n_embd: int, ffn_dim: int) -> None:
+    def __init__(self, lib: ctypes.CDLL, layers: list, n_embd: int, ffn_dim: int,
+                 ln_out: tuple[Tensor, Tensor]) -> None:
         self.lib, self.layers, self.C, self.F = lib, layers, n_embd, ffn_dim
+        assert layers and all(v.dtype == torch.float32 and v.is_contiguous() for v in ln_out)
+        self._ln_out = (ln_out, _p(ln_out[0]), _p(ln_out[1]))
         self.chunk_rows = int(os.environ.get("RWKV_STREAM_W8A8_CHUNK", "512"))
         self._args: list[dict[str, Any]] = []  # per layer: pointers and transposed weight views, made once
         for layer in layers:  # contiguous fp32 vectors the kernels read
@@ -336,7 +346,8 @@ class W8A8Layers:
 
     def run(self, x: Tensor, states: Tensor, lengths: list[int]) -> Tensor:
         """Advance ``x`` ``[N, C]`` (fp32, stream-major rows) through all layers; ``states`` ``[B, L, 5, C]``
-        fp32 contiguous is updated in place. Returns ``x`` (the last layer's residual stream).
+        fp32 contiguous is updated in place. Returns the hidden vectors: the output layer norm of the last
+        layer's residual stream (in ``x``'s memory).
 
         The rows go through all layers in chunks of at most :attr:`chunk_rows` consecutive rows, so that a
         chunk's activations stay in the core's cache: a stream cut by a chunk boundary continues in the next
@@ -389,5 +400,4 @@ class W8A8Layers:
             torch._int_mm(qf[1], wt[5], out=acc[1])
             lib.w8_ffn(N, C, F, p["acc_f"], p["acc"][1], *p["sf"], ws[4], ws[5], p["qv"], p["sv"], p["gate"])
             torch._int_mm(qv, wt[6], out=acc_v)
-        if L:
-            lib.w8_residual(N, C, px, p["acc_v"], p["sv"], self._args[-1]["ws"][6], p["gate"])
+        lib.w8_residual(N, C, px, p["acc_v"], p["sv"], self._args[-1]["ws"][6], p["gate"], *self._ln_out[1:])

@@ -123,8 +123,9 @@ class Rwkv4Model(RecurrentModel):
         else:
             self.head_linear = mat("head.weight")
         self._fused_params = [self._layer_params(layer) for layer in self.layers] if fused else []
-        w8_lib = w8a8_cpu.load() if dev.type == "cpu" and self.weight_format == "w8a8" else None
-        self._w8 = None if w8_lib is None else w8a8_cpu.W8A8Layers(w8_lib, self.layers, cfg.n_embd, cfg.ffn_dim)
+        w8_lib = w8a8_cpu.load() if dev.type == "cpu" and self.weight_format == "w8a8" and self.layers else None
+        self._w8 = None if w8_lib is None else w8a8_cpu.W8A8Layers(w8_lib, self.layers, cfg.n_embd, cfg.ffn_dim,
+                                                                    self.ln_out)
 
     def _layer_params(self, layer: _Layer) -> tuple:
         mats = (layer.att_key, layer.att_value, layer.att_receptance, layer.att_output,
@@ -149,10 +150,10 @@ class Rwkv4Model(RecurrentModel):
             return self._run_fused(ids, states, rag)
         if self._w8 is not None:  # w8a8 on the CPU: compiled element-wise parts around torch's int8 products
             work = states if states.is_contiguous() and states.dtype == torch.float32 else states.float().contiguous()
-            x = self._w8.run(self.emb[ids].float(), work, rag.lengths)
+            hidden = self._w8.run(self.emb[ids].float(), work, rag.lengths)  # the output layer norm included
             if work is not states:
                 states.copy_(work)
-            return self._norm_out(x)
+            return hidden
         x = self.emb[ids].float()
         for i, layer in enumerate(self.layers):
             st = states[:, i]

@@ -23,8 +23,10 @@ Residency: at most ``max_streams`` sessions (and ``max_state_bytes`` of model st
 with work pending in the current call is never evicted: a call holding more streams than fit is processed in
 waves of streams, each wave running all of its streams' fragments. The least recently used sessions are
 evicted to the :class:`SessionStore` (written only when changed since the store last saw them) and come back
-transparently when their key does; sessions idle for longer than ``ttl_s`` are evicted the same way. Without
-a store, an evicted session is forgotten (its key starts afresh).
+transparently when their key does; sessions idle for longer than ``ttl_s`` are evicted the same way. The
+default store is a :class:`MemoryStore` (nothing is lost; memory grows with the streams not ended);
+:class:`DirectoryStore` bounds memory; :class:`DiscardStore` forgets evicted sessions (their keys start
+afresh), for callers that want that.
 
 Export: :meth:`SessionTable.export` bytes are a :class:`~rwkv_stream.state.State` (versioned, checksummed,
 tagged with the model fingerprint) whose ``meta`` carries the tokenizer carry, decoder bytes, counters, last
@@ -99,6 +101,19 @@ class MemoryStore:
 
     def __len__(self) -> int:
         return len(self.items)
+
+
+class DiscardStore:
+    """Forgets evicted sessions: a key that comes back starts afresh (memory bounded by ``max_streams``)."""
+
+    def load(self, key: Hashable) -> bytes | Ended | None:
+        return None
+
+    def save(self, key: Hashable, data: bytes, position: int) -> None:
+        pass
+
+    def remove(self, key: Hashable, position: int) -> None:
+        pass
 
 
 class DirectoryStore:
@@ -260,7 +275,7 @@ class SessionTable:
         self.probes = {label: encode_continuation(tokenizer, text) for label, text in (probes or {}).items()}
         self.pool = model.new_pool(1)
         self.capacity = _capacity(max_streams, max_state_bytes, self.state_nbytes)
-        self.store = store
+        self.store: SessionStore = MemoryStore() if store is None else store
         self.ttl_s = ttl_s
         self.clock = clock
         self._resident: OrderedDict[Hashable, _Session] = OrderedDict()
@@ -294,7 +309,7 @@ class SessionTable:
         """Whether the stream is resident or waiting in the store (an ended stream does not exist)."""
         if key in self._resident:
             return True
-        return self.store is not None and isinstance(self.store.load(key), bytes)
+        return isinstance(self.store.load(key), bytes)
 
     def position(self, key: Hashable) -> int:
         """The input position of the stream's last applied fragment (-1: none), loading it if evicted."""
@@ -597,8 +612,7 @@ class SessionTable:
         position = self._resident[key].position if was else -1
         if was:
             self.pool.free(self._resident.pop(key).slot)
-        if self.store is not None:
-            self.store.remove(key, position)
+        self.store.remove(key, position)
         return was
 
     def reset(self, key: Hashable) -> None:
@@ -647,11 +661,11 @@ class SessionTable:
         self._resident[key] = session
 
     def evict(self, key: Hashable) -> bool:
-        """Move a resident stream to the store (or forget it without one)."""
+        """Move a resident stream to the store."""
         session = self._resident.get(key)
         if session is None:
             return False
-        if self.store is not None and session.dirty:
+        if session.dirty:
             self.store.save(key, self.export(key), session.position)
         self.pool.free(self._resident.pop(key).slot)
         self.evictions += 1
@@ -714,7 +728,7 @@ class SessionTable:
             self.evict(key)
 
     def _load(self, key: Hashable) -> None:
-        stored = None if self.store is None or isinstance(key, _Anonymous) else self.store.load(key)
+        stored = None if isinstance(key, _Anonymous) else self.store.load(key)
         if isinstance(stored, bytes):
             self.restore(key, stored)
             self._resident[key].dirty = False
@@ -728,7 +742,7 @@ class SessionTable:
     def _finish(self, key: Hashable) -> None:
         session = self._resident.pop(key)
         self.pool.free(session.slot)
-        if self.store is not None and not isinstance(key, _Anonymous):
+        if not isinstance(key, _Anonymous):
             self.store.remove(key, session.position)
 
     def _encoder_copy(self, session: _Session) -> StreamingEncoder:

@@ -19,7 +19,15 @@ from rwkv_stream.heads import Head
 from rwkv_stream.loading import LoadedModel, load_source
 from rwkv_stream.model import Model
 from rwkv_stream.random_checkpoint import random_tensors
-from rwkv_stream.sessions import DirectoryStore, Ended, Fragment, FragmentResult, MemoryStore, SessionTable
+from rwkv_stream.sessions import (
+    DirectoryStore,
+    DiscardStore,
+    Ended,
+    Fragment,
+    FragmentResult,
+    MemoryStore,
+    SessionTable,
+)
 from rwkv_stream.state import State, StateError
 from rwkv_stream.tokenizer import StreamingEncoder, load_tokenizer
 
@@ -172,6 +180,20 @@ def test_eviction_through_a_directory_store_is_transparent(bpe, tmp_path):
     assert table.evictions > 0
     assert_same(got, alone(lambda: SessionTable(bpe.model, bpe.tokenizer, heads=dict(bpe.heads.heads)), streams))
     assert list((tmp_path / "sessions").glob("*.session")) == []  # every stream ended: nothing left
+
+
+def test_without_a_store_evicted_streams_wait_in_memory_and_discard_store_forgets_them(bpe):
+    """Default store: a stream evicted while its tokenizer holds back text (a word cut mid-way) loses nothing."""
+    frags = [Fragment("a", "f"), Fragment("b", "hello"), Fragment("a", "or"), Fragment("b", " x", end=True),
+             Fragment("a", " you", end=True)]
+    table = SessionTable(bpe.model, bpe.tokenizer, heads=dict(bpe.heads.heads), max_streams=1)
+    got = per_stream([r for f in frags for r in table.feed([f])])
+    assert table.evictions >= 3
+    assert_same(got, alone(lambda: SessionTable(bpe.model, bpe.tokenizer, heads=dict(bpe.heads.heads)),
+                           {"a": "for you", "b": "hello x"}))
+    forgetful = SessionTable(bpe.model, bpe.tokenizer, max_streams=1, store=DiscardStore())
+    lost = per_stream([r for f in frags for r in forgetful.feed([f])])
+    assert bpe.tokenizer.decode(lost["b"]["ids"]).strip() == "x"  # "hello" was held back when b was evicted
 
 
 def test_a_call_with_more_streams_than_fit_runs_in_waves_without_evicting_pending_work(bpe, monkeypatch):

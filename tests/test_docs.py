@@ -45,7 +45,10 @@ def test_readme_bash_example_runs(index: int, tmp_path: Path) -> None:
     for entry in ROOT.iterdir():
         if entry.name not in (".git",):
             (tmp_path / entry.name).symlink_to(entry)
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+    # the bootstrap scripts use this interpreter's venv by its real path: through the scratch folder's symlinked
+    # .venv, a reinstall would write console scripts whose #! names the scratch folder, dead once it is removed
+    env = {**os.environ, "RWKV_STREAM_VENV": sys.prefix,
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
     done = subprocess.run(["bash", "-ec", block], cwd=tmp_path, capture_output=True, text=True, timeout=1200,
                           stdin=subprocess.DEVNULL, env=env)
     assert done.returncode == 0, f"bash example {index} failed:\n{block}\n{done.stderr[-3000:]}"

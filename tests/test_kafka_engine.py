@@ -22,6 +22,12 @@ def bundle(tiny_bundle_dir) -> LoadedModel:
     return load_source(tiny_bundle_dir)
 
 
+@pytest.fixture(scope="module", params=["float32", "w8a8"])
+def any_format(request, tiny_bundle_dir) -> LoadedModel:
+    """The formats the processor is run in (configs/consumer.toml: w8a8, compiled kernels where a compiler is)."""
+    return load_source(tiny_bundle_dir, dtype=request.param)
+
+
 def _fragments(rng: random.Random, n: int) -> list[str]:
     text = " ".join(rng.choice(WORDS) for _ in range(3 * n))
     cuts = sorted(rng.sample(range(1, len(text)), n - 1))
@@ -40,7 +46,8 @@ def _same(got: list, want: list) -> None:
 
 
 @pytest.mark.parametrize("max_streams", [32, 3])
-def test_batched_equals_alone_bitwise(bundle, max_streams):
+def test_batched_equals_alone_bitwise(any_format, max_streams):
+    bundle = any_format
     print("seed", SEED)
     rng = random.Random(SEED)
     streams = {f"s{i}": _fragments(rng, rng.randint(2, 9)) for i in range(12)}

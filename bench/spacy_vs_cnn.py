@@ -1,6 +1,14 @@
-"""rwkv (configs/rwkv_train.cfg: the shipped RWKV fine-tuned with its own heads) against spaCy's standard CNN
-``tok2vec`` pipeline (``spacy init config --pipeline tagger,textcat``), on the same transcript data and the same
-wall-clock training budget; prints JSON (tag accuracy, cats macro F1, steps, training seconds, words/s).
+"""rwkv + listeners against spaCy's standard CNN ``tok2vec`` pipeline (``spacy init config --pipeline
+tagger,textcat --optimize efficiency``), on the same transcript data and the same wall-clock training budget;
+prints JSON (tag accuracy, cats macro F1, steps, training seconds, words/s).
+
+rwkv variants (``--variants``, the first is reported as ``rwkv``, the others as ``rwkv_<variant>``):
+``textcat`` (default): ``configs/rwkv_textcat.cfg``, the shipped RWKV fine-tuned with its own tag head and
+spaCy's ``textcat`` listening to it (TextCatEnsemble.v2: an ``rwkv_stream.RWKVListener.v1`` beside a
+bag-of-words model); ``textcat_reduce``: the same with a ``spacy.TextCatReduce.v1`` textcat (mean and max
+pooling of the listener's vectors, no bag of words); ``stream_classifier``: ``configs/rwkv_train.cfg`` (rwkv's
+own stream classifier, read at each Doc's last token). A variant can carry a label and config overrides:
+``lr5:textcat@training.optimizer.learn_rate.initial_rate=0.005@components.rwkv.weights_learn_rate=0.08``.
 
 Data: the Austen corpus of ``scripts/make_corpus.sh`` (``--corpus DIR``: train on the first ``--train``
 paragraphs of ``train.txt``, evaluate on the first ``--dev`` of ``test.txt``, the split the shipped model never
@@ -65,13 +73,43 @@ def corpus(args: argparse.Namespace) -> tuple[list[Doc], list[Doc]]:
             [*make_docbin(nlp, dev, labels).get_docs(nlp.vocab)])
 
 
-def rwkv_pipeline() -> Language:
-    return load_model_from_config(load_config(ROOT / "configs" / "rwkv_train.cfg"), auto_fill=True)
+VARIANTS = ("textcat", "textcat_reduce", "stream_classifier")
+REDUCE_TEXTCAT = {"@architectures": "spacy.TextCatReduce.v1", "exclusive_classes": True, "use_reduce_first": False,
+                  "use_reduce_last": False, "use_reduce_max": True, "use_reduce_mean": True, "nO": None}
+
+
+def rwkv_pipeline(spec: str) -> Language:
+    """``VARIANT[@section.key=value...]``: a variant's config with ``spacy train``-style overrides (JSON values)."""
+    variant, *pairs = spec.split("@")
+    overrides = {}
+    for pair in pairs:
+        key, _, value = pair.partition("=")
+        try:
+            overrides[key] = json.loads(value)
+        except json.JSONDecodeError:
+            overrides[key] = value
+    path = ROOT / "configs" / ("rwkv_train.cfg" if variant == "stream_classifier" else "rwkv_textcat.cfg")
+    config = load_config(path, overrides=overrides)
+    if variant == "textcat_reduce":
+        tok2vec = config["components"]["textcat"]["model"]["tok2vec"]
+        config["components"]["textcat"]["model"] = {**REDUCE_TEXTCAT, "tok2vec": tok2vec}
+    return load_model_from_config(config, auto_fill=True)
 
 
 def cnn_pipeline() -> Language:
     config = init_config(lang="en", pipeline=["tagger", "textcat"], optimize="efficiency", gpu=False)
     return load_model_from_config(config, auto_fill=True)
+
+
+def shipped_model(nlp: Language) -> dict:
+    """The RWKV model the rwkv pipelines start from (source, version when a bundle says it, fingerprint)."""
+    rwkv = nlp.get_pipe("rwkv")
+    source = str(rwkv.settings.model)
+    out = {"source": source, "fingerprint": rwkv.sessions.fingerprint}
+    if source.startswith("shipped:"):
+        manifest = json.loads((ROOT / "rwkv_stream" / "data" / source[8:] / "bundle.json").read_text())
+        out["model_version"] = manifest.get("model_version")
+    return out
 
 
 def host() -> dict:
@@ -182,8 +220,13 @@ def main() -> None:
     parser.add_argument("--passes", type=int, default=5, help="inference passes per pipeline (alternating)")
     parser.add_argument("--formats", default="", help="comma-separated weight formats to time the trained rwkv "
                                                       "pipeline in too (e.g. w8a8,int8,bfloat16)")
+    parser.add_argument("--variants", default="textcat", help=f"comma-separated rwkv pipelines, of {VARIANTS}")
     parser.add_argument("--out", type=Path, help="also write the JSON here")
     args = parser.parse_args()
+    variants = [v.rpartition(":") for v in args.variants.split(",") if v]  # [LABEL:]SPEC
+    if not variants or {spec.split("@")[0] for _, _, spec in variants} - set(VARIANTS):
+        parser.error(f"--variants: one or more of {VARIANTS}")
+    names = {spec: "rwkv" if i == 0 else f"rwkv_{label or spec}" for i, (label, _, spec) in enumerate(variants)}
     torch.set_num_threads(1)
     train_docs, dev_docs = corpus(args)
     texts = [d.text for d in dev_docs]
@@ -192,20 +235,22 @@ def main() -> None:
         "data": "synthetic" if args.synthetic else str(args.corpus),
         "train_docs": len(train_docs), "train_words": sum(len(d) for d in train_docs),
         "dev_docs": len(dev_docs), "dev_words": sum(len(d) for d in dev_docs),
-        "budget_s": args.budget, "threads": torch.get_num_threads(),
+        "budget_s": args.budget, "threads": torch.get_num_threads(), "rwkv_variants": names,
         "most_frequent_tag_per_word_acc": round(most_frequent_tag_accuracy(train_docs, dev_docs), 4),
     }
-    shipped = rwkv_pipeline()
+    shipped = rwkv_pipeline(variants[0][2])
     shipped.initialize(lambda: [Example(shipped.make_doc(d.text), d) for d in train_docs])
-    result["rwkv_before_training"] = accuracy(shipped, dev_docs)  # the shipped heads, relabelled to the data
-    trainers = {"rwkv": Trainer(rwkv_pipeline(), train_docs, args.batch_words),
-                "cnn_tok2vec": Trainer(cnn_pipeline(), train_docs, args.batch_words)}
+    result["rwkv_model"] = shipped_model(shipped)
+    # the shipped heads relabelled to the data (a new textcat: untrained)
+    result["rwkv_before_training"] = accuracy(shipped, dev_docs)
+    trainers = {name: Trainer(rwkv_pipeline(v), train_docs, args.batch_words) for v, name in names.items()}
+    trainers["cnn_tok2vec"] = Trainer(cnn_pipeline(), train_docs, args.batch_words)
     result["training"] = train_side_by_side(trainers, args.budget)
     pipelines = {name: t.nlp for name, t in trainers.items()}
     for name, nlp in pipelines.items():
         result[name] = {**result["training"][name], **accuracy(nlp, dev_docs)}
     formats = [f for f in args.formats.split(",") if f]
-    timed = {"rwkv": pipelines["rwkv"], "cnn_tok2vec": pipelines["cnn_tok2vec"], "rwkv_before_training": shipped}
+    timed = {**pipelines, "rwkv_before_training": shipped}
     for dtype in formats:
         timed[f"rwkv_{dtype}"] = reload_as(pipelines["rwkv"], dtype)
         result[f"rwkv_{dtype}"] = accuracy(timed[f"rwkv_{dtype}"], dev_docs)

@@ -171,9 +171,10 @@ class PendingBackward:
         for b, (index, d) in enumerate(zip(self.batch.index, d_docs, strict=True)):
             d = np.asarray(d, dtype="float32")
             self.listener_loss += float((d**2).sum())
-            for i, j in enumerate(index):
-                if j is not None:
-                    self.d_hidden[b, j] += torch.from_numpy(d[i])
+            picked = [(i, j) for i, j in enumerate(index) if j is not None]
+            if picked:  # tokens reading the same model token add up
+                rows = torch.from_numpy(np.ascontiguousarray(d[[i for i, _ in picked]]))
+                self.d_hidden[b].index_add_(0, torch.tensor([j for _, j in picked]), rows)
         if self.done:
             self.run()
 

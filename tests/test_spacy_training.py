@@ -299,3 +299,28 @@ def test_listeners_config_trains_and_predicts(bundle, paragraphs):
     assert all(t.tag_ for t in doc) and set(doc.cats) == set(TOPICS)
     scores = nlp.evaluate(examples[:8])
     assert {"tag_acc", "cats_score", "ents_f"} <= set(scores)
+
+
+def test_textcat_config_trains_tags_with_rwkv_and_cats_with_a_listening_ensemble(bundle, paragraphs):
+    """configs/rwkv_textcat.cfg (the benchmark's pipeline): rwkv's own tag head writes the tags, spaCy's
+    textcat (TextCatEnsemble.v2: rwkv listener + bag of words) writes doc.cats, and its gradient reaches the
+    RWKV weights."""
+    path = Path(__file__).resolve().parents[1] / "configs" / "rwkv_textcat.cfg"
+    config = spacy.util.load_config(path, overrides={"paths.rwkv_model": str(bundle),
+                                                      "components.rwkv.dtype": "float32"})
+    config["training"]["optimizer"]["learn_rate"] = 0.002  # no warmup: train() steps no schedules
+    nlp = spacy.util.load_model_from_config(config)
+    assert nlp.pipe_names == ["rwkv", "textcat"]
+    examples = examples_for(nlp, paragraphs)
+    before = weights(nlp)
+    history = train(nlp, examples, 6)
+    rwkv = nlp.get_pipe("rwkv")
+    assert rwkv.cats_labels == [] and rwkv.listening_components == ["textcat"]
+    assert nlp.get_pipe("textcat").model.get_ref("tok2vec").get_dim("nO") == N_EMBD
+    assert history[-1]["textcat"] < history[1]["textcat"] and history[-1]["rwkv"] > 0
+    assert changed(before, weights(nlp))
+    doc = nlp(examples[2].reference.text)
+    assert all(t.tag_ for t in doc) and set(doc.cats) == set(TOPICS)
+    assert abs(sum(doc.cats.values()) - 1.0) < 1e-4
+    scores = nlp.evaluate(examples[:8])
+    assert {"tag_acc", "cats_score", "cats_macro_f"} <= set(scores)

@@ -35,7 +35,7 @@ import platform
 import shutil
 import subprocess
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import torch
@@ -693,18 +693,25 @@ def _cpu_id() -> str:
     return platform.processor() + platform.machine()
 
 
-def _build(compiler: str) -> Path:
+def find_compiler() -> str | None:
+    """The C compiler the CPU kernels are built with: ``$CC``, else ``cc``, else ``gcc``; None without one."""
+    return shutil.which(os.environ.get("CC") or "cc") or shutil.which("gcc")
+
+
+def build_library(compiler: str, stem: str, source: str, flag_sets: Sequence[Sequence[str]]) -> Path:
+    """``source`` (C) compiled into a shared library under :func:`cache_dir`, named ``{stem}_{hash}.so`` by a
+    hash of the source, the first flag set, the compiler's version and the CPU (a cached build is reused). The
+    flag sets are tried in order (a fallback without some option); RuntimeError when none compiles."""
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=30).stdout
-    key = hashlib.sha256("\0".join([SOURCE, *CFLAGS, version, _cpu_id()]).encode()).hexdigest()[:16]
-    out = cache_dir() / f"rwkv_stream_cpu_{key}.so"
+    key = hashlib.sha256("\0".join([source, *flag_sets[0], version, _cpu_id()]).encode()).hexdigest()[:16]
+    out = cache_dir() / f"{stem}_{key}.so"
     if out.exists():
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
-        src = Path(tmp) / "kernels.c"
-        src.write_text(SOURCE)
-        so = Path(tmp) / "kernels.so"
-        for flags in (CFLAGS, [f for f in CFLAGS if f != "-fopenmp"]):  # no OpenMP: one thread, still compiled
+        src, so = Path(tmp) / f"{stem}.c", Path(tmp) / f"{stem}.so"
+        src.write_text(source)
+        for flags in flag_sets:
             proc = subprocess.run([compiler, *flags, str(src), "-o", str(so), "-lm"], capture_output=True,
                                   text=True, timeout=300)
             if proc.returncode == 0:
@@ -726,12 +733,13 @@ def load() -> ctypes.CDLL | None:
     if os.environ.get(ENV_SWITCH, "1") == "0":
         log.info("rwkv-stream CPU kernels off (%s=0): torch path", ENV_SWITCH)
         return None
-    compiler = shutil.which(os.environ.get("CC") or "cc") or shutil.which("gcc")
+    compiler = find_compiler()
     if compiler is None:
         log.warning("rwkv-stream: no C compiler found ($CC, cc, gcc): CPU kernels off, torch path")
         return None
-    try:
-        lib = ctypes.CDLL(str(_build(compiler)))
+    try:  # without OpenMP (no libgomp): one thread, still compiled
+        no_openmp = [f for f in CFLAGS if f != "-fopenmp"]
+        lib = ctypes.CDLL(str(build_library(compiler, "rwkv_stream_cpu", SOURCE, (CFLAGS, no_openmp))))
         lib.rs_matmul.argtypes = [ctypes.POINTER(RsMat), ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p,
                                   ctypes.c_int]
         lib.rs_matmul.restype = None

@@ -19,20 +19,15 @@ vectorized in an order fixed at compile time), and the WKV state is advanced tok
 depend neither on its batch mates nor on how its tokens are split into steps (the engine's batch-invariance
 contract). The bits are not the torch path's (another exp, summation order, and quantization by the scale's
 reciprocal; within 1e-4 of it, tests/test_w8a8_cpu.py); the torch path stays the fallback where no compiler is
-present or ``RWKV_STREAM_CPU_KERNELS=0``. Built like :mod:`rwkv_stream.cpu_kernels` (system compiler, ``-O3
--march=native``, cached under its cache directory), without OpenMP: one thread.
+present or ``RWKV_STREAM_CPU_KERNELS=0``. Built by :func:`rwkv_stream.cpu_kernels.build_library` (the same compiler,
+switch and cache as the other CPU kernels; ``-O3 -march=native``), without OpenMP: one thread.
 """
 
 from __future__ import annotations
 
 import ctypes
-import hashlib
 import logging
 import os
-import shutil
-import subprocess
-import tempfile
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -247,26 +242,6 @@ _lib: ctypes.CDLL | None = None
 _tried = False
 
 
-def _build(compiler: str) -> Path:
-    version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=30).stdout
-    flags = [line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")][:1] \
-        if Path("/proc/cpuinfo").exists() else []
-    key = hashlib.sha256("\0".join([SOURCE, *CFLAGS, version, *flags]).encode()).hexdigest()[:16]
-    out = cpu_kernels.cache_dir() / f"rwkv_stream_w8a8_{key}.so"
-    if out.exists():
-        return out
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
-        src, so = Path(tmp) / "w8a8.c", Path(tmp) / "w8a8.so"
-        src.write_text(SOURCE)
-        proc = subprocess.run([compiler, *CFLAGS, str(src), "-o", str(so), "-lm"], capture_output=True, text=True,
-                              timeout=300)
-        if proc.returncode != 0:
-            raise RuntimeError(f"{compiler} failed: {proc.stderr.strip().splitlines()[-1:] or proc.returncode}")
-        os.replace(so, out)  # atomic: concurrent builders race harmlessly
-    return out
-
-
 def load() -> ctypes.CDLL | None:
     """The compiled w8a8 layer parts, built on first use (cached); None where the CPU kernels are off
     (``RWKV_STREAM_CPU_KERNELS=0``, :func:`rwkv_stream.cpu_kernels.disabled`) or no compiler works."""
@@ -276,11 +251,11 @@ def load() -> ctypes.CDLL | None:
     if _tried:
         return _lib
     _tried = True
-    compiler = shutil.which(os.environ.get("CC") or "cc") or shutil.which("gcc")
+    compiler = cpu_kernels.find_compiler()
     if compiler is None:
         return None
     try:
-        lib = ctypes.CDLL(str(_build(compiler)))
+        lib = ctypes.CDLL(str(cpu_kernels.build_library(compiler, "rwkv_stream_w8a8", SOURCE, (CFLAGS,))))
         for name in ("w8_mix", "w8_residual", "w8_wkv", "w8_ffn"):
             getattr(lib, name).restype = None
     except Exception as exc:  # the torch path is correct, only slower

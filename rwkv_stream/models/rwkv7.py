@@ -35,6 +35,7 @@ the kernels.
 
 from __future__ import annotations
 
+import ctypes
 import math
 import os
 from collections.abc import Callable
@@ -45,8 +46,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .. import cpu_kernels_rwkv7
 from ..config import Rwkv7Config
-from ..linear import Linear, make_linear, project
+from ..linear import KernelLinear, Linear, make_linear, project
 from ..pool import StatePool
 from ..state import register_empty_state
 from .base import LN_EPS, Ragged, RecurrentModel, token_shift
@@ -55,6 +57,10 @@ DECAY_SCALE = math.exp(-0.5)  # decay = exp(-DECAY_SCALE * sigmoid(z)); the `rwk
 CHUNK = 32  # tokens per chunk of the parallel form
 CHUNK_MIN = 8  # a stream bringing fewer tokens runs them sequentially
 LORA_ALIGN = 32  # low-rank sizes are padded to this (two AVX-512 fp32 vectors; see _prepare)
+
+# formats whose CPU steps run one compiled call per layer (rwkv_stream.cpu_kernels_rwkv7) where a compiler is
+# present; float32 stays on the torch path (MKL), as for RWKV-4
+FUSED_FORMATS = ("float16", "bfloat16", "q8_0")
 
 register_empty_state("rwkv7", None)  # all zeros
 
@@ -112,12 +118,15 @@ class Rwkv7Model(RecurrentModel):
         cfg, dev, dt = self.config, self.device, self.dtype
         self.n_head, self.head_size = cfg.n_head, cfg.head_size
         self.gn_eps = cfg.head_size * 1e-5
+        fused = (dev.type == "cpu" and self.weight_format in FUSED_FORMATS
+                 and cpu_kernels_rwkv7.ready(cfg.n_embd, cfg.ffn_dim))
+        self._lib7 = cpu_kernels_rwkv7.load() if fused else None
 
         def vec(key: str) -> Tensor:
             return t[key].to(dev, torch.float32).reshape(-1).contiguous()
 
         def mat(key: str) -> Linear:
-            return make_linear(t[key].to(dev, torch.float32), dt, self.quantized)
+            return make_linear(t[key].to(dev, torch.float32), dt, self.quantized, kernels=fused)
 
         def lora(prefix: str, name: str) -> tuple[Linear, Linear]:
             # BlinkDL stores the row-vector form (x @ w1 @ w2): as [out, in] matrices they are transposed.
@@ -128,7 +137,7 @@ class Rwkv7Model(RecurrentModel):
             w2 = t[f"{prefix}{name}2"].to(dev, torch.float32).t()
             pad = -w1.shape[0] % LORA_ALIGN
             w1, w2 = F.pad(w1, (0, 0, 0, pad)), F.pad(w2, (0, pad))
-            return make_linear(w1, dt), make_linear(w2, dt)
+            return make_linear(w1, dt, kernels=fused), make_linear(w2, dt, kernels=fused)
 
         emb = t["emb.weight"].to(dev, torch.float32)
         emb = F.layer_norm(emb, (cfg.n_embd,), vec("blocks.0.ln0.weight"), vec("blocks.0.ln0.bias"), LN_EPS)
@@ -151,6 +160,20 @@ class Rwkv7Model(RecurrentModel):
             ))
         self.ln_out = (vec("ln_out.weight"), vec("ln_out.bias"))
         self.head_linear = mat("head.weight")
+        self._fused_args = [self._layer_args(layer) for layer in self.layers] if fused else []
+
+    def _layer_args(self, layer: _Layer) -> cpu_kernels_rwkv7.LayerArgs:
+        """The compiled layer's constant arguments (:mod:`rwkv_stream.cpu_kernels_rwkv7`)."""
+        lora_v = layer.lora_v or layer.lora_a  # layer 0: a stand-in the kernel never reads (has_v = 0)
+        mats = (layer.receptance, layer.key, layer.value, layer.lora_w[0], layer.lora_a[0], layer.lora_g[0],
+                lora_v[0], layer.lora_w[1], layer.lora_a[1], layer.lora_g[1], lora_v[1], layer.output,
+                layer.ffn_key, layer.ffn_value)
+        assert all(isinstance(m, KernelLinear) for m in mats)
+        v0 = layer.v0 if layer.v0 is not None else layer.a0
+        vectors = [*layer.ln1, *layer.ln2, layer.mix.reshape(-1).contiguous(), layer.w0, layer.a0, v0, layer.k_k,
+                   layer.k_a, layer.r_k, *layer.ln_x, layer.ffn_x_k]
+        return cpu_kernels_rwkv7.LayerArgs(vectors, [m.mat for m in mats],  # type: ignore[union-attr]
+                                           layer.lora_v is not None)
 
     def linears(self) -> list[Linear]:
         out: list[Linear] = []
@@ -165,6 +188,8 @@ class Rwkv7Model(RecurrentModel):
         """Hidden vectors for flat token ids; ``states`` ``[B, L, 2C + H*N*N]`` is advanced in place."""
         if self._kernels is not None:  # CUDA: the kernels address states by slot (here 0 .. B-1)
             return self._run_arena(ids, states, rag.slots_i32, rag)
+        if self._lib7 is not None:
+            return self._run_fused(ids, states, rag)
         x = self.emb[ids].float()
         v_first: Tensor | None = None
         c, h, n = self.config.n_embd, self.n_head, self.head_size
@@ -182,6 +207,28 @@ class Rwkv7Model(RecurrentModel):
             xf = F.layer_norm(x, x.shape[-1:], *layer.ln2, LN_EPS)
             x = x + self._channel_mix(layer, torch.addcmul(xf, token_shift(xf, st[:, c : 2 * c], rag) - xf,
                                                            layer.ffn_x_k))
+        return self._norm_out(x)
+
+    def _run_fused(self, ids: Tensor, states: Tensor, rag: Ragged) -> Tensor:
+        """The CPU network with one compiled call per layer (:func:`rwkv_stream.cpu_kernels_rwkv7.rwkv7_layer`):
+        every row on its own except the matrix-state walk, token by token within each stream, so a stream's
+        bits depend neither on its batch mates nor on how its tokens are split into steps."""
+        assert self._lib7 is not None
+        x = self.emb[ids].to(torch.float32).contiguous()
+        work = states if states.is_contiguous() and states.dtype == torch.float32 else states.float().contiguous()
+        starts, pos = [], 0
+        for m in rag.lengths:
+            starts.append(pos)
+            pos += m
+        c_starts = (ctypes.c_int * len(starts))(*starts)
+        c_lens = (ctypes.c_int * len(starts))(*rag.lengths)
+        v_first = torch.empty_like(x)
+        cfg = self.config
+        for i, args in enumerate(self._fused_args):
+            cpu_kernels_rwkv7.rwkv7_layer(self._lib7, x, work, i, self.n_head, self.head_size, cfg.ffn_dim,
+                                          c_starts, c_lens, args, v_first, self.gn_eps)
+        if work is not states:
+            states.copy_(work)
         return self._norm_out(x)
 
     def _time_mix(

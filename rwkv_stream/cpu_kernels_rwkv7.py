@@ -1,0 +1,350 @@
+"""Compiled CPU kernels for RWKV-7 ("x070"): one C call per layer (:func:`rwkv7_layer`), fp16 / bf16 / q8_0.
+
+The layer (equations in ``shared/notes/rwkv7-facts.md``) over a ragged batch, in place on the residual rows and
+the streams' states, in two OpenMP regions:
+
+1. time mix: layer norm and the six token-shift lerps (serial, cheap); then in one parallel region the seven
+   products that read the lerps (``W_r, W_k, W_v`` and the first matrices of the four low-rank paths) as one
+   work list, ``tanh`` / ``sigmoid`` of the low-rank hiddens, the four second low-rank products as one list,
+   then per (stream, head) the element-wise work (decay, in-context rate, ``kk``, ``k`` update, value
+   residual), the matrix-state update token by token, the per-head GroupNorm, bonus and gate, and last the
+   output product;
+2. channel mix: layer norm and lerp, ``relu(W_k x)^2``, ``W_v``.
+
+The products are :mod:`rwkv_stream.cpu_kernels`' (``multi_for`` over packed matrices, q8_0 activations
+quantized to int16 per block); this source is appended to that module's and built as its own library by
+:func:`rwkv_stream.cpu_kernels.build_library` (same compiler, flags, cache and switch). The low-rank matrices
+are bf16 in the ``q8_0`` format, as on the torch path.
+
+Batch invariance: every row of a product is computed by the same instructions whatever the row count, the
+element-wise work of a (row, head) depends on that row alone, and the matrix state of each stream and head is
+walked token by token in a fixed order (one thread per (stream, head) at a time). So a stream's bits depend
+neither on its batch mates nor on how its tokens are split into calls. The bits are not the torch path's
+(activations stay fp32 into the 16-bit products, another exp and summation order): see
+``tests/test_cpu_kernels_rwkv7.py`` for the tolerances.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+
+import torch
+from torch import Tensor
+
+from . import cpu_kernels
+
+log = logging.getLogger(__name__)
+
+SOURCE7 = r"""
+/* ------------------------------------------------------------------------------------------------- RWKV-7 */
+enum { M7_R, M7_K, M7_V, M7_W1, M7_A1, M7_G1, M7_V1, M7_W2, M7_A2, M7_G2, M7_V2, M7_O, M7_FK, M7_FV, M7_COUNT };
+/* per-layer vectors, all fp32 [C] except mix [6, C] (r, w, k, v, a, g) */
+enum { V7_LN1W, V7_LN1B, V7_LN2W, V7_LN2B, V7_MIX, V7_W0, V7_A0, V7_V0, V7_KK, V7_KA, V7_RK, V7_LNXW, V7_LNXB,
+       V7_FXK, V7_COUNT };
+#define R7_DECAY 0.60653065971263342f /* e^-1/2: decay = exp(-e^-1/2 * sigmoid(z)) */
+
+typedef struct {
+  const float *r, *zw, *za, *zg, *zv;  /* products (rows of the head) */
+  float *k, *v, *vf;                    /* k, v updated in place; vf: the first layer's v (written at layer 0) */
+  const float *const *vec;              /* per-layer vectors (offset by the head's first channel below) */
+  int c0, layer0;
+  float eps;
+} r7_tok;
+
+static inline float r7_sig(float x) { return 1.0f / (1.0f + expf(-x)); }
+
+/* one token of head (c0 .. c0 + N - 1): element-wise prep, matrix-state update, GroupNorm, bonus, gate */
+static void r7_head_scalar(int N, float* S, const r7_tok* t, float* out) {
+  const int c0 = t->c0;
+  const float *w0 = t->vec[V7_W0] + c0, *a0 = t->vec[V7_A0] + c0, *v0 = t->vec[V7_V0] + c0;
+  const float *k_k = t->vec[V7_KK] + c0, *k_a = t->vec[V7_KA] + c0, *r_k = t->vec[V7_RK] + c0;
+  const float *lw = t->vec[V7_LNXW] + c0, *lb = t->vec[V7_LNXB] + c0;
+  const float *r = t->r + c0, *zw = t->zw + c0, *za = t->za + c0, *zg = t->zg + c0, *zv = t->zv + c0;
+  float *k = t->k + c0, *v = t->v + c0, *vf = t->vf + c0;
+  float dec[N], al[N], be[N], y[N];
+  float ss = 0.0f;
+  for (int c = 0; c < N; c++) { float q = k[c] * k_k[c]; al[c] = q; ss += q * q; }
+  float nrm = sqrtf(ss);
+  nrm = nrm > 1e-12f ? nrm : 1e-12f;
+  for (int c = 0; c < N; c++) {
+    float kk = al[c] / nrm, a = r7_sig(a0[c] + za[c]);
+    dec[c] = expf(-R7_DECAY * r7_sig(w0[c] + zw[c]));
+    k[c] = k[c] * (1.0f + (a - 1.0f) * k_a[c]);
+    al[c] = -kk;
+    be[c] = kk * a;
+    if (t->layer0) vf[c] = v[c];
+    else v[c] = v[c] + (vf[c] - v[c]) * r7_sig(v0[c] + zv[c]);
+  }
+  for (int i = 0; i < N; i++) {
+    float* s = S + (size_t)i * N;
+    float sa = 0.0f, yi = 0.0f, vi = v[i];
+    for (int j = 0; j < N; j++) sa += s[j] * al[j];
+    for (int j = 0; j < N; j++) { float e = s[j] * dec[j] + sa * be[j] + vi * k[j]; s[j] = e; yi += e * r[j]; }
+    y[i] = yi;
+  }
+  float mean = 0.0f, var = 0.0f, bonus = 0.0f;
+  for (int i = 0; i < N; i++) mean += y[i];
+  mean /= (float)N;
+  for (int i = 0; i < N; i++) { float d = y[i] - mean; var += d * d; }
+  float rstd = 1.0f / sqrtf(var / (float)N + t->eps);
+  for (int j = 0; j < N; j++) bonus += r[j] * k[j] * r_k[j];
+  for (int i = 0; i < N; i++) out[c0 + i] = ((y[i] - mean) * rstd * lw[i] + lb[i] + bonus * v[i]) * zg[i];
+}
+
+#ifdef RS_AVX512
+/* the same for N a multiple of 16 (16 channels a vector; sums as vector partials, then one fixed reduction) */
+static void r7_head16(int N, float* S, const r7_tok* t, float* out) {
+  const int c0 = t->c0, nv = N / 16;
+  const float *w0 = t->vec[V7_W0] + c0, *a0 = t->vec[V7_A0] + c0, *v0 = t->vec[V7_V0] + c0;
+  const float *k_k = t->vec[V7_KK] + c0, *k_a = t->vec[V7_KA] + c0, *r_k = t->vec[V7_RK] + c0;
+  const float *lw = t->vec[V7_LNXW] + c0, *lb = t->vec[V7_LNXB] + c0;
+  const float *r = t->r + c0, *zw = t->zw + c0, *za = t->za + c0, *zg = t->zg + c0, *zv = t->zv + c0;
+  float *k = t->k + c0, *v = t->v + c0, *vf = t->vf + c0;
+  float dec[N] __attribute__((aligned(64))), al[N] __attribute__((aligned(64)));
+  float be[N] __attribute__((aligned(64))), y[N] __attribute__((aligned(64)));
+  const __m512 one = _mm512_set1_ps(1.0f);
+  __m512 ssv = _mm512_setzero_ps();
+  for (int q = 0; q < nv; q++) {
+    __m512 kk = _mm512_mul_ps(_mm512_loadu_ps(k + 16 * q), _mm512_loadu_ps(k_k + 16 * q));
+    _mm512_store_ps(al + 16 * q, kk);
+    ssv = _mm512_fmadd_ps(kk, kk, ssv);
+  }
+  float nrm = sqrtf(_mm512_reduce_add_ps(ssv));
+  const __m512 vn = _mm512_set1_ps(nrm > 1e-12f ? nrm : 1e-12f);
+  for (int q = 0; q < nv; q++) {
+    const int o = 16 * q;
+    __m512 kk = _mm512_div_ps(_mm512_load_ps(al + o), vn);
+    __m512 a = sigmoid512(_mm512_add_ps(_mm512_loadu_ps(a0 + o), _mm512_loadu_ps(za + o)));
+    __m512 sw = sigmoid512(_mm512_add_ps(_mm512_loadu_ps(w0 + o), _mm512_loadu_ps(zw + o)));
+    _mm512_store_ps(dec + o, exp512(_mm512_mul_ps(_mm512_set1_ps(-R7_DECAY), sw)));
+    __m512 kv = _mm512_loadu_ps(k + o);
+    _mm512_storeu_ps(k + o, _mm512_mul_ps(kv, _mm512_fmadd_ps(_mm512_sub_ps(a, one), _mm512_loadu_ps(k_a + o), one)));
+    _mm512_store_ps(al + o, _mm512_sub_ps(_mm512_setzero_ps(), kk));
+    _mm512_store_ps(be + o, _mm512_mul_ps(kk, a));
+    __m512 vv = _mm512_loadu_ps(v + o);
+    if (t->layer0) _mm512_storeu_ps(vf + o, vv);
+    else {
+      __m512 gv = sigmoid512(_mm512_add_ps(_mm512_loadu_ps(v0 + o), _mm512_loadu_ps(zv + o)));
+      _mm512_storeu_ps(v + o, _mm512_fmadd_ps(_mm512_sub_ps(_mm512_loadu_ps(vf + o), vv), gv, vv));
+    }
+  }
+  for (int i = 0; i < N; i++) {
+    float* s = S + (size_t)i * N;
+    __m512 sav = _mm512_setzero_ps();
+    for (int q = 0; q < nv; q++) sav = _mm512_fmadd_ps(_mm512_loadu_ps(s + 16 * q), _mm512_load_ps(al + 16 * q), sav);
+    const __m512 sa = _mm512_set1_ps(_mm512_reduce_add_ps(sav)), vi = _mm512_set1_ps(v[i]);
+    __m512 yv = _mm512_setzero_ps();
+    for (int q = 0; q < nv; q++) {
+      const int o = 16 * q;
+      __m512 add = _mm512_fmadd_ps(sa, _mm512_load_ps(be + o), _mm512_mul_ps(vi, _mm512_loadu_ps(k + o)));
+      __m512 e = _mm512_fmadd_ps(_mm512_loadu_ps(s + o), _mm512_load_ps(dec + o), add);
+      _mm512_storeu_ps(s + o, e);
+      yv = _mm512_fmadd_ps(e, _mm512_loadu_ps(r + o), yv);
+    }
+    y[i] = _mm512_reduce_add_ps(yv);
+  }
+  __m512 mv = _mm512_setzero_ps(), bv = _mm512_setzero_ps();
+  for (int q = 0; q < nv; q++) {
+    mv = _mm512_add_ps(mv, _mm512_load_ps(y + 16 * q));
+    bv = _mm512_fmadd_ps(_mm512_mul_ps(_mm512_loadu_ps(r + 16 * q), _mm512_loadu_ps(k + 16 * q)),
+                         _mm512_loadu_ps(r_k + 16 * q), bv);
+  }
+  const __m512 mean = _mm512_set1_ps(_mm512_reduce_add_ps(mv) / (float)N);
+  const __m512 bonus = _mm512_set1_ps(_mm512_reduce_add_ps(bv));
+  __m512 var = _mm512_setzero_ps();
+  for (int q = 0; q < nv; q++) {
+    __m512 d = _mm512_sub_ps(_mm512_load_ps(y + 16 * q), mean);
+    var = _mm512_fmadd_ps(d, d, var);
+  }
+  const __m512 rstd = _mm512_set1_ps(1.0f / sqrtf(_mm512_reduce_add_ps(var) / (float)N + t->eps));
+  for (int q = 0; q < nv; q++) {
+    const int o = 16 * q;
+    __m512 yn = _mm512_mul_ps(_mm512_sub_ps(_mm512_load_ps(y + o), mean), rstd);
+    yn = _mm512_fmadd_ps(yn, _mm512_loadu_ps(lw + o), _mm512_loadu_ps(lb + o));
+    yn = _mm512_fmadd_ps(bonus, _mm512_loadu_ps(v + o), yn);
+    _mm512_storeu_ps(out + c0 + o, _mm512_mul_ps(yn, _mm512_loadu_ps(zg + o)));
+  }
+}
+#endif
+
+/* RWKV-7's token shift over a ragged batch: out[q] = cur + mix_q * (prev - cur) (the coefficient weighs the
+   previous token, as in the references); state row `row` keeps each stream's last row */
+static void r7_shift(const float* xn, int n, int C, float* st0, long sstride, int row, const int* starts,
+                     const int* lens, int B, const float* mix, int nm, float* out) {
+  for (int b = 0; b < B; b++) {
+    float* keep = st0 + (size_t)b * sstride + (size_t)row * C;
+    for (int t = 0; t < lens[b]; t++) {
+      int j = starts[b] + t;
+      const float* prev = t == 0 ? keep : xn + (size_t)(j - 1) * C;
+      const float* cur = xn + (size_t)j * C;
+      for (int q = 0; q < nm; q++) {
+        float* o = out + ((size_t)q * n + j) * C;
+        const float* mq = mix + (size_t)q * C;
+        for (int c = 0; c < C; c++) o[c] = cur[c] + mq[c] * (prev[c] - cur[c]);
+      }
+    }
+    if (lens[b] > 0) memcpy(keep, xn + (size_t)(starts[b] + lens[b] - 1) * C, sizeof(float) * C);
+  }
+}
+
+static void r7_add(float* x, const float* d, size_t e) {
+  for (size_t i = 0; i < e; i++) x[i] += d[i];
+}
+
+/* one RWKV-7 layer over n rows of B streams (stream b owns rows starts[b] .. + lens[b] - 1): x [n, C] and the
+   states (stream b's [att shift C | ffn shift C | S: H x N(value) x N(key)] at st0 + b * sstride) in place.
+   vf [n, C]: the value of layer 0 (written there, read by the later layers). mats: see M7_*; has_v = 0 for
+   layer 0 (no value-residual path: mats M7_V1 / M7_V2 are not read). Ranks padded (rw, ra, rg, rv). */
+void rs_rwkv7_layer(float* x, int n, int C, int F, int H, int N, float* st0, long sstride, const int* starts,
+                    const int* lens, int B, const float* const* vec, const rs_mat* mats, int has_v, float* vf,
+                    float eps, int nt) {
+  const size_t nc = (size_t)n * C;
+  const int rw = mats[M7_W1].out, ra = mats[M7_A1].out, rg = mats[M7_G1].out, rv = has_v ? mats[M7_V1].out : 0;
+  const int rsum = rw + ra + rg + rv;
+  float* xn = (float*)malloc(sizeof(float) * nc);
+  float* mixed = (float*)malloc(sizeof(float) * 6 * nc);
+  float* prod = (float*)malloc(sizeof(float) * 8 * nc);        /* r k v zw za zg zv out */
+  float* hid = (float*)malloc(sizeof(float) * ((size_t)n * rsum + 16));
+  float* big = (float*)malloc(sizeof(float) * (size_t)n * F);
+  float *r = prod, *k = prod + nc, *v = prod + 2 * nc, *zw = prod + 3 * nc, *za = prod + 4 * nc;
+  float *zg = prod + 5 * nc, *zv = prod + 6 * nc, *yo = prod + 7 * nc;
+  float *hw = hid, *ha = hid + (size_t)n * rw, *hg = ha + (size_t)n * ra, *hv = hg + (size_t)n * rg;
+  const float* ins[M7_COUNT] = {mixed, mixed + 2 * nc, mixed + 3 * nc, mixed + nc, mixed + 4 * nc, mixed + 5 * nc,
+                                mixed + 3 * nc, hw, ha, hg, hv, yo, mixed, big};
+  float* ys[M7_COUNT] = {r, k, v, hw, ha, hg, hv, zw, za, zg, zv, mixed, big, mixed};
+  rs_act acts[M7_COUNT];
+  size_t off[M7_COUNT + 1] = {0};
+  for (int q = 0; q < M7_COUNT; q++)
+    off[q + 1] = off[q] + ((has_v || (q != M7_V1 && q != M7_V2)) ? act_bytes(&mats[q], n) : 0);
+  char* abuf = (char*)malloc(off[M7_COUNT] + 64);
+  for (int q = 0; q < M7_COUNT; q++) act_init(&mats[q], ins[q], n, &acts[q], abuf + off[q]);
+  const int n1 = has_v ? 7 : 6, n2 = has_v ? 4 : 3;
+
+  for (int j = 0; j < n; j++) layer_norm(x + (size_t)j * C, xn + (size_t)j * C, C, vec[V7_LN1W], vec[V7_LN1B]);
+  r7_shift(xn, n, C, st0, sstride, 0, starts, lens, B, vec[V7_MIX], 6, mixed);
+  #pragma omp parallel num_threads(nt)
+  {
+    for (int q = 0; q < n1; q++) act_quantize_for(&mats[q], ins[q], n, &acts[q]);
+    #pragma omp barrier
+    multi_for(mats, acts, n1, n, ys);
+    #pragma omp for schedule(static)
+    for (int j = 0; j < n; j++) {
+      for (int c = 0; c < rw; c++) hw[(size_t)j * rw + c] = tanhf(hw[(size_t)j * rw + c]);
+      for (int c = 0; c < rg; c++) hg[(size_t)j * rg + c] = r7_sig(hg[(size_t)j * rg + c]);
+    }
+    for (int q = 0; q < n2; q++) act_quantize_for(&mats[M7_W2 + q], ins[M7_W2 + q], n, &acts[M7_W2 + q]);
+    #pragma omp barrier
+    multi_for(mats + M7_W2, acts + M7_W2, n2, n, ys + M7_W2);
+    #pragma omp for schedule(static)
+    for (int u = 0; u < B * H; u++) {
+      const int b = u / H, h = u % H;
+      float* S = st0 + (size_t)b * sstride + 2 * (size_t)C + (size_t)h * N * N;
+      for (int t = 0; t < lens[b]; t++) {
+        const size_t row = (size_t)(starts[b] + t) * C;
+        r7_tok tk = {r + row, zw + row, za + row, zg + row, zv + row, k + row, v + row, vf + row, vec, h * N,
+                     !has_v, eps};
+#ifdef RS_AVX512
+        if (N % 16 == 0) { r7_head16(N, S, &tk, yo + row); continue; }
+#endif
+        r7_head_scalar(N, S, &tk, yo + row);
+      }
+    }
+    act_quantize_for(&mats[M7_O], yo, n, &acts[M7_O]);
+    #pragma omp barrier
+    multi_for(mats + M7_O, acts + M7_O, 1, n, ys + M7_O);
+  }
+  r7_add(x, mixed, nc);
+
+  for (int j = 0; j < n; j++) layer_norm(x + (size_t)j * C, xn + (size_t)j * C, C, vec[V7_LN2W], vec[V7_LN2B]);
+  r7_shift(xn, n, C, st0, sstride, 1, starts, lens, B, vec[V7_FXK], 1, mixed);
+  #pragma omp parallel num_threads(nt)
+  {
+    act_quantize_for(&mats[M7_FK], mixed, n, &acts[M7_FK]);
+    #pragma omp barrier
+    multi_for(mats + M7_FK, acts + M7_FK, 1, n, ys + M7_FK);
+    #pragma omp for schedule(static)
+    for (size_t e = 0; e < (size_t)n * F; e++) { float q = big[e] > 0.0f ? big[e] : 0.0f; big[e] = q * q; }
+    act_quantize_for(&mats[M7_FV], big, n, &acts[M7_FV]);
+    #pragma omp barrier
+    multi_for(mats + M7_FV, acts + M7_FV, 1, n, ys + M7_FV);
+  }
+  r7_add(x, mixed, nc);
+  free(xn); free(mixed); free(prod); free(hid); free(big); free(abuf);
+}
+"""
+
+_lib: ctypes.CDLL | None = None
+_tried = False
+
+N_MATS = 14
+N_VECS = 14
+
+
+def load() -> ctypes.CDLL | None:
+    """The RWKV-7 kernels (the shared kernels' source with :data:`SOURCE7` appended), built on first use and
+    cached; None where the shared kernels are off or unavailable (:func:`rwkv_stream.cpu_kernels.load`: the
+    switch, no compiler, a failed build) or this build fails: the torch path then."""
+    global _lib, _tried
+    if cpu_kernels.load() is None:
+        return None
+    if _tried:
+        return _lib
+    _tried = True
+    compiler = cpu_kernels.find_compiler()
+    if compiler is None:
+        return None
+    try:
+        no_openmp = [f for f in cpu_kernels.CFLAGS if f != "-fopenmp"]
+        path = cpu_kernels.build_library(compiler, "rwkv_stream_cpu7", cpu_kernels.SOURCE + SOURCE7,
+                                         (cpu_kernels.CFLAGS, no_openmp))
+        lib = ctypes.CDLL(str(path))
+        lib.rs_rwkv7_layer.restype = None
+        lib.rs_rwkv7_layer.argtypes = [
+            ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int,
+            ctypes.c_void_p, ctypes.c_long, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int,
+            ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_float, ctypes.c_int]
+    except Exception as exc:  # any failure: the torch path is correct, only slower
+        log.warning("rwkv-stream: RWKV-7 CPU kernels unavailable (%s): torch path",
+                    str(exc).replace("\n", " ")[:300])
+        return None
+    _lib = lib
+    return lib
+
+
+def reset() -> None:
+    """Forget the loaded library (tests switch kernels on and off)."""
+    global _lib, _tried
+    _lib, _tried = None, False
+
+
+def ready(n_embd: int, ffn_dim: int) -> bool:
+    """Whether a model of these widths can run its CPU layers here: inputs in whole blocks of 32 (the 16-bit
+    products read 32 inputs a step, q8_0 blocks are 32) and the kernels built."""
+    return n_embd % cpu_kernels.QBLOCK == 0 and ffn_dim % cpu_kernels.QBLOCK == 0 and load() is not None
+
+
+class LayerArgs:
+    """The arguments of ``rs_rwkv7_layer`` that do not change per call; keeps the tensors they point to."""
+
+    def __init__(self, vectors: list[Tensor], mats: list[cpu_kernels.RsMat], has_v: bool) -> None:
+        assert len(vectors) == N_VECS and len(mats) == N_MATS
+        assert all(v.is_contiguous() and v.dtype == torch.float32 and v.device.type == "cpu" for v in vectors)
+        self.vectors = vectors
+        self.vec = (ctypes.c_void_p * N_VECS)(*[v.data_ptr() for v in vectors])
+        self.mats = (cpu_kernels.RsMat * N_MATS)(*mats)
+        self.has_v = int(has_v)
+
+
+def rwkv7_layer(lib: ctypes.CDLL, x: Tensor, states: Tensor, layer: int, n_head: int, head_size: int,
+                ffn_dim: int, starts: ctypes.Array, lens: ctypes.Array, args: LayerArgs, v_first: Tensor,
+                eps: float) -> None:
+    """One layer in place: ``x`` ``[n, C]`` fp32 contiguous, ``states`` ``[B, L, 2C + H*N*N]`` fp32 contiguous,
+    ``v_first`` ``[n, C]`` fp32 contiguous (written by layer 0, read by the others)."""
+    n, C = x.shape
+    per_layer = states.shape[2]
+    st = states.data_ptr() + layer * per_layer * 4
+    lib.rs_rwkv7_layer(x.data_ptr(), n, C, ffn_dim, n_head, head_size, st, states.shape[1] * per_layer,
+                       ctypes.cast(starts, ctypes.c_void_p), ctypes.cast(lens, ctypes.c_void_p), len(starts),
+                       ctypes.cast(args.vec, ctypes.c_void_p), ctypes.cast(args.mats, ctypes.c_void_p), args.has_v,
+                       v_first.data_ptr(), eps, torch.get_num_threads())

@@ -14,6 +14,9 @@ load for the kernel that reads them:
   AVX2 and plain C builds give the same bits.
 
 Weights are prefetched to L2 8 KiB and to L1 1 KiB ahead of the reads (``rs_set_prefetch``).
+A model's packed weights live in one buffer in the order a step reads them, backed by transparent huge
+pages where Linux allows (:func:`huge_page_buffer`, :func:`rwkv_stream.linear.pack_in_arena`); the bandwidth
+probe (:func:`read_bandwidth`, the floor of BENCHMARKS.md) reads memory placed the same way.
 
 Every output element is computed by the same instructions in the same order whatever the number of rows in
 the product, so a row's bits never depend on the other rows (its batch mates): batch invariance with no
@@ -34,6 +37,7 @@ import os
 import platform
 import shutil
 import subprocess
+import sys
 import tempfile
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -833,14 +837,44 @@ def unpack_q8_0(packed: Tensor, out: int, n_in: int) -> tuple[Tensor, Tensor]:
     return q[:out, :n_in].contiguous(), s[:out, : n_in // QBLOCK].contiguous()
 
 
+HUGE_PAGE = 2 << 20  # bytes of an x86-64 transparent huge page
+_MADV_HUGEPAGE = 14
+
+
+def huge_page_buffer(nbytes: int) -> Tensor:
+    """An untouched uint8 buffer of ``nbytes`` that starts on a 2 MiB boundary and that Linux is asked to back
+    with transparent huge pages (``madvise(MADV_HUGEPAGE)``, which takes effect where THP is ``always`` or
+    ``madvise``; elsewhere it is plain memory). A step streams every weight once: with 4 KiB pages that is a
+    TLB miss per 4 KiB read, and the products ran ~10% slower per byte in 4 KiB pages on the machine of
+    BENCHMARKS.md."""
+    raw = torch.empty(nbytes + 2 * HUGE_PAGE, dtype=torch.uint8)
+    start = -raw.data_ptr() % HUGE_PAGE
+    buf = raw[start : start + nbytes]  # a view: keeps the whole allocation alive
+    _advise_huge_pages(buf.data_ptr(), -(-nbytes // HUGE_PAGE) * HUGE_PAGE)  # inside raw: 2 pages were added
+    return buf
+
+
+def _advise_huge_pages(address: int, length: int) -> None:
+    if not sys.platform.startswith("linux") or length <= 0:
+        return
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+        if libc.madvise(address, length, _MADV_HUGEPAGE) != 0:
+            log.debug("madvise(MADV_HUGEPAGE) refused: errno %d", ctypes.get_errno())
+    except (OSError, AttributeError):  # no libc symbol: plain pages, same results
+        pass
+
+
 def read_bandwidth(nbytes: int = 1 << 29, repeats: int = 5) -> float | None:
-    """Bytes per second the compiled kernel reads from a buffer well beyond the caches (best of ``repeats``)."""
+    """Bytes per second the compiled kernel reads from a buffer well beyond the caches (best of ``repeats``),
+    in memory placed as the weights are (:func:`huge_page_buffer`)."""
     import time
 
     lib = load()
     if lib is None:
         return None
-    buf = torch.ones(nbytes // 8, dtype=torch.int64)
+    buf = huge_page_buffer(nbytes).view(torch.int64).fill_(1)
     best = float("inf")
     for _ in range(repeats):
         t0 = time.perf_counter()

@@ -159,6 +159,14 @@ class KernelLinear:
         lib.rs_matmul(ctypes.byref(self.mat), x.data_ptr(), x.shape[0], y.data_ptr(), torch.get_num_threads())
         return y
 
+    def move_into(self, buf: Tensor) -> None:
+        """Keep the packed weights in ``buf`` (uint8, at least :attr:`nbytes` long) from now on: copied there,
+        the kernel pointed at them; the old storage is released (see :func:`pack_in_arena`)."""
+        flat = self.weight.reshape(-1).view(torch.uint8)
+        buf[: flat.numel()].copy_(flat)
+        self.weight = buf[: flat.numel()].view(self.weight.dtype).view(self.weight.shape)
+        self.mat.w = self.weight.data_ptr()
+
     @property
     def nbytes(self) -> int:
         extra = 0 if self.scales is None else self.scales.numel() * 4
@@ -218,6 +226,24 @@ class Q8Linear(KernelLinear):
     @property
     def kernel_key(self) -> Hashable:
         return (self.fmt, self._shape, cpu_kernels.load() is not None)
+
+
+ARENA_ALIGN = 4096  # each matrix of an arena starts on a page: the kernels' vector loads stay aligned
+
+
+def pack_in_arena(linears: Sequence[KernelLinear]) -> Tensor:
+    """Move the weights of ``linears`` into one buffer in the given order (the order a step reads them) that
+    is backed by huge pages where Linux allows (:func:`rwkv_stream.cpu_kernels.huge_page_buffer`): a step then
+    streams the weights through few TLB entries, and each product's look-ahead prefetch runs on into the next
+    matrix. Values and results are unchanged (the same bytes elsewhere). Returns the buffer (it is also kept
+    alive by the linears' views)."""
+    sizes = [-(-lin.weight.numel() * lin.weight.element_size() // ARENA_ALIGN) * ARENA_ALIGN for lin in linears]
+    arena = cpu_kernels.huge_page_buffer(max(1, sum(sizes)))
+    offset = 0
+    for lin, size in zip(linears, sizes, strict=True):
+        lin.move_into(arena[offset : offset + size])
+        offset += size
+    return arena
 
 
 def q8_0_reference(qweight: Tensor, scales: Tensor, x: Tensor) -> Tensor:

@@ -307,3 +307,43 @@ def test_no_compiler_in_a_fresh_process_runs_the_torch_path(tiny_pth, tmp_path):
         out = subprocess.run([sys.executable, "-c", code, str(tiny_pth)], capture_output=True, text=True,
                              timeout=300, cwd=ROOT, env=env)
         assert out.returncode == 0 and out.stdout.strip() == "ok", (env_extra, out.stderr[-2000:])
+
+
+def test_huge_page_buffer_is_aligned_and_writable():
+    buf = cpu_kernels.huge_page_buffer(3 * 4096 + 5)
+    assert buf.dtype == torch.uint8 and buf.numel() == 3 * 4096 + 5
+    assert buf.data_ptr() % cpu_kernels.HUGE_PAGE == 0
+    buf.fill_(7)
+    assert int(buf.sum()) == 7 * buf.numel()
+
+
+@needs_kernels
+@pytest.mark.parametrize("make", [lambda w: KernelLinear(w, torch.float16), lambda w: KernelLinear(w, torch.bfloat16),
+                                  Q8Linear])
+def test_weights_moved_into_an_arena_give_the_same_bits(make):
+    from rwkv_stream.linear import ARENA_ALIGN, pack_in_arena
+
+    gen = torch.Generator().manual_seed(5)
+    lins = [make(torch.randn(out, 64, generator=gen)) for out in (3, 64, 17)]
+    x = torch.randn(4, 64, generator=gen)
+    before = [lin(x) for lin in lins]
+    old_ptrs = [lin.weight.data_ptr() for lin in lins]
+    arena = pack_in_arena(lins)
+    ptrs = [lin.weight.data_ptr() for lin in lins]
+    assert ptrs[0] == arena.data_ptr() and all(p % ARENA_ALIGN == 0 for p in ptrs)
+    assert ptrs == sorted(ptrs) and set(ptrs).isdisjoint(old_ptrs)  # in the given order, in the new buffer
+    assert all(lin.mat.w == p for lin, p in zip(lins, ptrs, strict=True))
+    for lin, ref in zip(lins, before, strict=True):
+        assert torch.equal(lin(x), ref)
+
+
+@needs_kernels
+@pytest.mark.parametrize("fmt", ["float16", "q8_0"])
+def test_a_fused_model_keeps_its_weights_in_one_arena_in_step_order(tiny_pth, fmt):
+    model = load(tiny_pth, dtype=fmt)
+    lins = [*model.linears(), model.head_linear]
+    ptrs = [lin.weight.data_ptr() for lin in lins]
+    assert ptrs == sorted(ptrs)  # layer by layer in the order the fused layer reads them, the head last
+    assert ptrs[0] == model._arena.data_ptr()
+    span = ptrs[-1] + lins[-1].nbytes - ptrs[0]
+    assert span <= model._arena.numel()

@@ -20,7 +20,7 @@ from torch import Tensor
 
 from .. import cpu_kernels, w8a8_cpu
 from ..config import FP16_RESCALE_EVERY, AnyConfig
-from ..linear import KernelLinear, Linear, Q8Linear, make_linear, project
+from ..linear import KernelLinear, Linear, Q8Linear, make_linear, pack_in_arena, project
 from ..pool import StatePool
 from ..state import ROWS
 from ..wkv import wkv_ragged
@@ -122,6 +122,8 @@ class Rwkv4Model(RecurrentModel):
             self.head_linear = make_linear(t["head.weight"].to(dev, torch.float32), torch.float16, kernels=fused)
         else:
             self.head_linear = mat("head.weight")
+        if fused:  # in the order a step reads them, in huge pages (the params below copy the pointers)
+            self._arena = pack_in_arena([*self.linears(), self.head_linear])  # type: ignore[list-item]
         self._fused_params = [self._layer_params(layer) for layer in self.layers] if fused else []
         w8_lib = w8a8_cpu.load() if dev.type == "cpu" and self.weight_format == "w8a8" and self.layers else None
         self._w8 = None if w8_lib is None else w8a8_cpu.W8A8Layers(w8_lib, self.layers, cfg.n_embd, cfg.ffn_dim,

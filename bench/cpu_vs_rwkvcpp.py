@@ -1,4 +1,5 @@
-"""CPU benchmark: this engine's weight formats against rwkv.cpp (a ``librwkv`` the user already has), RWKV-4.
+"""CPU benchmark: this engine's weight formats against rwkv.cpp (a ``librwkv`` the user already has), RWKV-4
+and RWKV-7 (x070).
 
 Prints one JSON object. Per format: its error against fp32 (max |logit error| / max |logit| over a short
 sequence, against the engine's plain torch fp32 path), batch-1 ms per token (one token with state, full
@@ -8,19 +9,28 @@ bandwidth measured in the same run, over the step's time). All cases of all engi
 run interleaved: each round times one step of every case in turn, so load from elsewhere on a shared host hits
 all of them alike. The host's CPU and load averages (before and after) are in the JSON.
 
+Families: ``--family rwkv4`` (default; shapes 169m, 430m, tiny) or ``--family rwkv7`` (x070 shapes 0.1b:
+L12 x C768, 0.4b: L24 x C1024, head 64, vocabulary 65536, the released models' LoRA ranks 64/64/32/128).
+
 Formats: ``float32, float16, bfloat16, q8_0`` run the compiled kernels where a compiler is present
-(:mod:`rwkv_stream.cpu_kernels`); ``torch:<format>`` builds the same format on the plain torch path; ``int8``
-and ``w8a8`` are torch-only formats; ``q8_0+q8head`` is ``q8_0`` with its head quantized to q8_0 as well
-(an experiment: the engine builds q8_0 models with an fp16 head).
+(:mod:`rwkv_stream.cpu_kernels`; RWKV-7 takes whatever of them its model uses); ``torch:<format>`` builds the
+same format on the plain torch path; ``int8`` and ``w8a8`` are torch-only formats (RWKV-4's ``w8a8`` has its
+own compiled element-wise layer). Head experiments (not formats the engine builds): ``<format>+q8head`` with
+the head quantized to q8_0 (RWKV-4's q8_0 keeps an fp16 head), ``<format>+fp16head`` with an fp16 head
+(RWKV-7's q8_0 quantizes its head; rwkv.cpp's Q8_0 files keep it FP16). Bytes per token count every matrix a
+token reads (RWKV-7: the six C x C / FFN matrices and the four LoRAs of each layer) and the head, as stored.
 
 rwkv.cpp: pass ``--librwkv PATH`` (or ``$RWKV_CPP_LIB``) and its model files of the same random weights:
-``--save-pth FILE`` writes the checkpoint this bench uses, which rwkv.cpp's own converter turns into its format;
-then ``--rwkvcpp-models FP32=a.bin,FP16=b.bin[,Q8_0=c.bin]`` (a missing Q8_0 is made with the library's
-``rwkv_quantize_model_file`` from the FP16 or FP32 file). Without a library the peer is skipped with a message
-and the issue's figures (issue 18) are the comparison. This repository holds no rwkv.cpp code.
+``--save-pth FILE`` writes the checkpoint this bench uses (a BlinkDL ``.pth``; for RWKV-7 the x070 layout that
+rwkv.cpp's converter detects by ``blocks.0.att.k_k``), which rwkv.cpp's own converter turns into its format
+(``python python/convert_pytorch_to_ggml.py FILE out.bin FP16``); then
+``--rwkvcpp-models FP32=a.bin,FP16=b.bin[,Q8_0=c.bin]`` (a missing Q8_0 is made with the library's
+``rwkv_quantize_model_file`` from the FP16 or FP32 file). Its state and logits sizes come from the library
+(``rwkv_get_state_len``, ``rwkv_get_logits_len``). Without a library the peer is skipped with a message and,
+for RWKV-4, the issue's figures (issue 18) are the comparison. This repository holds no rwkv.cpp code.
 
-    .venv/bin/python bench/cpu_vs_rwkvcpp.py [--shape 169m] [--formats ...] [--rounds 20] [--threads 2]
-        [--librwkv PATH --rwkvcpp-models FP32=...,FP16=...] [--out FILE]
+    .venv/bin/python bench/cpu_vs_rwkvcpp.py [--family rwkv4|rwkv7] [--shape 169m|0.1b] [--formats ...]
+        [--rounds 20] [--threads 2] [--librwkv PATH --rwkvcpp-models FP32=...,FP16=...] [--out FILE]
 """
 
 from __future__ import annotations
@@ -40,9 +50,10 @@ from pathlib import Path
 import torch
 
 from rwkv_stream import cpu_kernels
-from rwkv_stream.bench import SHAPES, machine_info
-from rwkv_stream.linear import Q8Linear
-from rwkv_stream.model import Model
+from rwkv_stream.bench import SHAPES, SHAPES7, machine_info
+from rwkv_stream.config import AnyConfig
+from rwkv_stream.linear import KernelLinear, Linear, Q8Linear, make_linear
+from rwkv_stream.models import RecurrentModel, build_model
 from rwkv_stream.random_checkpoint import random_tensors, save_pth
 
 ISSUE_FIGURES = {  # issue 18: rwkv.cpp on a 2-core Zen 4 host, 169M shape, 2 threads (another host than today's)
@@ -51,8 +62,37 @@ ISSUE_FIGURES = {  # issue 18: rwkv.cpp on a 2-core Zen 4 host, 169M shape, 2 th
     "rwkv.cpp Q8_0": {"error": 0.019, "batch1_ms": 7.52, "floor_fraction": 0.72, "streams16_tok_s": 137},
 }
 
+FAMILY_SHAPES: dict[str, dict[str, AnyConfig]] = {"rwkv4": dict(SHAPES), "rwkv7": dict(SHAPES7)}
+DEFAULT_SHAPE = {"rwkv4": "169m", "rwkv7": "0.1b"}
+DEFAULT_FORMATS = {"rwkv4": "float32,float16,bfloat16,q8_0,w8a8,torch:float16",
+                   "rwkv7": "float32,float16,bfloat16,q8_0,int8,w8a8"}
+
 Step = Callable[[int], object]
-Q8_HEAD = "+q8head"  # format suffix: the head as q8_0 too (an experiment; the engine's q8_0 has an fp16 head)
+Q8_HEAD = "+q8head"  # format suffix: the head as q8_0 too (an experiment; RWKV-4's q8_0 has an fp16 head)
+FP16_HEAD = "+fp16head"  # format suffix: an fp16 head (an experiment; RWKV-7's q8_0 has a q8_0 head)
+
+
+def head_experiment(fmt: str, weight: torch.Tensor) -> Linear | None:
+    """The head a format suffix asks for, else None (the format's own head)."""
+    if fmt.endswith(Q8_HEAD):
+        return Q8Linear(weight.float())
+    if fmt.endswith(FP16_HEAD):
+        return make_linear(weight.float(), torch.float16, kernels=cpu_kernels.load() is not None)
+    return None
+
+
+def build_format(tensors: dict[str, torch.Tensor], cfg: AnyConfig, fmt: str) -> RecurrentModel:
+    """This engine's model of ``fmt`` (``[torch:]<format>[+q8head|+fp16head]``), as ``rwkv_stream.load`` builds it."""
+    name = fmt.removeprefix("torch:").removesuffix(Q8_HEAD).removesuffix(FP16_HEAD)
+    if fmt.startswith("torch:"):
+        with cpu_kernels.disabled():
+            model = build_model(tensors, cfg, dtype=name)
+    else:
+        model = build_model(tensors, cfg, dtype=name)
+    head = head_experiment(fmt, tensors["head.weight"])
+    if head is not None:
+        model.head_linear = head
+    return model
 
 
 def load_average() -> list[float]:
@@ -70,12 +110,25 @@ def error_vs(ref: torch.Tensor, logits: torch.Tensor) -> float:
     return float((logits - ref).abs().max() / ref.abs().max())
 
 
-def matrix_bytes(model: Model) -> int:
+def matrix_bytes(model: RecurrentModel) -> int:
+    """Weight bytes one token reads: every matrix of the blocks (RWKV-7's LoRAs included) and the head, as
+    stored (one embedding row is not counted)."""
     lins = [*model.linears(), model.head_linear]
     return sum(lin.nbytes for lin in lins)
 
 
-def engine_entry(model: Model, tokens: list[int], ref: torch.Tensor, args: argparse.Namespace) -> dict:
+def engine_path(model: RecurrentModel) -> str:
+    """'kernels': one compiled call per layer (RWKV-4: ``_lib``, RWKV-7: ``_lib7``); 'torch+kernel products':
+    torch element-wise work around compiled products (an RWKV-7 format without a compiled layer); 'torch'."""
+    if getattr(model, "_lib", None) is not None or getattr(model, "_lib7", None) is not None:
+        return "kernels"
+    if model.family != "rwkv4" and cpu_kernels.load() is not None and any(
+            isinstance(lin, KernelLinear) for lin in [*model.linears(), model.head_linear]):
+        return "torch+kernel products"
+    return "torch"
+
+
+def engine_entry(model: RecurrentModel, tokens: list[int], ref: torch.Tensor, args: argparse.Namespace) -> dict:
     vocab, n = model.config.vocab_size, args.streams
     logits, _ = model.forward(tokens)
     state = [model.new_state()]
@@ -96,7 +149,7 @@ def engine_entry(model: Model, tokens: list[int], ref: torch.Tensor, args: argpa
 
     bytes_per_token = matrix_bytes(model)
     return {"error": error_vs(ref, logits), "bytes_per_token": bytes_per_token,
-            "path": "kernels" if getattr(model, "_lib", None) is not None else "torch",
+            "path": engine_path(model),
             "cases": cases(one, streams, prefill, args)}
 
 
@@ -122,12 +175,14 @@ class RwkvCpp:
         self.lib = lib
 
     def entry(self, model_file: str, threads: int, tokens: list[int], ref: torch.Tensor, fmt: str,
-              args: argparse.Namespace) -> dict:
+              args: argparse.Namespace, cfg: AnyConfig) -> dict:
         lib = self.lib
         ctx = lib.rwkv_init_from_file(model_file.encode(), threads, 0)
         if not ctx:
             return {"skipped": f"rwkv_init_from_file failed for {model_file}"}
-        n_state, n_logits = lib.rwkv_get_state_len(ctx), lib.rwkv_get_logits_len(ctx)
+        n_state, n_logits = lib.rwkv_get_state_len(ctx), lib.rwkv_get_logits_len(ctx)  # v7's state: L x (2C + C*N)
+        if n_logits != cfg.vocab_size:
+            return {"skipped": f"{model_file}: {n_logits} logits, not the shape's {cfg.vocab_size} (another model?)"}
 
         def new_state() -> torch.Tensor:
             st = torch.empty(n_state)
@@ -160,7 +215,7 @@ class RwkvCpp:
 
         # bytes read per token: the file less its embedding matrix (one row of it is read per token); rwkv.cpp
         # keeps emb and head in FP16 in its FP16 and Q8_0 files (quantize converts the blocks' matrices only)
-        emb_bytes = n_logits * (n_state // (5 * args.n_layer)) * (4 if fmt == "FP32" else 2)
+        emb_bytes = cfg.vocab_size * cfg.n_embd * (4 if fmt == "FP32" else 2)
         return {"error": error, "bytes_per_token": os.path.getsize(model_file) - emb_bytes, "path": model_file,
                 "cases": cases(one, streams, prefill, args)}
 
@@ -216,8 +271,10 @@ def measure(impls: dict[str, dict], rounds: int, bw_bytes: int, warmup: int = 2)
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--shape", default="169m", choices=sorted(SHAPES))
-    p.add_argument("--formats", default="float32,float16,bfloat16,q8_0,w8a8,torch:float16")
+    p.add_argument("--family", default="rwkv4", choices=sorted(FAMILY_SHAPES))
+    p.add_argument("--shape", default=None, help="rwkv4: 169m (default), 430m, tiny; rwkv7: 0.1b (default), 0.4b, tiny")
+    p.add_argument("--formats", default=None, help=f"rwkv4: {DEFAULT_FORMATS['rwkv4']}; "
+                                                   f"rwkv7: {DEFAULT_FORMATS['rwkv7']}")
     p.add_argument("--rounds", type=int, default=20)
     p.add_argument("--streams", type=int, default=16)
     p.add_argument("--prefill", type=int, default=64, help="tokens of the long fragment (one stream, one call)")
@@ -230,39 +287,38 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--save-pth", default=None, help="write the random checkpoint (for rwkv.cpp's converter) and exit")
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
+    shapes = FAMILY_SHAPES[args.family]
+    args.shape = args.shape or DEFAULT_SHAPE[args.family]
+    if args.shape not in shapes:
+        p.error(f"--shape {args.shape!r} is not a {args.family} shape (one of {', '.join(sorted(shapes))})")
+    args.formats = DEFAULT_FORMATS[args.family] if args.formats is None else args.formats
+    rwkv4 = args.family == "rwkv4"
     torch.set_num_threads(args.threads)
-    cfg = SHAPES[args.shape]
+    cfg = shapes[args.shape]
     tensors = random_tensors(cfg, seed=0)
     if args.save_pth:
         save_pth(tensors, Path(args.save_pth))
-        print(json.dumps({"saved": args.save_pth, "shape": args.shape}))
+        print(json.dumps({"saved": args.save_pth, "shape": args.shape, **({} if rwkv4 else {"family": args.family})}))
         return 0
     load_before = load_average()
     tokens = [(31 * j + 5) % cfg.vocab_size for j in range(args.error_tokens)]
     result: dict = {"machine": {**machine_info(), "loadavg_before": load_before},
-                    "kernels": cpu_kernels.features(), "shape": args.shape, "config": cfg.to_dict()}
+                    "kernels": cpu_kernels.features(), **({} if rwkv4 else {"family": args.family}),
+                    "shape": args.shape, "config": cfg.to_dict()}
     impls: dict[str, dict] = {}
     with torch.inference_mode():
         with cpu_kernels.disabled():
-            ref, _ = Model(tensors, cfg, dtype="float32").forward(tokens)
+            ref, _ = build_model(tensors, cfg, dtype="float32").forward(tokens)
         for fmt in filter(None, args.formats.split(",")):
-            name = fmt.removeprefix("torch:").removesuffix(Q8_HEAD)
             print(f"bench: building {fmt}", file=sys.stderr, flush=True)
-            if fmt.startswith("torch:"):
-                with cpu_kernels.disabled():
-                    model = Model(tensors, cfg, dtype=name)
-            else:
-                model = Model(tensors, cfg, dtype=name)
-            if fmt.endswith(Q8_HEAD):  # an experiment: the engine's q8_0 keeps an fp16 head
-                model.head_linear = Q8Linear(tensors["head.weight"].float())
-            impls[f"rwkv-stream {fmt}"] = engine_entry(model, tokens, ref, args)
-        args.n_layer = cfg.n_layer
-        impls.update(rwkvcpp_entries(args, tokens, ref, result))
+            impls[f"rwkv-stream {fmt}"] = engine_entry(build_format(tensors, cfg, fmt), tokens, ref, args)
+        impls.update(rwkvcpp_entries(args, cfg, tokens, ref, result))
         results, bw = measure(impls, args.rounds, args.bandwidth_mib << 20)
     result["read_bandwidth"] = bw
     result["results"] = results
     result["machine"]["loadavg_after"] = load_average()
-    result["issue_18_rwkvcpp_figures"] = ISSUE_FIGURES
+    if rwkv4:  # the issue's peer figures are of the RWKV-4 169M shape
+        result["issue_18_rwkvcpp_figures"] = ISSUE_FIGURES
     text = json.dumps(result, indent=2)
     print(text)
     if args.out:
@@ -272,10 +328,11 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def rwkvcpp_entries(args: argparse.Namespace, tokens: list[int], ref: torch.Tensor, result: dict) -> dict[str, dict]:
+def rwkvcpp_entries(args: argparse.Namespace, cfg: AnyConfig, tokens: list[int], ref: torch.Tensor,
+                    result: dict) -> dict[str, dict]:
     if not args.librwkv:
-        msg = ("rwkv.cpp skipped: no librwkv given (--librwkv PATH or $RWKV_CPP_LIB); compare with "
-               "issue_18_rwkvcpp_figures and the floor")
+        against = "issue_18_rwkvcpp_figures and the floor" if args.family == "rwkv4" else "the floor"
+        msg = f"rwkv.cpp skipped: no librwkv given (--librwkv PATH or $RWKV_CPP_LIB); compare with {against}"
         print(f"bench: {msg}", file=sys.stderr)
         result["rwkv.cpp"] = {"skipped": msg}
         return {}
@@ -297,7 +354,7 @@ def rwkvcpp_entries(args: argparse.Namespace, tokens: list[int], ref: torch.Tens
     entries = {}
     for fmt, path in files.items():
         print(f"bench: rwkv.cpp {fmt}", file=sys.stderr, flush=True)
-        entries[f"rwkv.cpp {fmt}"] = peer.entry(path, args.threads, tokens, ref, fmt, args)
+        entries[f"rwkv.cpp {fmt}"] = peer.entry(path, args.threads, tokens, ref, fmt, args, cfg)
     result["rwkv.cpp"] = {"library": args.librwkv, "files": files}
     return entries
 

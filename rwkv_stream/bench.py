@@ -28,12 +28,18 @@ from tqdm import tqdm
 
 from .config import ModelConfig
 from .model import LogitsMode, Model, StepOutput
-from .random_checkpoint import random_tensors, save_pth, to_hf_names
+from .random_checkpoint import random_tensors, rwkv7_config, save_pth, to_hf_names
 
 SHAPES = {
     "169m": ModelConfig(n_layer=12, n_embd=768, vocab_size=50277, ffn_dim=3072),
     "430m": ModelConfig(n_layer=24, n_embd=1024, vocab_size=50277, ffn_dim=4096),
     "tiny": ModelConfig(n_layer=4, n_embd=128, vocab_size=1000, ffn_dim=512),
+}
+RWKV7_RANKS = dict(rank_w=64, rank_a=64, rank_v=32, rank_g=128)  # the released 0.1B / 0.4B models' LoRA sizes
+SHAPES7 = {  # RWKV-7 (x070), World vocabulary, head size 64
+    "0.1b": rwkv7_config(12, 768, 65536, ffn_dim=3072, **RWKV7_RANKS),
+    "0.4b": rwkv7_config(24, 1024, 65536, ffn_dim=4096, **RWKV7_RANKS),
+    "tiny": rwkv7_config(2, 128, 1000, ffn_dim=512, rank_w=32, rank_a=32, rank_v=32, rank_g=32),  # for tests
 }
 
 

@@ -710,6 +710,8 @@ def build_library(compiler: str, stem: str, source: str, flag_sets: Sequence[Seq
     key = hashlib.sha256("\0".join([source, *flag_sets[0], version, _cpu_id()]).encode()).hexdigest()[:16]
     out = cache_dir() / f"{stem}_{key}.so"
     if out.exists():
+        with contextlib.suppress(OSError):  # marks it as in use for prune_cache (a read-only cache still works)
+            os.utime(out)
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
@@ -723,7 +725,29 @@ def build_library(compiler: str, stem: str, source: str, flag_sets: Sequence[Seq
         else:
             raise RuntimeError(f"{compiler} failed: {proc.stderr.strip().splitlines()[-1:] or proc.returncode}")
         os.replace(so, out)  # atomic: concurrent builders race harmlessly
+    prune_cache(stem, keep=out)
     return out
+
+
+CACHE_MAX_AGE_DAYS = 30
+
+
+def prune_cache(stem: str, keep: Path, max_age_days: float = CACHE_MAX_AGE_DAYS) -> list[Path]:
+    """Remove ``stem``'s other builds not used for ``max_age_days`` (each use refreshes a build's mtime): old
+    source versions would otherwise pile up, one library per upgrade. A process that still has one loaded keeps
+    its mapping (unlinking does not unmap). Returns what was removed."""
+    import time
+
+    cutoff = time.time() - max_age_days * 86400
+    removed = []
+    for old in keep.parent.glob(f"{stem}_*.so"):
+        try:
+            if old != keep and old.stat().st_mtime < cutoff:
+                old.unlink()
+                removed.append(old)
+        except OSError:  # raced with another process, or not ours to remove: leave it
+            continue
+    return removed
 
 
 def load() -> ctypes.CDLL | None:

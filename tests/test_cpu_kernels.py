@@ -236,6 +236,28 @@ def test_kernels_are_cached_under_the_user_cache_dir(monkeypatch, tmp_path):
         cpu_kernels.reset()
 
 
+def test_old_builds_are_pruned_and_used_ones_kept(monkeypatch, tmp_path):
+    monkeypatch.setenv("RWKV_STREAM_CACHE", str(tmp_path))
+    cache = tmp_path / "cpu-kernels"
+    cache.mkdir()
+    stale, recent, other = cache / "rs_test_0001.so", cache / "rs_test_0002.so", cache / "another_0003.so"
+    for path in (stale, recent, other):
+        path.write_bytes(b"")
+    month = 31 * 86400
+    os.utime(stale, (os.path.getatime(stale) - month, os.path.getmtime(stale) - month))
+    os.utime(other, (os.path.getatime(other) - month, os.path.getmtime(other) - month))
+    if cpu_kernels.find_compiler() is None:
+        pytest.skip("no C compiler")
+    built = cpu_kernels.build_library(cpu_kernels.find_compiler(), "rs_test", "int rs_test(void) { return 3; }",
+                                      (["-O1", "-fPIC", "-shared"],))
+    assert built.exists() and not stale.exists()  # a month unused: removed when a new build lands
+    assert recent.exists() and other.exists()  # recently used, or another library's: kept
+    os.utime(built, (0, 0))
+    assert cpu_kernels.build_library(cpu_kernels.find_compiler(), "rs_test", "int rs_test(void) { return 3; }",
+                                     (["-O1", "-fPIC", "-shared"],)) == built
+    assert built.stat().st_mtime > 86400  # a cache hit marks the build as used
+
+
 def test_bench_runs_on_a_tiny_shape_and_prints_json(monkeypatch):
     out = subprocess.run(
         [sys.executable, str(ROOT / "bench" / "cpu_vs_rwkvcpp.py"), "--shape", "tiny", "--rounds", "1",

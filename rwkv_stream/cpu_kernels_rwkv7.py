@@ -171,9 +171,9 @@ static void r7_head16(int N, float* S, const r7_tok* t, float* out) {
 /* RWKV-7's token shift over a ragged batch: out[q] = cur + mix_q * (prev - cur) (the coefficient weighs the
    previous token, as in the references); state row `row` keeps each stream's last row */
 static void r7_shift(const float* xn, int n, int C, float* st0, long sstride, int row, const int* starts,
-                     const int* lens, int B, const float* mix, int nm, float* out) {
+                     const int* lens, int B, const int* slots, const float* mix, int nm, float* out) {
   for (int b = 0; b < B; b++) {
-    float* keep = st0 + (size_t)b * sstride + (size_t)row * C;
+    float* keep = st0 + (size_t)(slots ? slots[b] : b) * sstride + (size_t)row * C;
     for (int t = 0; t < lens[b]; t++) {
       int j = starts[b] + t;
       const float* prev = t == 0 ? keep : xn + (size_t)(j - 1) * C;
@@ -193,12 +193,13 @@ static void r7_add(float* x, const float* d, size_t e) {
 }
 
 /* one RWKV-7 layer over n rows of B streams (stream b owns rows starts[b] .. + lens[b] - 1): x [n, C] and the
-   states (stream b's [att shift C | ffn shift C | S: H x N(value) x N(key)] at st0 + b * sstride) in place.
+   states (stream b's [att shift C | ffn shift C | S: H x N(value) x N(key)] at st0 + slots[b] * sstride;
+   slots NULL: b) in place.
    vf [n, C]: the value of layer 0 (written there, read by the later layers). mats: see M7_*; has_v = 0 for
    layer 0 (no value-residual path: mats M7_V1 / M7_V2 are not read). Ranks padded (rw, ra, rg, rv). */
 void rs_rwkv7_layer(float* x, int n, int C, int F, int H, int N, float* st0, long sstride, const int* starts,
-                    const int* lens, int B, const float* const* vec, const rs_mat* mats, int has_v, float* vf,
-                    float eps, int nt) {
+                    const int* lens, int B, const int* slots, const float* const* vec, const rs_mat* mats,
+                    int has_v, float* vf, float eps, int nt) {
   const size_t nc = (size_t)n * C;
   const int rw = mats[M7_W1].out, ra = mats[M7_A1].out, rg = mats[M7_G1].out, rv = has_v ? mats[M7_V1].out : 0;
   const int rsum = rw + ra + rg + rv;
@@ -222,7 +223,7 @@ void rs_rwkv7_layer(float* x, int n, int C, int F, int H, int N, float* st0, lon
   const int n1 = has_v ? 7 : 6, n2 = has_v ? 4 : 3;
 
   for (int j = 0; j < n; j++) layer_norm(x + (size_t)j * C, xn + (size_t)j * C, C, vec[V7_LN1W], vec[V7_LN1B]);
-  r7_shift(xn, n, C, st0, sstride, 0, starts, lens, B, vec[V7_MIX], 6, mixed);
+  r7_shift(xn, n, C, st0, sstride, 0, starts, lens, B, slots, vec[V7_MIX], 6, mixed);
   #pragma omp parallel num_threads(nt)
   {
     for (int q = 0; q < n1; q++) act_quantize_for(&mats[q], ins[q], n, &acts[q]);
@@ -239,7 +240,7 @@ void rs_rwkv7_layer(float* x, int n, int C, int F, int H, int N, float* st0, lon
     #pragma omp for schedule(static)
     for (int u = 0; u < B * H; u++) {
       const int b = u / H, h = u % H;
-      float* S = st0 + (size_t)b * sstride + 2 * (size_t)C + (size_t)h * N * N;
+      float* S = st0 + (size_t)(slots ? slots[b] : b) * sstride + 2 * (size_t)C + (size_t)h * N * N;
       for (int t = 0; t < lens[b]; t++) {
         const size_t row = (size_t)(starts[b] + t) * C;
         r7_tok tk = {r + row, zw + row, za + row, zg + row, zv + row, k + row, v + row, vf + row, vec, h * N,
@@ -257,7 +258,7 @@ void rs_rwkv7_layer(float* x, int n, int C, int F, int H, int N, float* st0, lon
   r7_add(x, mixed, nc);
 
   for (int j = 0; j < n; j++) layer_norm(x + (size_t)j * C, xn + (size_t)j * C, C, vec[V7_LN2W], vec[V7_LN2B]);
-  r7_shift(xn, n, C, st0, sstride, 1, starts, lens, B, vec[V7_FXK], 1, mixed);
+  r7_shift(xn, n, C, st0, sstride, 1, starts, lens, B, slots, vec[V7_FXK], 1, mixed);
   #pragma omp parallel num_threads(nt)
   {
     act_quantize_for(&mats[M7_FK], mixed, n, &acts[M7_FK]);
@@ -302,7 +303,7 @@ def load() -> ctypes.CDLL | None:
         lib.rs_rwkv7_layer.restype = None
         lib.rs_rwkv7_layer.argtypes = [
             ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int,
-            ctypes.c_void_p, ctypes.c_long, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int,
+            ctypes.c_void_p, ctypes.c_long, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p,
             ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_float, ctypes.c_int]
     except Exception as exc:  # any failure: the torch path is correct, only slower
         log.warning("rwkv-stream: RWKV-7 CPU kernels unavailable (%s): torch path",
@@ -338,13 +339,16 @@ class LayerArgs:
 
 def rwkv7_layer(lib: ctypes.CDLL, x: Tensor, states: Tensor, layer: int, n_head: int, head_size: int,
                 ffn_dim: int, starts: ctypes.Array, lens: ctypes.Array, args: LayerArgs, v_first: Tensor,
-                eps: float) -> None:
-    """One layer in place: ``x`` ``[n, C]`` fp32 contiguous, ``states`` ``[B, L, 2C + H*N*N]`` fp32 contiguous,
+                eps: float, slots: Tensor | None = None) -> None:
+    """One layer in place: ``x`` ``[n, C]`` fp32 contiguous, ``states`` ``[B, L, 2C + H*N*N]`` fp32 contiguous
+    (or a slot arena ``[capacity, L, 2C + H*N*N]`` with stream ``b`` in row ``slots[b]``, int32 contiguous),
     ``v_first`` ``[n, C]`` fp32 contiguous (written by layer 0, read by the others)."""
     n, C = x.shape
     per_layer = states.shape[2]
     st = states.data_ptr() + layer * per_layer * 4
+    assert slots is None or (slots.dtype == torch.int32 and slots.is_contiguous() and len(slots) == len(starts))
     lib.rs_rwkv7_layer(x.data_ptr(), n, C, ffn_dim, n_head, head_size, st, states.shape[1] * per_layer,
                        ctypes.cast(starts, ctypes.c_void_p), ctypes.cast(lens, ctypes.c_void_p), len(starts),
+                       None if slots is None else slots.data_ptr(),
                        ctypes.cast(args.vec, ctypes.c_void_p), ctypes.cast(args.mats, ctypes.c_void_p), args.has_v,
                        v_first.data_ptr(), eps, torch.get_num_threads())

@@ -84,7 +84,7 @@ def same_weights_fp32(model: Rwkv7Model, tensors, cfg) -> Rwkv7Model:
 def torch_path(tensors, cfg, fmt: str) -> Rwkv7Model:
     with cpu_kernels.disabled():
         model = Rwkv7Model(tensors, cfg, "cpu", fmt)
-    assert model._lib7 is None
+    assert model._lib is None
     return model
 
 
@@ -108,7 +108,7 @@ def random_models():
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_kernel_layer_matches_fp32_with_the_same_weights_and_the_torch_path(random_models, name, fmt):
     model, tensors, cfg = random_models(name, fmt)
-    assert model._lib7 is not None and all(isinstance(m, KernelLinear) for m in model.linears())
+    assert model._lib is not None and all(isinstance(m, KernelLinear) for m in model.linears())
     ids = tokens(24, cfg.vocab_size, seed=1)
     got, state = model.forward(ids)
     want, want_state = same_weights_fp32(model, tensors, cfg).forward(ids)
@@ -128,7 +128,7 @@ def test_trained_tiny_model_on_the_kernels(fmt):
         pytest.skip(f"fixture missing: {TINY7}")
     want = json.loads(TINY7.with_suffix(".expected.json").read_text())["sequence"]
     model = load(TINY7, dtype=fmt)
-    assert isinstance(model, Rwkv7Model) and model._lib7 is not None
+    assert isinstance(model, Rwkv7Model) and model._lib is not None
     with cpu_kernels.disabled():
         other = load(TINY7, dtype=fmt)
     logits, _ = model.forward(want["tokens"])
@@ -161,6 +161,11 @@ def test_a_stream_gets_the_same_bits_alone_or_with_any_batch_mates(random_models
     slot = pool.alloc()
     alone = [model.step(pool, [slot], [chunk]).logits[0] for chunk in mine]  # type: ignore[index]
     alone_state = pool.read(slot).tensor.clone()
+    state = None  # forward() runs on a gathered copy of the state, step() on the pool's arena in place
+    for chunk, want in zip(mine, alone, strict=True):
+        out, state = model.forward(chunk, state)
+        assert torch.equal(out, want)
+    assert state is not None and torch.equal(state.tensor, alone_state)
     for mates in (1, 2, 5):
         for invariant in (False, True):
             pool = model.new_pool(8)
@@ -209,7 +214,7 @@ def test_sessions_with_eviction_give_each_stream_its_bits_alone(fmt):
     tok = load_tokenizer("world")
     cfg = rwkv7_config(2, 64, tok.vocab_size, rank_w=8, rank_a=8, rank_v=4, rank_g=16)
     model = Rwkv7Model(random_tensors(cfg, seed=21), cfg, "cpu", fmt)
-    assert model._lib7 is not None
+    assert model._lib is not None
     rng = random.Random(fmt)
     words = ["so", "the", "meeting", "is", "on", "monday", "café", "🙂", "and", "then", "we", "vote", "10:30"]
     pieces: dict[str, list[str]] = {}
@@ -248,7 +253,7 @@ def test_shapes_the_kernels_do_not_take_run_the_torch_path():
     cfg = rwkv7_config(2, 80, 60, head_size=16, ffn_dim=320)  # C not a multiple of 32
     tensors = random_tensors(cfg, seed=4)
     model = Rwkv7Model(tensors, cfg, "cpu", "float16")
-    assert model._lib7 is None
+    assert model._lib is None
     ids = tokens(12, 60)
     got, _ = model.forward(ids)
     fp32, _ = Rwkv7Model(tensors, cfg, "cpu", "float32").forward(ids)
@@ -263,18 +268,18 @@ def test_the_switch_and_the_env_var_give_the_torch_path(monkeypatch):
     with cpu_kernels.disabled():
         assert cpu_kernels_rwkv7.load() is None
         off = Rwkv7Model(tensors, cfg, "cpu", "float16")
-        assert off._lib7 is None
+        assert off._lib is None
         assert not any(isinstance(m, KernelLinear) for m in off.linears())
     monkeypatch.setenv(cpu_kernels.ENV_SWITCH, "0")
     cpu_kernels.reset()
     try:
         env_off = Rwkv7Model(tensors, cfg, "cpu", "float16")
-        assert env_off._lib7 is None
+        assert env_off._lib is None
     finally:
         monkeypatch.delenv(cpu_kernels.ENV_SWITCH)
         cpu_kernels.reset()
     assert torch.equal(env_off.forward(ids)[0], off.forward(ids)[0])  # the same torch path
     on = Rwkv7Model(tensors, cfg, "cpu", "float16")
-    assert on._lib7 is not None
+    assert on._lib is not None
     assert not torch.equal(on.forward(ids)[0], off.forward(ids)[0])
-    assert Rwkv7Model(tensors, cfg, "cpu", "float32")._lib7 is None  # float32 stays on torch (MKL)
+    assert Rwkv7Model(tensors, cfg, "cpu", "float32")._lib is None  # float32 stays on torch (MKL)

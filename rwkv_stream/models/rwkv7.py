@@ -120,7 +120,7 @@ class Rwkv7Model(RecurrentModel):
         self.gn_eps = cfg.head_size * 1e-5
         fused = (dev.type == "cpu" and self.weight_format in FUSED_FORMATS
                  and cpu_kernels_rwkv7.ready(cfg.n_embd, cfg.ffn_dim))
-        self._lib7 = cpu_kernels_rwkv7.load() if fused else None
+        self._lib = cpu_kernels_rwkv7.load() if fused else None
 
         def vec(key: str) -> Tensor:
             return t[key].to(dev, torch.float32).reshape(-1).contiguous()
@@ -188,7 +188,7 @@ class Rwkv7Model(RecurrentModel):
         """Hidden vectors for flat token ids; ``states`` ``[B, L, 2C + H*N*N]`` is advanced in place."""
         if self._kernels is not None:  # CUDA: the kernels address states by slot (here 0 .. B-1)
             return self._run_arena(ids, states, rag.slots_i32, rag)
-        if self._lib7 is not None:
+        if self._lib is not None:
             return self._run_fused(ids, states, rag)
         x = self.emb[ids].float()
         v_first: Tensor | None = None
@@ -209,13 +209,17 @@ class Rwkv7Model(RecurrentModel):
                                                            layer.ffn_x_k))
         return self._norm_out(x)
 
-    def _run_fused(self, ids: Tensor, states: Tensor, rag: Ragged) -> Tensor:
+    def _run_fused(self, ids: Tensor, states: Tensor, rag: Ragged, slots: Tensor | None = None) -> Tensor:
         """The CPU network with one compiled call per layer (:func:`rwkv_stream.cpu_kernels_rwkv7.rwkv7_layer`):
         every row on its own except the matrix-state walk, token by token within each stream, so a stream's
-        bits depend neither on its batch mates nor on how its tokens are split into steps."""
-        assert self._lib7 is not None
+        bits depend neither on its batch mates nor on how its tokens are split into steps. ``slots``: ``states``
+        is the pool's arena, stream ``b`` in row ``slots[b]`` (updated in place, nothing gathered)."""
+        assert self._lib is not None
         x = self.emb[ids].to(torch.float32).contiguous()
+        if slots is not None:
+            slots = slots.to(torch.int32).contiguous()
         work = states if states.is_contiguous() and states.dtype == torch.float32 else states.float().contiguous()
+        assert slots is None or work is states
         starts, pos = [], 0
         for m in rag.lengths:
             starts.append(pos)
@@ -225,8 +229,8 @@ class Rwkv7Model(RecurrentModel):
         v_first = torch.empty_like(x)
         cfg = self.config
         for i, args in enumerate(self._fused_args):
-            cpu_kernels_rwkv7.rwkv7_layer(self._lib7, x, work, i, self.n_head, self.head_size, cfg.ffn_dim,
-                                          c_starts, c_lens, args, v_first, self.gn_eps)
+            cpu_kernels_rwkv7.rwkv7_layer(self._lib, x, work, i, self.n_head, self.head_size, cfg.ffn_dim,
+                                          c_starts, c_lens, args, v_first, self.gn_eps, slots)
         if work is not states:
             states.copy_(work)
         return self._norm_out(x)
@@ -263,12 +267,18 @@ class Rwkv7Model(RecurrentModel):
 
     # ----------------------------------------------------------------- CUDA: the slot arena in place
     def _steps_arena_in_place(self, pool: StatePool) -> bool:
+        if self._lib is not None:  # CPU kernels: a stream's state is read and written where the pool keeps it
+            data = pool.data
+            return data.device.type == "cpu" and data.dtype == torch.float32 and data.is_contiguous()
         return self._kernels is not None and pool.data.device == self.device
 
     def _run_arena(self, ids: Tensor, arena: Tensor, slots: Tensor, rag: Ragged) -> Tensor:
         """The network with the CUDA kernels (:mod:`rwkv_stream.gpu7`): token shifts and the matrix-state walk
         read and update the arena's rows of ``slots`` in place (``[capacity, L, 2C + H*N*N]``, nothing gathered
-        or scattered); matrix products, low-rank paths and norms are torch's."""
+        or scattered); matrix products, low-rank paths and norms are torch's. With the CPU kernels: the same
+        in place through :meth:`_run_fused`."""
+        if self._lib is not None:
+            return self._run_fused(ids, arena, rag, slots)
         ops = self._kernels
         assert ops is not None
         offsets = None if rag.single_token else rag.offsets_i32

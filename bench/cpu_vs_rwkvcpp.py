@@ -25,9 +25,10 @@ rwkv.cpp: pass ``--librwkv PATH`` (or ``$RWKV_CPP_LIB``) and its model files of 
 rwkv.cpp's converter detects by ``blocks.0.att.k_k``), which rwkv.cpp's own converter turns into its format
 (``python python/convert_pytorch_to_ggml.py FILE out.bin FP16``); then
 ``--rwkvcpp-models FP32=a.bin,FP16=b.bin[,Q8_0=c.bin]`` (a missing Q8_0 is made with the library's
-``rwkv_quantize_model_file`` from the FP16 or FP32 file). Its state and logits sizes come from the library
-(``rwkv_get_state_len``, ``rwkv_get_logits_len``). Without a library the peer is skipped with a message and,
-for RWKV-4, the issue's figures (issue 18) are the comparison. This repository holds no rwkv.cpp code.
+``rwkv_quantize_model_file`` from the FP16 or FP32 file, in a temporary file removed when the bench exits). Its
+state and logits sizes come from the library (``rwkv_get_state_len``, ``rwkv_get_logits_len``). Without a
+library the peer is skipped with a message and, for RWKV-4, the issue's figures (issue 18) are the comparison.
+This repository holds no rwkv.cpp code.
 
     .venv/bin/python bench/cpu_vs_rwkvcpp.py [--family rwkv4|rwkv7] [--shape 169m|0.1b] [--formats ...]
         [--rounds 20] [--threads 2] [--librwkv PATH --rwkvcpp-models FP32=...,FP16=...] [--out FILE]
@@ -36,10 +37,12 @@ for RWKV-4, the issue's figures (issue 18) are the comparison. This repository h
 from __future__ import annotations
 
 import argparse
+import atexit
 import ctypes
 import gc
 import json
 import os
+import shutil
 import statistics
 import sys
 import tempfile
@@ -348,7 +351,9 @@ def rwkvcpp_entries(args: argparse.Namespace, cfg: AnyConfig, tokens: list[int],
         return {}
     if "Q8_0" not in files:
         src = files.get("FP16") or files.get("FP32")
-        out = os.path.join(tempfile.mkdtemp(), "q8_0.bin")
+        tmp = tempfile.mkdtemp()
+        atexit.register(shutil.rmtree, tmp, True)  # rwkv.cpp reads the file at init: removed when the bench exits
+        out = os.path.join(tmp, "q8_0.bin")
         if src and peer.lib.rwkv_quantize_model_file(src.encode(), out.encode(), b"Q8_0"):
             files["Q8_0"] = out
     entries = {}

@@ -93,7 +93,8 @@ class _Layer:
 class Rwkv7Model(RecurrentModel):
     """An RWKV-7 ("x070") language model that runs as an RNN. Create it with :func:`rwkv_stream.load`.
 
-    Weight formats as for RWKV-4 (the low-rank matrices of ``int8``/``w8a8`` stay bf16); state, decay, norms
+    Weight formats as for RWKV-4 (the low-rank matrices of ``int8``/``w8a8`` stay bf16, of ``q8_0`` fp16, with an
+    fp16 embedding, as in rwkv.cpp's Q8_0 files); state, decay, norms
     and accumulation are always fp32. ``chunk`` is the parallel prefill's chunk length (0: always sequential).
     """
 
@@ -128,6 +129,10 @@ class Rwkv7Model(RecurrentModel):
         def mat(key: str) -> Linear:
             return make_linear(t[key].to(dev, torch.float32), dt, self.quantized, kernels=fused)
 
+        # q8_0 keeps what is not a block matrix (low-rank matrices, embedding) in fp16, as rwkv.cpp's Q8_0 files
+        # do (fp16 has 3 more mantissa bits than bf16 at equal bytes; these values are far from its range limits)
+        small_dt = torch.float16 if self.weight_format == "q8_0" else dt
+
         def lora(prefix: str, name: str) -> tuple[Linear, Linear]:
             # BlinkDL stores the row-vector form (x @ w1 @ w2): as [out, in] matrices they are transposed.
             # The rank is padded with zeros to a multiple of LORA_ALIGN (exact: tanh(0) and the zero weights
@@ -137,11 +142,11 @@ class Rwkv7Model(RecurrentModel):
             w2 = t[f"{prefix}{name}2"].to(dev, torch.float32).t()
             pad = -w1.shape[0] % LORA_ALIGN
             w1, w2 = F.pad(w1, (0, 0, 0, pad)), F.pad(w2, (0, pad))
-            return make_linear(w1, dt, kernels=fused), make_linear(w2, dt, kernels=fused)
+            return make_linear(w1, small_dt, kernels=fused), make_linear(w2, small_dt, kernels=fused)
 
         emb = t["emb.weight"].to(dev, torch.float32)
         emb = F.layer_norm(emb, (cfg.n_embd,), vec("blocks.0.ln0.weight"), vec("blocks.0.ln0.bias"), LN_EPS)
-        self.emb = emb if dt == torch.float32 else emb.to(dt)
+        self.emb = emb if small_dt == torch.float32 else emb.to(small_dt)
         self.layers: list[_Layer] = []
         for i in range(cfg.n_layer):
             p, a = f"blocks.{i}.", f"blocks.{i}.att."

@@ -224,9 +224,11 @@ class RwkvCpp:
 
 
 def bandwidth_case(nbytes: int) -> tuple[Step, int, Callable[[float], float]]:
-    """A read of ``nbytes`` (beyond the caches) by the compiled kernel, else by torch's sum."""
+    """A read of ``nbytes`` (beyond the caches) by the compiled kernel, else by torch's sum, from memory placed
+    as the engine places its weights (:func:`rwkv_stream.cpu_kernels.huge_page_buffer`: huge pages where Linux
+    allows), so that the floor is the rate the weights could be read at, not a slower one."""
     lib = cpu_kernels.load()
-    buf = torch.ones(nbytes // 8, dtype=torch.int64)
+    buf = cpu_kernels.huge_page_buffer(nbytes // 8 * 8).view(torch.int64).fill_(1)
     if lib is not None:
         def read(i: int) -> None:
             lib.rs_read_sum(buf.data_ptr(), buf.numel(), torch.get_num_threads())

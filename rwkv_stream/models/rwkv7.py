@@ -48,7 +48,7 @@ from torch import Tensor
 
 from .. import cpu_kernels_rwkv7
 from ..config import Rwkv7Config
-from ..linear import KernelLinear, Linear, make_linear, project
+from ..linear import KernelLinear, Linear, make_linear, pack_in_arena, project
 from ..pool import StatePool
 from ..state import register_empty_state
 from .base import LN_EPS, Ragged, RecurrentModel, token_shift
@@ -165,6 +165,11 @@ class Rwkv7Model(RecurrentModel):
             ))
         self.ln_out = (vec("ln_out.weight"), vec("ln_out.bias"))
         self.head_linear = mat("head.weight")
+        if fused:  # in the order a step reads them, in huge pages (the layer arguments below copy the pointers)
+            order = [lin for layer in self.layers for lin in _step_order(layer)] + [self.head_linear]
+            packed = [lin for lin in order if isinstance(lin, KernelLinear)]
+            assert len(packed) == len(order)
+            self._arena = pack_in_arena(packed)
         self._fused_args = [self._layer_args(layer) for layer in self.layers] if fused else []
 
     def _layer_args(self, layer: _Layer) -> cpu_kernels_rwkv7.LayerArgs:
@@ -330,6 +335,14 @@ class Rwkv7Model(RecurrentModel):
             _sequential(s, (r, log_decay.exp(), k, v, a, b), y, rest, [starts[i] for i in rest],
                         [rag.lengths[i] for i in rest])
         return y.view(-1, h * n)
+
+
+def _step_order(layer: _Layer) -> list[Linear]:
+    """A layer's matrices in the order the compiled layer reads them."""
+    lora_v = list(layer.lora_v or ())
+    return [layer.receptance, layer.key, layer.value, layer.lora_w[0], layer.lora_a[0], layer.lora_g[0],
+            *lora_v[:1], layer.lora_w[1], layer.lora_a[1], layer.lora_g[1], *lora_v[1:], layer.output,
+            layer.ffn_key, layer.ffn_value]
 
 
 def _load_cuda_kernels(device: torch.device, head_size: int) -> ModuleType | None:

@@ -207,6 +207,21 @@ def test_whole_token_by_token_and_any_split_give_the_same_bits(random_models, fm
 
 
 @needs_kernels
+@pytest.mark.parametrize("fmt", ["float16", "q8_0"])
+def test_the_thread_count_does_not_change_the_bits(random_models, fmt):
+    model, _, cfg = random_models("C128N32", fmt)
+    ids = tokens(9, cfg.vocab_size, seed=8)
+    one, one_state = model.forward(ids)
+    before = torch.get_num_threads()
+    torch.set_num_threads(3)  # products dealt to threads in other chunks, heads to other threads
+    try:
+        three, three_state = model.forward(ids)
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(one, three) and torch.equal(one_state.tensor, three_state.tensor)
+
+
+@needs_kernels
 @pytest.mark.parametrize("fmt", ["bfloat16", "q8_0"])
 def test_sessions_with_eviction_give_each_stream_its_bits_alone(fmt):
     from rwkv_stream.tokenizer import load_tokenizer

@@ -1,4 +1,4 @@
-"""Compiled CPU kernels for RWKV-7 ("x070"): one C call per layer (:func:`rwkv7_layer`), fp16 / bf16 / q8_0.
+"""Compiled CPU kernels for RWKV-7 ("x070"): one C call per layer (:func:`run_layers`), fp16 / bf16 / q8_0.
 
 The layer (equations in ``shared/notes/rwkv7-facts.md``) over a ragged batch, in place on the residual rows and
 the streams' states, in two OpenMP regions:
@@ -335,20 +335,30 @@ class LayerArgs:
         self.vec = (ctypes.c_void_p * N_VECS)(*[v.data_ptr() for v in vectors])
         self.mats = (cpu_kernels.RsMat * N_MATS)(*mats)
         self.has_v = int(has_v)
+        self.vec_ptr, self.mats_ptr = ctypes.addressof(self.vec), ctypes.addressof(self.mats)
 
 
-def rwkv7_layer(lib: ctypes.CDLL, x: Tensor, states: Tensor, layer: int, n_head: int, head_size: int,
-                ffn_dim: int, starts: ctypes.Array, lens: ctypes.Array, args: LayerArgs, v_first: Tensor,
-                eps: float, slots: Tensor | None = None) -> None:
-    """One layer in place: ``x`` ``[n, C]`` fp32 contiguous, ``states`` ``[B, L, 2C + H*N*N]`` fp32 contiguous
-    (or a slot arena ``[capacity, L, 2C + H*N*N]`` with stream ``b`` in row ``slots[b]``, int32 contiguous),
-    ``v_first`` ``[n, C]`` fp32 contiguous (written by layer 0, read by the others)."""
+def run_layers(lib: ctypes.CDLL, x: Tensor, states: Tensor, lengths: list[int], layers: list[LayerArgs],
+               n_head: int, head_size: int, ffn_dim: int, eps: float, slots: Tensor | None = None) -> None:
+    """All layers in place, one ``rs_rwkv7_layer`` call each: ``x`` ``[n, C]`` fp32 contiguous (stream ``b`` owns
+    ``lengths[b]`` consecutive rows), ``states`` ``[B, L, 2C + H*N*N]`` fp32 contiguous, or with ``slots`` (int32
+    contiguous) a slot arena ``[capacity, L, 2C + H*N*N]`` with stream ``b`` in row ``slots[b]``."""
     n, C = x.shape
+    B = len(lengths)
     per_layer = states.shape[2]
-    st = states.data_ptr() + layer * per_layer * 4
-    assert slots is None or (slots.dtype == torch.int32 and slots.is_contiguous() and len(slots) == len(starts))
-    lib.rs_rwkv7_layer(x.data_ptr(), n, C, ffn_dim, n_head, head_size, st, states.shape[1] * per_layer,
-                       ctypes.cast(starts, ctypes.c_void_p), ctypes.cast(lens, ctypes.c_void_p), len(starts),
-                       None if slots is None else slots.data_ptr(),
-                       ctypes.cast(args.vec, ctypes.c_void_p), ctypes.cast(args.mats, ctypes.c_void_p), args.has_v,
-                       v_first.data_ptr(), eps, torch.get_num_threads())
+    assert x.dtype == torch.float32 and x.is_contiguous() and sum(lengths) == n
+    assert states.dtype == torch.float32 and states.is_contiguous() and len(layers) == states.shape[1]
+    assert slots is None or (slots.dtype == torch.int32 and slots.is_contiguous() and len(slots) == B)
+    assert slots is not None or states.shape[0] >= B
+    starts, pos = [], 0
+    for m in lengths:
+        starts.append(pos)
+        pos += m
+    c_starts, c_lens = (ctypes.c_int * B)(*starts), (ctypes.c_int * B)(*lengths)
+    v_first = torch.empty_like(x)  # layer 0's value, read by the later layers
+    fn, base, nt = lib.rs_rwkv7_layer, states.data_ptr(), torch.get_num_threads()
+    head = (x.data_ptr(), n, C, ffn_dim, n_head, head_size)
+    mid = (states.shape[1] * per_layer, ctypes.addressof(c_starts), ctypes.addressof(c_lens), B,
+           None if slots is None else slots.data_ptr())
+    for i, a in enumerate(layers):
+        fn(*head, base + i * per_layer * 4, *mid, a.vec_ptr, a.mats_ptr, a.has_v, v_first.data_ptr(), eps, nt)

@@ -35,7 +35,6 @@ the kernels.
 
 from __future__ import annotations
 
-import ctypes
 import math
 import os
 from collections.abc import Callable
@@ -220,7 +219,7 @@ class Rwkv7Model(RecurrentModel):
         return self._norm_out(x)
 
     def _run_fused(self, ids: Tensor, states: Tensor, rag: Ragged, slots: Tensor | None = None) -> Tensor:
-        """The CPU network with one compiled call per layer (:func:`rwkv_stream.cpu_kernels_rwkv7.rwkv7_layer`):
+        """The CPU network with one compiled call per layer (:func:`rwkv_stream.cpu_kernels_rwkv7.run_layers`):
         every row on its own except the matrix-state walk, token by token within each stream, so a stream's
         bits depend neither on its batch mates nor on how its tokens are split into steps. ``slots``: ``states``
         is the pool's arena, stream ``b`` in row ``slots[b]`` (updated in place, nothing gathered)."""
@@ -230,17 +229,8 @@ class Rwkv7Model(RecurrentModel):
             slots = slots.to(torch.int32).contiguous()
         work = states if states.is_contiguous() and states.dtype == torch.float32 else states.float().contiguous()
         assert slots is None or work is states
-        starts, pos = [], 0
-        for m in rag.lengths:
-            starts.append(pos)
-            pos += m
-        c_starts = (ctypes.c_int * len(starts))(*starts)
-        c_lens = (ctypes.c_int * len(starts))(*rag.lengths)
-        v_first = torch.empty_like(x)
-        cfg = self.config
-        for i, args in enumerate(self._fused_args):
-            cpu_kernels_rwkv7.rwkv7_layer(self._lib, x, work, i, self.n_head, self.head_size, cfg.ffn_dim,
-                                          c_starts, c_lens, args, v_first, self.gn_eps, slots)
+        cpu_kernels_rwkv7.run_layers(self._lib, x, work, rag.lengths, self._fused_args, self.n_head, self.head_size,
+                                     self.config.ffn_dim, self.gn_eps, slots)
         if work is not states:
             states.copy_(work)
         return self._norm_out(x)

@@ -413,11 +413,13 @@ static void out_unit(const rs_mat* m, const rs_act* a, int n, float* y, int u) {
 
 static inline int units(const rs_mat* m) { return m->kind == K_Q8 ? (m->out + 1) / 2 : m->out; }
 
-/* how output rows are dealt to threads: dynamic chunks of about g_chunk KiB of weights (whatever the row width),
-   so that on a busy host a thread that was descheduled does not hold the others at the barrier, and at the end
-   of a product the other thread waits for at most one small chunk (every output is computed alike whichever
-   thread takes it: the bits do not change); 0: static halves; 2: guided. q8 units are row pairs. */
-static int g_dynamic = 1, g_chunk = 64;
+/* how output rows are dealt to threads: 0 (default): static, one contiguous share per thread (one sequential
+   stream each, whose look-ahead prefetch never lands in another thread's rows); 1: dynamic chunks of about
+   g_chunk KiB of weights (whatever the row width); 2: guided. Every output is computed alike whichever thread
+   takes it: the bits do not change. q8 units are row pairs. Static was 8-9% faster per step than dynamic 64 KiB
+   on a quiet 2-vCPU host (169M shape, q8_0 and fp16, three alternating runs); with another process holding a
+   core, both are equally slow (the threads spin at each barrier: see BENCHMARKS.md). */
+static int g_dynamic = 0, g_chunk = 64;
 void rs_set_schedule(int dynamic, int chunk_kib) { g_dynamic = dynamic; g_chunk = chunk_kib; }
 static void apply_schedule(const rs_mat* m) {  /* every thread of a region, before a schedule(runtime) loop */
 #ifdef _OPENMP

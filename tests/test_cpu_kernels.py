@@ -309,7 +309,7 @@ def test_bits_do_not_depend_on_threads_or_schedule(tiny_pth, fmt):
             logits, state = model.forward(TEXT)
             assert torch.equal(logits, ref) and torch.equal(state.tensor, ref_state.tensor), (mode, chunk)
     finally:
-        lib.rs_set_schedule(1, 64)
+        lib.rs_set_schedule(0, 64)  # the default: static shares
         torch.set_num_threads(threads)
 
 

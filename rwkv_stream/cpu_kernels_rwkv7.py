@@ -197,17 +197,40 @@ static void r7_add(float* x, const float* d, size_t e) {
    slots NULL: b) in place.
    vf [n, C]: the value of layer 0 (written there, read by the later layers). mats: see M7_*; has_v = 0 for
    layer 0 (no value-residual path: mats M7_V1 / M7_V2 are not read). Ranks padded (rw, ra, rg, rv). */
+static inline size_t r7_al(size_t b) { return (b + 63) & ~(size_t)63; }
+static inline char* r7_take(char** p, size_t b) { char* q = *p; *p += r7_al(b); return q; }
+static size_t r7_sizes(int n, int C, int F, const rs_mat* mats, int has_v, size_t* part) {
+  const size_t nc = (size_t)n * C;
+  const int rsum = mats[M7_W1].out + mats[M7_A1].out + mats[M7_G1].out + (has_v ? mats[M7_V1].out : 0);
+  size_t acts = 0;
+  for (int q = 0; q < M7_COUNT; q++) acts += (has_v || (q != M7_V1 && q != M7_V2)) ? act_bytes(&mats[q], n) : 0;
+  /* xn, mixed (6 rows of C), products (r k v zw za zg zv out), low-rank hiddens, ffn hidden, q8 activations */
+  const size_t b[6] = {4 * nc, 4 * 6 * nc, 4 * 8 * nc, 4 * ((size_t)n * rsum + 16), 4 * (size_t)n * F, acts + 64};
+  size_t t = 64;
+  for (int i = 0; i < 6; i++) { if (part) part[i] = b[i]; t += r7_al(b[i]); }
+  return t;
+}
+/* bytes of scratch rs_rwkv7_layer needs for n rows (64-byte aligned pieces) */
+size_t rs_rwkv7_scratch_bytes(int n, int C, int F, const rs_mat* mats, int has_v) {
+  return r7_sizes(n, C, F, mats, has_v, 0);
+}
+
 void rs_rwkv7_layer(float* x, int n, int C, int F, int H, int N, float* st0, long sstride, const int* starts,
                     const int* lens, int B, const int* slots, const float* const* vec, const rs_mat* mats,
-                    int has_v, float* vf, float eps, int nt) {
+                    int has_v, float* vf, char* scratch, float eps, int nt) {
   const size_t nc = (size_t)n * C;
-  const int rw = mats[M7_W1].out, ra = mats[M7_A1].out, rg = mats[M7_G1].out, rv = has_v ? mats[M7_V1].out : 0;
-  const int rsum = rw + ra + rg + rv;
-  float* xn = (float*)malloc(sizeof(float) * nc);
-  float* mixed = (float*)malloc(sizeof(float) * 6 * nc);
-  float* prod = (float*)malloc(sizeof(float) * 8 * nc);        /* r k v zw za zg zv out */
-  float* hid = (float*)malloc(sizeof(float) * ((size_t)n * rsum + 16));
-  float* big = (float*)malloc(sizeof(float) * (size_t)n * F);
+  const int rw = mats[M7_W1].out, ra = mats[M7_A1].out, rg = mats[M7_G1].out;
+  size_t part[6];
+  const size_t total = r7_sizes(n, C, F, mats, has_v, part);
+  char* own = scratch ? 0 : (char*)malloc(total);  /* scratch NULL: a buffer of its own */
+  char* p = scratch ? scratch : own;
+  p += -(uintptr_t)p & 63;
+  float* xn = (float*)r7_take(&p, part[0]);
+  float* mixed = (float*)r7_take(&p, part[1]);
+  float* prod = (float*)r7_take(&p, part[2]);
+  float* hid = (float*)r7_take(&p, part[3]);
+  float* big = (float*)r7_take(&p, part[4]);
+  char* abuf = r7_take(&p, part[5]);
   float *r = prod, *k = prod + nc, *v = prod + 2 * nc, *zw = prod + 3 * nc, *za = prod + 4 * nc;
   float *zg = prod + 5 * nc, *zv = prod + 6 * nc, *yo = prod + 7 * nc;
   float *hw = hid, *ha = hid + (size_t)n * rw, *hg = ha + (size_t)n * ra, *hv = hg + (size_t)n * rg;
@@ -218,7 +241,6 @@ void rs_rwkv7_layer(float* x, int n, int C, int F, int H, int N, float* st0, lon
   size_t off[M7_COUNT + 1] = {0};
   for (int q = 0; q < M7_COUNT; q++)
     off[q + 1] = off[q] + ((has_v || (q != M7_V1 && q != M7_V2)) ? act_bytes(&mats[q], n) : 0);
-  char* abuf = (char*)malloc(off[M7_COUNT] + 64);
   for (int q = 0; q < M7_COUNT; q++) act_init(&mats[q], ins[q], n, &acts[q], abuf + off[q]);
   const int n1 = has_v ? 7 : 6, n2 = has_v ? 4 : 3;
 
@@ -271,7 +293,7 @@ void rs_rwkv7_layer(float* x, int n, int C, int F, int H, int N, float* st0, lon
     multi_for(mats + M7_FV, acts + M7_FV, 1, n, ys + M7_FV);
   }
   r7_add(x, mixed, nc);
-  free(xn); free(mixed); free(prod); free(hid); free(big); free(abuf);
+  free(own);
 }
 """
 
@@ -304,7 +326,10 @@ def load() -> ctypes.CDLL | None:
         lib.rs_rwkv7_layer.argtypes = [
             ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int,
             ctypes.c_void_p, ctypes.c_long, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p,
-            ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_float, ctypes.c_int]
+            ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_float,
+            ctypes.c_int]
+        lib.rs_rwkv7_scratch_bytes.restype = ctypes.c_size_t
+        lib.rs_rwkv7_scratch_bytes.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_void_p, ctypes.c_int]
     except Exception as exc:  # any failure: the torch path is correct, only slower
         log.warning("rwkv-stream: RWKV-7 CPU kernels unavailable (%s): torch path",
                     str(exc).replace("\n", " ")[:300])
@@ -356,9 +381,13 @@ def run_layers(lib: ctypes.CDLL, x: Tensor, states: Tensor, lengths: list[int], 
         pos += m
     c_starts, c_lens = (ctypes.c_int * B)(*starts), (ctypes.c_int * B)(*lengths)
     v_first = torch.empty_like(x)  # layer 0's value, read by the later layers
+    # one scratch buffer for all layers (per-layer buffers of many rows were fresh pages each time)
+    need = max(lib.rs_rwkv7_scratch_bytes(n, C, ffn_dim, a.mats_ptr, a.has_v) for a in layers)
+    scratch = torch.empty(need + 64, dtype=torch.uint8)
     fn, base, nt = lib.rs_rwkv7_layer, states.data_ptr(), torch.get_num_threads()
     head = (x.data_ptr(), n, C, ffn_dim, n_head, head_size)
     mid = (states.shape[1] * per_layer, ctypes.addressof(c_starts), ctypes.addressof(c_lens), B,
            None if slots is None else slots.data_ptr())
     for i, a in enumerate(layers):
-        fn(*head, base + i * per_layer * 4, *mid, a.vec_ptr, a.mats_ptr, a.has_v, v_first.data_ptr(), eps, nt)
+        fn(*head, base + i * per_layer * 4, *mid, a.vec_ptr, a.mats_ptr, a.has_v, v_first.data_ptr(),
+           scratch.data_ptr(), eps, nt)

@@ -30,7 +30,13 @@ On a CUDA device (with CuPy) the kernels of :mod:`rwkv_stream.gpu7` run the toke
 walk (one-token step and ragged prefill, token by token with the state in registers) directly on the pool's
 slot arena: ``step`` updates the streams' states in place, as RWKV-4 does (``_run_arena``).
 ``RWKV_STREAM_KERNELS=0`` keeps the torch forms above (states gathered per step). The CPU path never touches
-the kernels.
+the CUDA kernels.
+
+On the CPU, ``float16``, ``bfloat16`` and ``q8_0`` run one compiled C call per layer where a C compiler is present
+(:mod:`rwkv_stream.cpu_kernels_rwkv7`: all products, low-rank paths and element-wise work, the matrix state
+walked token by token, so always the sequential form; steps update the pool's states in place). Without a
+compiler, or with ``RWKV_STREAM_CPU_KERNELS=0``, they run the torch forms above, the reference. ``float32`` stays
+on torch (MKL) either way, so the default format's bits do not depend on the machine having a compiler.
 """
 
 from __future__ import annotations

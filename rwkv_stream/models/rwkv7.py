@@ -98,8 +98,8 @@ class _Layer:
 class Rwkv7Model(RecurrentModel):
     """An RWKV-7 ("x070") language model that runs as an RNN. Create it with :func:`rwkv_stream.load`.
 
-    Weight formats as for RWKV-4 (the low-rank matrices of ``int8``/``w8a8`` stay bf16, of ``q8_0`` fp16, with an
-    fp16 embedding, as in rwkv.cpp's Q8_0 files); state, decay, norms
+    Weight formats as for RWKV-4 (the low-rank matrices of ``int8``/``w8a8`` stay bf16; ``q8_0`` keeps them, the
+    embedding, ``W_r`` and ``W_k`` in fp16: see ``_prepare``); state, decay, norms
     and accumulation are always fp32. ``chunk`` is the parallel prefill's chunk length (0: always sequential).
     """
 
@@ -138,6 +138,15 @@ class Rwkv7Model(RecurrentModel):
         # do (fp16 has 3 more mantissa bits than bf16 at equal bytes; these values are far from its range limits)
         small_dt = torch.float16 if self.weight_format == "q8_0" else dt
 
+        def rk_mat(key: str) -> Linear:
+            # q8_0 keeps W_r and W_k in fp16 too (+9% bytes per token at the 0.1B shape): at a stream's first
+            # token y = v (k . r) per head, and the per-head GroupNorm makes the output hinge on the sign and size
+            # of k . r, which their int8 rounding moves most (random 0.1B shape, 16 tokens, error vs fp32: 0.24 ->
+            # 0.04 on the bench's sequence, mean of six 0.128 -> 0.093; rwkv.cpp Q8_0: 0.119, 0.156)
+            if self.weight_format != "q8_0":
+                return mat(key)
+            return make_linear(t[key].to(dev, torch.float32), torch.float16, kernels=fused)
+
         def lora(prefix: str, name: str) -> tuple[Linear, Linear]:
             # BlinkDL stores the row-vector form (x @ w1 @ w2): as [out, in] matrices they are transposed.
             # The rank is padded with zeros to a multiple of LORA_ALIGN (exact: tanh(0) and the zero weights
@@ -163,7 +172,7 @@ class Rwkv7Model(RecurrentModel):
                 k_k=vec(a + "k_k"), k_a=vec(a + "k_a"), r_k=vec(a + "r_k"),
                 lora_w=lora(a, "w"), lora_a=lora(a, "a"), lora_v=lora(a, "v") if i else None,
                 lora_g=lora(a, "g"),
-                receptance=mat(a + "receptance.weight"), key=mat(a + "key.weight"),
+                receptance=rk_mat(a + "receptance.weight"), key=rk_mat(a + "key.weight"),
                 value=mat(a + "value.weight"), output=mat(a + "output.weight"),
                 ln_x=(vec(a + "ln_x.weight"), vec(a + "ln_x.bias")),
                 ffn_x_k=vec(p + "ffn.x_k"), ffn_key=mat(p + "ffn.key.weight"), ffn_value=mat(p + "ffn.value.weight"),

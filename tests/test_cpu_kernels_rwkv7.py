@@ -153,15 +153,18 @@ def test_trained_tiny_model_on_the_kernels(fmt):
 @needs_kernels
 @pytest.mark.parametrize("fmt", ["float16", "q8_0"])
 @pytest.mark.parametrize("name", ["C128N32", "C96N24"])
-def test_a_stream_gets_the_same_bits_alone_or_with_any_batch_mates(random_models, fmt, name):
+@pytest.mark.parametrize("in_place", [False, True])
+def test_a_stream_gets_the_same_bits_alone_or_with_any_batch_mates(random_models, fmt, name, in_place):
     model, _, cfg = random_models(name, fmt)
+    model.cpu_steps_in_place = in_place
     rng = random.Random(5)
     mine = [tokens(n, cfg.vocab_size, seed=10 + n) for n in (3, 1, 4, 2)]
     pool = model.new_pool(8)
     slot = pool.alloc()
     alone = [model.step(pool, [slot], [chunk]).logits[0] for chunk in mine]  # type: ignore[index]
     alone_state = pool.read(slot).tensor.clone()
-    state = None  # forward() runs on a gathered copy of the state, step() on the pool's arena in place
+    assert model._steps_arena_in_place(pool) == in_place
+    state = None  # forward() runs on a copy of the state (step() in place on the pool's arena with in_place)
     for chunk, want in zip(mine, alone, strict=True):
         out, state = model.forward(chunk, state)
         assert torch.equal(out, want)
@@ -222,14 +225,15 @@ def test_the_thread_count_does_not_change_the_bits(random_models, fmt):
 
 
 @needs_kernels
-@pytest.mark.parametrize("fmt", ["bfloat16", "q8_0"])
-def test_sessions_with_eviction_give_each_stream_its_bits_alone(fmt):
+@pytest.mark.parametrize(("fmt", "in_place"), [("bfloat16", False), ("q8_0", False), ("q8_0", True)])
+def test_sessions_with_eviction_give_each_stream_its_bits_alone(fmt, in_place):
     from rwkv_stream.tokenizer import load_tokenizer
 
     tok = load_tokenizer("world")
     cfg = rwkv7_config(2, 64, tok.vocab_size, rank_w=8, rank_a=8, rank_v=4, rank_g=16)
     model = Rwkv7Model(random_tensors(cfg, seed=21), cfg, "cpu", fmt)
     assert model._lib is not None
+    model.cpu_steps_in_place = in_place
     rng = random.Random(fmt)
     words = ["so", "the", "meeting", "is", "on", "monday", "café", "🙂", "and", "then", "we", "vote", "10:30"]
     pieces: dict[str, list[str]] = {}

@@ -16,8 +16,8 @@ Formats: ``float32, float16, bfloat16, q8_0`` run the compiled kernels where a c
 (:mod:`rwkv_stream.cpu_kernels`; RWKV-7 takes whatever of them its model uses); ``torch:<format>`` builds the
 same format on the plain torch path; ``int8`` and ``w8a8`` are torch-only formats (RWKV-4's ``w8a8`` has its
 own compiled element-wise layer). Head experiments (not formats the engine builds): ``<format>+q8head`` with
-the head quantized to q8_0 (RWKV-4's q8_0 keeps an fp16 head), ``<format>+fp16head`` with an fp16 head
-(RWKV-7's q8_0 quantizes its head; rwkv.cpp's Q8_0 files keep it FP16). Bytes per token count every matrix a
+the head quantized to q8_0 (the engine's q8_0 keeps an fp16 head, as rwkv.cpp's Q8_0 files do), ``<format>+fp16head``
+with an fp16 head. Bytes per token count every matrix a
 token reads (RWKV-7: the six C x C / FFN matrices and the four LoRAs of each layer) and the head, as stored.
 
 rwkv.cpp: pass ``--librwkv PATH`` (or ``$RWKV_CPP_LIB``) and its model files of the same random weights:
@@ -72,7 +72,7 @@ DEFAULT_FORMATS = {"rwkv4": "float32,float16,bfloat16,q8_0,w8a8,torch:float16",
 
 Step = Callable[[int], object]
 Q8_HEAD = "+q8head"  # format suffix: the head as q8_0 too (an experiment; RWKV-4's q8_0 has an fp16 head)
-FP16_HEAD = "+fp16head"  # format suffix: an fp16 head (an experiment; RWKV-7's q8_0 has a q8_0 head)
+FP16_HEAD = "+fp16head"  # format suffix: an fp16 head (an experiment for the formats whose head is not fp16)
 
 
 def head_experiment(fmt: str, weight: torch.Tensor) -> Linear | None:

@@ -89,7 +89,7 @@ def test_save_pth_rwkv7_has_the_layout_of_rwkv_cpp_converter(bench, tmp_path, ca
 
 
 def test_rwkv7_without_a_peer_reports_every_case_and_counts_its_bytes(bench, tmp_path):
-    data = _run(bench, tmp_path, "--formats", "float32,q8_0,q8_0+fp16head,w8a8")
+    data = _run(bench, tmp_path, "--formats", "float32,q8_0,q8_0+q8head,w8a8")
     assert data["family"] == "rwkv7" and data["shape"] == "tiny" and data["config"]["n_layer"] == CFG.n_layer
     assert "skipped" in data["rwkv.cpp"] and "issue_18_rwkvcpp_figures" not in data
     rows = data["results"]
@@ -98,10 +98,10 @@ def test_rwkv7_without_a_peer_reports_every_case_and_counts_its_bytes(bench, tmp
     params = CFG.n_layer * (4 * c * c + 2 * c * f + lora) + (CFG.n_layer - 1) * c * CFG.rank_v * 2
     assert rows["rwkv-stream float32"]["bytes_per_token"] == 4 * (params + v * c)
     assert rows["rwkv-stream float32"]["error"] == 0
-    q8, fp16head = rows["rwkv-stream q8_0"], rows["rwkv-stream q8_0+fp16head"]  # the same body, another head
+    q8, q8head = rows["rwkv-stream q8_0"], rows["rwkv-stream q8_0+q8head"]  # the same body, another head
     q8_head = Q8Linear(random_tensors(CFG, seed=0)["head.weight"]).nbytes  # as packed (inputs padded)
     assert q8_head >= v * c * 34 // 32
-    assert fp16head["bytes_per_token"] - v * c * 2 == q8["bytes_per_token"] - q8_head
+    assert q8["bytes_per_token"] - v * c * 2 == q8head["bytes_per_token"] - q8_head  # q8_0's head is fp16
     for name, row in rows.items():
         assert row["error"] < 0.5, name
         assert row["batch1"]["ms_per_step_p50"] > 0 and row["floor_fraction_best"] > 0

@@ -406,7 +406,7 @@ def _engine_matches_cpu(ops, tensors, monkeypatch, tol: float, dtype: str = "flo
     assert_close(s_got.tensor, s_want.tensor, "forward state", tol=tol)
     pools = [m.new_pool(5) for m in (cpu, kern)]
     slots = [[p.alloc() for _ in range(4)] for p in pools]
-    assert kern._steps_arena_in_place(pools[1]) and not cpu._steps_arena_in_place(pools[0])
+    assert kern._steps_arena_in_place(pools[1])  # the CPU model may step in place too (compiled kernels)
     arena_ptr = pools[1].data.data_ptr()
     _NoGather(pools[1], monkeypatch)
     for order, lengths in ((None, [4, 0, 19, 2]), ([2, 0, 3, 1], [1, 1, 1, 1]), ([3, 1], [2, 1]),

@@ -127,10 +127,9 @@ class Rwkv7Model(RecurrentModel):
         fused = (dev.type == "cpu" and self.weight_format in FUSED_FORMATS
                  and cpu_kernels_rwkv7.ready(cfg.n_embd, cfg.ffn_dim))
         self._lib = cpu_kernels_rwkv7.load() if fused else None
-        # steps on the pool's states in place (no gather/scatter of the streams' states; 16-stream steps of the
-        # 0.1B shape ~25% faster): opt-in for now (RWKV_STREAM_CPU_IN_PLACE=1 or this attribute), as the CPU
-        # models elsewhere are expected to step on a gathered copy
-        self.cpu_steps_in_place = os.environ.get("RWKV_STREAM_CPU_IN_PLACE", "0") == "1"
+        # with the kernels, steps read and write the streams' states in the pool (no gather and scatter of the
+        # 2.4 MB states of the 0.1B shape: 16-stream steps 76 vs 108 ms, q8_0, one thread); False: on a copy
+        self.cpu_steps_in_place = True
 
         def vec(key: str) -> Tensor:
             return t[key].to(dev, torch.float32).reshape(-1).contiguous()
@@ -142,11 +141,13 @@ class Rwkv7Model(RecurrentModel):
         # do (fp16 has 3 more mantissa bits than bf16 at equal bytes; these values are far from its range limits)
         small_dt = torch.float16 if self.weight_format == "q8_0" else dt
 
-        def rk_mat(key: str) -> Linear:
+        def fp16_in_q8(key: str) -> Linear:
             # q8_0 keeps W_r and W_k in fp16 too (+9% bytes per token at the 0.1B shape): at a stream's first
             # token y = v (k . r) per head, and the per-head GroupNorm makes the output hinge on the sign and size
             # of k . r, which their int8 rounding moves most (random 0.1B shape, 16 tokens, error vs fp32: 0.24 ->
-            # 0.04 on the bench's sequence, mean of six 0.128 -> 0.093; rwkv.cpp Q8_0: 0.119, 0.156)
+            # 0.04 on the bench's sequence, mean of six 0.128 -> 0.093; rwkv.cpp Q8_0: 0.119, 0.156); and the
+            # head, as rwkv.cpp's Q8_0 files and RWKV-4's q8_0 do (rwkv.cpp's trained tiny x070 model, error vs
+            # fp32: int8 head 3.05e-3, fp16 head 4.6e-4, rwkv.cpp Q8_0 1.23e-3)
             if self.weight_format != "q8_0":
                 return mat(key)
             return make_linear(t[key].to(dev, torch.float32), torch.float16, kernels=fused)
@@ -176,13 +177,13 @@ class Rwkv7Model(RecurrentModel):
                 k_k=vec(a + "k_k"), k_a=vec(a + "k_a"), r_k=vec(a + "r_k"),
                 lora_w=lora(a, "w"), lora_a=lora(a, "a"), lora_v=lora(a, "v") if i else None,
                 lora_g=lora(a, "g"),
-                receptance=rk_mat(a + "receptance.weight"), key=rk_mat(a + "key.weight"),
+                receptance=fp16_in_q8(a + "receptance.weight"), key=fp16_in_q8(a + "key.weight"),
                 value=mat(a + "value.weight"), output=mat(a + "output.weight"),
                 ln_x=(vec(a + "ln_x.weight"), vec(a + "ln_x.bias")),
                 ffn_x_k=vec(p + "ffn.x_k"), ffn_key=mat(p + "ffn.key.weight"), ffn_value=mat(p + "ffn.value.weight"),
             ))
         self.ln_out = (vec("ln_out.weight"), vec("ln_out.bias"))
-        self.head_linear = mat("head.weight")
+        self.head_linear = fp16_in_q8("head.weight")
         if fused:  # in the order a step reads them, in huge pages (the layer arguments below copy the pointers)
             order = [lin for layer in self.layers for lin in _step_order(layer)] + [self.head_linear]
             packed = [lin for lin in order if isinstance(lin, KernelLinear)]

@@ -13,8 +13,9 @@ the streams' states, in two OpenMP regions:
 
 The products are :mod:`rwkv_stream.cpu_kernels`' (``multi_for`` over packed matrices, q8_0 activations
 quantized to int16 per block); this source is appended to that module's and built as its own library by
-:func:`rwkv_stream.cpu_kernels.build_library` (same compiler, flags, cache and switch). The low-rank matrices
-are bf16 in the ``q8_0`` format, as on the torch path.
+:func:`rwkv_stream.cpu_kernels.build_library` (same compiler, flags, cache and switch). In the ``q8_0`` format
+the low-rank matrices, the embedding, ``W_r``, ``W_k`` and the head are fp16 (see ``models/rwkv7.py``), as on
+the torch path.
 
 Batch invariance: every row of a product is computed by the same instructions whatever the row count, the
 element-wise work of a (row, head) depends on that row alone, and the matrix state of each stream and head is

@@ -302,3 +302,33 @@ def test_the_switch_and_the_env_var_give_the_torch_path(monkeypatch):
     assert on._lib is not None
     assert not torch.equal(on.forward(ids)[0], off.forward(ids)[0])
     assert Rwkv7Model(tensors, cfg, "cpu", "float32")._lib is None  # float32 stays on torch (MKL)
+
+
+@needs_kernels
+@pytest.mark.parametrize("march", [["-march=x86-64-v3", "-mf16c"], ["-march=x86-64"]], ids=["avx2", "plain-c"])
+@pytest.mark.parametrize("shape", ["C64N64", "C96N24"])
+def test_builds_without_avx512_or_any_vector_code_agree_with_the_native_one(monkeypatch, tmp_path, march, shape):
+    """CPUs without AVX-512 (the AVX2 code) or without AVX2 (plain C: products, per-head work and exp all
+    scalar) run the same layer: close to the native build (other exp and summation code, so not bitwise) and
+    still batch-invariant bit for bit within the build."""
+    cfg = config_of(shape)
+    tensors = random_tensors(cfg, seed=11)
+    ids = tokens(9, cfg.vocab_size, seed=4)
+    native = {fmt: Rwkv7Model(tensors, cfg, "cpu", fmt).forward(ids)[0] for fmt in ("float16", "q8_0")}
+    flags = [f for f in cpu_kernels.CFLAGS if f != "-march=native"] + march
+    monkeypatch.setattr(cpu_kernels, "CFLAGS", flags)
+    monkeypatch.setenv("RWKV_STREAM_CACHE", str(tmp_path))
+    cpu_kernels_rwkv7.reset()
+    try:
+        for fmt, want in native.items():
+            model = Rwkv7Model(tensors, cfg, "cpu", fmt)
+            assert model._lib is not None and str(tmp_path) in model._lib._name
+            got, _ = model.forward(ids)
+            assert rel(got, want) < 2e-4, (fmt, rel(got, want))
+            pool = model.new_pool(4)
+            alone, mates = pool.alloc(), [pool.alloc(), pool.alloc()]
+            solo = model.step(pool, [alone], [ids[:4]]).logits
+            shared = model.step(pool, [mates[0], mates[1]], [ids[5:], ids[:4]]).logits
+            assert torch.equal(solo[0], shared[1])
+    finally:
+        cpu_kernels_rwkv7.reset()

@@ -403,13 +403,18 @@ PARITY_TOKENS = 32
 
 def build_model7(cfg: Any, tensors: dict, dtype: str, kernels: bool = True) -> Any:
     """An RWKV-7 model on the bench device; on the CPU (``--cpu-smoke``) its CUDA branch runs on the torch
-    references of the kernels (kernels_ref7), so the arena path is what is exercised there too."""
+    references of the kernels (kernels_ref7), so the arena path is what is exercised there too. Without
+    ``kernels``: the plain torch path (no CUDA kernels, and no compiled CPU layer either)."""
+    from rwkv_stream import cpu_kernels
     from rwkv_stream.models import Rwkv7Model
 
-    model = Rwkv7Model(tensors, cfg, device=Env.device, dtype=dtype)
     if not kernels:
+        with cpu_kernels.disabled():
+            model = Rwkv7Model(tensors, cfg, device=Env.device, dtype=dtype)
         model._kernels = None
-    elif Env.device.type == "cpu":
+        return model
+    model = Rwkv7Model(tensors, cfg, device=Env.device, dtype=dtype)
+    if Env.device.type == "cpu":
         model._kernels = kernels_ref7
     return model
 

@@ -479,11 +479,14 @@ static inline __m512 sigmoid512(__m512 x) {
 }
 #endif
 
-/* token shift over a ragged batch: mixes[j] = prev + mix_j * (xn - prev) for nm mixes; state row keeps the last */
+/* token shift over a ragged batch, nm mixes: out_q = prev + mix_q * (cur - prev) (RWKV-4), or with weigh_prev
+   out_q = cur + mix_q * (prev - cur) (RWKV-7: the coefficient weighs the previous token, as in its references).
+   Stream b's states are at st0 + slots[b] * sstride (slots NULL: b); their row `row` keeps the stream's last row */
 static void shift_mix(const float* xn, int n, int C, float* st0, long sstride, int row, const int* starts,
-                      const int* lens, int B, const float* mix, int nm, float* out) {
+                      const int* lens, int B, const int* slots, const float* mix, int nm, int weigh_prev,
+                      float* out) {
   for (int b = 0; b < B; b++) {
-    float* keep = st0 + (size_t)b * sstride + (size_t)row * C;
+    float* keep = st0 + (size_t)(slots ? slots[b] : b) * sstride + (size_t)row * C;
     for (int t = 0; t < lens[b]; t++) {
       int j = starts[b] + t;
       const float* prev = t == 0 ? keep : xn + (size_t)(j - 1) * C;
@@ -491,7 +494,10 @@ static void shift_mix(const float* xn, int n, int C, float* st0, long sstride, i
       for (int q = 0; q < nm; q++) {
         float* o = out + ((size_t)q * n + j) * C;
         const float* mq = mix + (size_t)q * C;
-        for (int c = 0; c < C; c++) o[c] = prev[c] + mq[c] * (cur[c] - prev[c]);
+        if (weigh_prev)
+          for (int c = 0; c < C; c++) o[c] = cur[c] + mq[c] * (prev[c] - cur[c]);
+        else
+          for (int c = 0; c < C; c++) o[c] = prev[c] + mq[c] * (cur[c] - prev[c]);
       }
     }
     if (lens[b] > 0) memcpy(keep, xn + (size_t)(starts[b] + lens[b] - 1) * C, sizeof(float) * C);
@@ -550,7 +556,7 @@ void rs_rwkv4_layer(float* x, int n, int C, int F, float* st0, long sstride, con
   float* ys_val[1] = {kvr + nc};
 
   for (int j = 0; j < n; j++) layer_norm(x + (size_t)j * C, xn + (size_t)j * C, C, ln1w, ln1b);
-  shift_mix(xn, n, C, st0, sstride, 0, starts, lens, B, amix, 3, mixed);
+  shift_mix(xn, n, C, st0, sstride, 0, starts, lens, B, 0, amix, 3, 0, mixed);
   #pragma omp parallel num_threads(nt)
   {
     for (int q = 0; q < 3; q++) act_quantize_for(&mats[q], ins[q], n, &acts[q]);
@@ -611,7 +617,7 @@ void rs_rwkv4_layer(float* x, int n, int C, int F, float* st0, long sstride, con
   for (size_t e = 0; e < nc; e++) x[e] += kvr[e];
 
   for (int j = 0; j < n; j++) layer_norm(x + (size_t)j * C, xn + (size_t)j * C, C, ln2w, ln2b);
-  shift_mix(xn, n, C, st0, sstride, 4, starts, lens, B, fmix, 2, mixed);
+  shift_mix(xn, n, C, st0, sstride, 4, starts, lens, B, 0, fmix, 2, 0, mixed);
   #pragma omp parallel num_threads(nt)
   {
     act_quantize_for(&mats[4], ins[4], n, &acts[4]);
@@ -784,6 +790,22 @@ def load() -> ctypes.CDLL | None:
         return None
     _lib = lib
     return lib
+
+
+def load_extension(stem: str, source: str, flag_sets: Sequence[Sequence[str]], what: str) -> ctypes.CDLL | None:
+    """Another compiled library beside these kernels (the w8a8 layer parts, the RWKV-7 layer), built by
+    :func:`build_library` and loaded; None where these kernels are off or unavailable (the same switch, the same
+    compiler) or its build fails (one log line naming ``what``: the torch path is correct, only slower)."""
+    if load() is None:
+        return None
+    compiler = find_compiler()
+    if compiler is None:
+        return None
+    try:
+        return ctypes.CDLL(str(build_library(compiler, stem, source, flag_sets)))
+    except Exception as exc:
+        log.warning("rwkv-stream: %s unavailable (%s): torch path", what, str(exc).replace("\n", " ")[:300])
+        return None
 
 
 def reset() -> None:

@@ -28,14 +28,11 @@ neither on its batch mates nor on how its tokens are split into calls. The bits 
 from __future__ import annotations
 
 import ctypes
-import logging
 
 import torch
 from torch import Tensor
 
 from . import cpu_kernels
-
-log = logging.getLogger(__name__)
 
 SOURCE7 = r"""
 /* ------------------------------------------------------------------------------------------------- RWKV-7 */
@@ -169,26 +166,6 @@ static void r7_head16(int N, float* S, const r7_tok* t, float* out) {
 }
 #endif
 
-/* RWKV-7's token shift over a ragged batch: out[q] = cur + mix_q * (prev - cur) (the coefficient weighs the
-   previous token, as in the references); state row `row` keeps each stream's last row */
-static void r7_shift(const float* xn, int n, int C, float* st0, long sstride, int row, const int* starts,
-                     const int* lens, int B, const int* slots, const float* mix, int nm, float* out) {
-  for (int b = 0; b < B; b++) {
-    float* keep = st0 + (size_t)(slots ? slots[b] : b) * sstride + (size_t)row * C;
-    for (int t = 0; t < lens[b]; t++) {
-      int j = starts[b] + t;
-      const float* prev = t == 0 ? keep : xn + (size_t)(j - 1) * C;
-      const float* cur = xn + (size_t)j * C;
-      for (int q = 0; q < nm; q++) {
-        float* o = out + ((size_t)q * n + j) * C;
-        const float* mq = mix + (size_t)q * C;
-        for (int c = 0; c < C; c++) o[c] = cur[c] + mq[c] * (prev[c] - cur[c]);
-      }
-    }
-    if (lens[b] > 0) memcpy(keep, xn + (size_t)(starts[b] + lens[b] - 1) * C, sizeof(float) * C);
-  }
-}
-
 static void r7_add(float* x, const float* d, size_t e) {
   for (size_t i = 0; i < e; i++) x[i] += d[i];
 }
@@ -246,7 +223,7 @@ void rs_rwkv7_layer(float* x, int n, int C, int F, int H, int N, float* st0, lon
   const int n1 = has_v ? 7 : 6, n2 = has_v ? 4 : 3;
 
   for (int j = 0; j < n; j++) layer_norm(x + (size_t)j * C, xn + (size_t)j * C, C, vec[V7_LN1W], vec[V7_LN1B]);
-  r7_shift(xn, n, C, st0, sstride, 0, starts, lens, B, slots, vec[V7_MIX], 6, mixed);
+  shift_mix(xn, n, C, st0, sstride, 0, starts, lens, B, slots, vec[V7_MIX], 6, 1, mixed);
   #pragma omp parallel num_threads(nt)
   {
     for (int q = 0; q < n1; q++) act_quantize_for(&mats[q], ins[q], n, &acts[q]);
@@ -281,7 +258,7 @@ void rs_rwkv7_layer(float* x, int n, int C, int F, int H, int N, float* st0, lon
   r7_add(x, mixed, nc);
 
   for (int j = 0; j < n; j++) layer_norm(x + (size_t)j * C, xn + (size_t)j * C, C, vec[V7_LN2W], vec[V7_LN2B]);
-  r7_shift(xn, n, C, st0, sstride, 1, starts, lens, B, slots, vec[V7_FXK], 1, mixed);
+  shift_mix(xn, n, C, st0, sstride, 1, starts, lens, B, slots, vec[V7_FXK], 1, 1, mixed);
   #pragma omp parallel num_threads(nt)
   {
     act_quantize_for(&mats[M7_FK], mixed, n, &acts[M7_FK]);
@@ -315,14 +292,10 @@ def load() -> ctypes.CDLL | None:
     if _tried:
         return _lib
     _tried = True
-    compiler = cpu_kernels.find_compiler()
-    if compiler is None:
-        return None
-    try:
-        no_openmp = [f for f in cpu_kernels.CFLAGS if f != "-fopenmp"]
-        path = cpu_kernels.build_library(compiler, "rwkv_stream_cpu7", cpu_kernels.SOURCE + SOURCE7,
-                                         (cpu_kernels.CFLAGS, no_openmp))
-        lib = ctypes.CDLL(str(path))
+    no_openmp = [f for f in cpu_kernels.CFLAGS if f != "-fopenmp"]
+    lib = cpu_kernels.load_extension("rwkv_stream_cpu7", cpu_kernels.SOURCE + SOURCE7, (cpu_kernels.CFLAGS, no_openmp),
+                                     "RWKV-7 CPU kernels")
+    if lib is not None:
         lib.rs_rwkv7_layer.restype = None
         lib.rs_rwkv7_layer.argtypes = [
             ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int,
@@ -331,10 +304,6 @@ def load() -> ctypes.CDLL | None:
             ctypes.c_int]
         lib.rs_rwkv7_scratch_bytes.restype = ctypes.c_size_t
         lib.rs_rwkv7_scratch_bytes.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_void_p, ctypes.c_int]
-    except Exception as exc:  # any failure: the torch path is correct, only slower
-        log.warning("rwkv-stream: RWKV-7 CPU kernels unavailable (%s): torch path",
-                    str(exc).replace("\n", " ")[:300])
-        return None
     _lib = lib
     return lib
 

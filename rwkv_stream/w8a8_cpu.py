@@ -26,7 +26,6 @@ switch and cache as the other CPU kernels; ``-O3 -march=native``), without OpenM
 from __future__ import annotations
 
 import ctypes
-import logging
 import os
 from typing import Any
 
@@ -34,8 +33,6 @@ import torch
 from torch import Tensor
 
 from . import cpu_kernels
-
-log = logging.getLogger(__name__)
 
 SOURCE = r"""
 #include <stdint.h>
@@ -251,16 +248,10 @@ def load() -> ctypes.CDLL | None:
     if _tried:
         return _lib
     _tried = True
-    compiler = cpu_kernels.find_compiler()
-    if compiler is None:
-        return None
-    try:
-        lib = ctypes.CDLL(str(cpu_kernels.build_library(compiler, "rwkv_stream_w8a8", SOURCE, (CFLAGS,))))
+    lib = cpu_kernels.load_extension("rwkv_stream_w8a8", SOURCE, (CFLAGS,), "w8a8 CPU kernels")
+    if lib is not None:
         for name in ("w8_mix", "w8_residual", "w8_wkv", "w8_ffn"):
             getattr(lib, name).restype = None
-    except Exception as exc:  # the torch path is correct, only slower
-        log.warning("rwkv-stream: w8a8 CPU kernels unavailable (%s): torch path", str(exc).replace("\n", " ")[:300])
-        return None
     _lib = lib
     return lib
 

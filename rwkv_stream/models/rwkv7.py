@@ -186,9 +186,8 @@ class Rwkv7Model(RecurrentModel):
         self.head_linear = fp16_in_q8("head.weight")
         if fused:  # in the order a step reads them, in huge pages (the layer arguments below copy the pointers)
             order = [lin for layer in self.layers for lin in _step_order(layer)] + [self.head_linear]
-            packed = [lin for lin in order if isinstance(lin, KernelLinear)]
-            assert len(packed) == len(order)
-            self._arena = pack_in_arena(packed)
+            assert all(isinstance(lin, KernelLinear) for lin in order)
+            self._arena = pack_in_arena(order)  # type: ignore[arg-type]
         self._fused_args = [self._layer_args(layer) for layer in self.layers] if fused else []
 
     def _layer_args(self, layer: _Layer) -> cpu_kernels_rwkv7.LayerArgs:

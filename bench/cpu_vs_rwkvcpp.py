@@ -121,9 +121,9 @@ def matrix_bytes(model: RecurrentModel) -> int:
 
 
 def engine_path(model: RecurrentModel) -> str:
-    """'kernels': one compiled call per layer (RWKV-4: ``_lib``, RWKV-7: ``_lib7``); 'torch+kernel products':
+    """'kernels': one compiled call per layer (the model's ``_lib``, both families); 'torch+kernel products':
     torch element-wise work around compiled products (an RWKV-7 format without a compiled layer); 'torch'."""
-    if getattr(model, "_lib", None) is not None or getattr(model, "_lib7", None) is not None:
+    if getattr(model, "_lib", None) is not None:
         return "kernels"
     if model.family != "rwkv4" and cpu_kernels.load() is not None and any(
             isinstance(lin, KernelLinear) for lin in [*model.linears(), model.head_linear]):

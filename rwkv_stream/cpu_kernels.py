@@ -128,6 +128,22 @@ static void quantize_row16(const float* x, int in, int inp, int16_t* q, float* s
       _mm512_storeu_si512(v, _mm512_min_epi32(_mm512_max_epi32(_mm512_cvtps_epi32(_mm512_mul_ps(x0, vid)), lo), hi));
       _mm512_storeu_si512(v + 16, _mm512_min_epi32(_mm512_max_epi32(_mm512_cvtps_epi32(_mm512_mul_ps(x1, vid)), lo),
                                                    hi));
+#elif defined(RS_AVX2)
+      __m256 xv[4], m4 = _mm256_setzero_ps();
+      const __m256 sign = _mm256_set1_ps(-0.0f);
+      for (int i = 0; i < 4; i++) {
+        xv[i] = _mm256_loadu_ps(xb + 8 * i);
+        m4 = _mm256_max_ps(m4, _mm256_andnot_ps(sign, xv[i]));
+      }
+      __m128 m1 = _mm_max_ps(_mm256_castps256_ps128(m4), _mm256_extractf128_ps(m4, 1));
+      m1 = _mm_max_ps(m1, _mm_movehl_ps(m1, m1));
+      amax = _mm_cvtss_f32(_mm_max_ss(m1, _mm_shuffle_ps(m1, m1, 1)));
+      float id = amax > 0.0f ? 32767.0f / amax : 0.0f;
+      const __m256 vid = _mm256_set1_ps(id);
+      const __m256i lo = _mm256_set1_epi32(-32767), hi = _mm256_set1_epi32(32767);
+      for (int i = 0; i < 4; i++)
+        _mm256_storeu_si256((__m256i*)(v + 8 * i), _mm256_min_epi32(_mm256_max_epi32(
+            _mm256_cvtps_epi32(_mm256_mul_ps(xv[i], vid)), lo), hi));
 #else
       for (int i = 0; i < QB; i++) { float a = fabsf(xb[i]); amax = a > amax ? a : amax; }
       float id = amax > 0.0f ? 32767.0f / amax : 0.0f;
@@ -291,14 +307,17 @@ static inline __m512 load16(int kind, const void* w, size_t i) {
 /* R rows (1..4) against weight row o; lanes 0-7 / 8-15 of acc[i][j] are the 8-lane sums 2j / 2j+1 of the AVX2
    code: the same values in the same order */
 static inline AI void f_rows(const rs_mat* m, const rs_act* a, int o, int r0, int R, float* y, const int kind,
-                             size_t wo) {
+                             size_t wo, const int pf) {
   const int in = m->in;
   const int esz = kind == K_F32 ? 4 : 2;
   __m512 acc[4][2];
   for (int i = 0; i < R; i++) acc[i][0] = acc[i][1] = _mm512_setzero_ps();
   for (int k = 0; k < in; k += 32) {
-    PF((const char*)m->w + (wo + k) * esz);
-    if (esz == 4) PF((const char*)m->w + (wo + k) * esz + 64);
+    if (pf) {  /* not for a row widened into a stack buffer: prefetching past it (unmapped pages above a thread's
+                  stack) made 16-row fp16 products 2-40x slower in some processes on the Zen 1 host */
+      PF((const char*)m->w + (wo + k) * esz);
+      if (esz == 4) PF((const char*)m->w + (wo + k) * esz + 64);
+    }
     for (int j = 0; j < 2; j++) {
       __m512 wv = load16(kind, m->w, wo + k + 16 * j);
       for (int i = 0; i < R; i++)
@@ -312,7 +331,10 @@ static inline AI void f_rows(const rs_mat* m, const rs_act* a, int o, int r0, in
   }
 }
 static inline void widen_row(const rs_mat* m, size_t wo, float* buf) {
-  for (int k = 0; k < m->in; k += 16) _mm512_store_ps(buf + k, load16(m->kind, m->w, wo + k));
+  for (int k = 0; k < m->in; k += 16) {
+    if (!(k & 31)) PF((const uint16_t*)m->w + wo + k);
+    _mm512_store_ps(buf + k, load16(m->kind, m->w, wo + k));
+  }
 }
 #elif defined(RS_AVX2)
 static inline __m256 load8(int kind, const void* w, size_t i) {
@@ -322,14 +344,17 @@ static inline __m256 load8(int kind, const void* w, size_t i) {
       _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i*)((const uint16_t*)w + i))), 16));
 }
 static inline AI void f_rows(const rs_mat* m, const rs_act* a, int o, int r0, int R, float* y, const int kind,
-                             size_t wo) {
+                             size_t wo, const int pf) {
   const int in = m->in;
   const int esz = kind == K_F32 ? 4 : 2;
   __m256 acc[4][4];
   for (int i = 0; i < R; i++) for (int j = 0; j < 4; j++) acc[i][j] = _mm256_setzero_ps();
   for (int k = 0; k < in; k += 32) {
-    PF((const char*)m->w + (wo + k) * esz);
-    if (esz == 4) PF((const char*)m->w + (wo + k) * esz + 64);
+    if (pf) {  /* not for a row widened into a stack buffer: prefetching past it (unmapped pages above a thread's
+                  stack) made 16-row fp16 products 2-40x slower in some processes on the Zen 1 host */
+      PF((const char*)m->w + (wo + k) * esz);
+      if (esz == 4) PF((const char*)m->w + (wo + k) * esz + 64);
+    }
     for (int j = 0; j < 4; j++) {
       __m256 wv = load8(kind, m->w, wo + k + 8 * j);
       for (int i = 0; i < R; i++)
@@ -341,7 +366,10 @@ static inline AI void f_rows(const rs_mat* m, const rs_act* a, int o, int r0, in
         hsum8(_mm256_add_ps(_mm256_add_ps(acc[i][0], acc[i][1]), _mm256_add_ps(acc[i][2], acc[i][3])));
 }
 static inline void widen_row(const rs_mat* m, size_t wo, float* buf) {
-  for (int k = 0; k < m->in; k += 8) _mm256_store_ps(buf + k, load8(m->kind, m->w, wo + k));
+  for (int k = 0; k < m->in; k += 8) {
+    if (!(k & 31)) PF((const uint16_t*)m->w + wo + k);
+    _mm256_store_ps(buf + k, load8(m->kind, m->w, wo + k));
+  }
 }
 #endif
 
@@ -355,8 +383,8 @@ static void f16_rows_buffered(const rs_mat* m, const rs_act* a, int n, float* y,
   row.w = buf;
   row.kind = K_F32;
   int r = 0;
-  for (; r + 4 <= n; r += 4) f_rows(&row, a, o, r, 4, y, K_F32, 0);
-  for (; r < n; r++) f_rows(&row, a, o, r, 1, y, K_F32, 0);
+  for (; r + 4 <= n; r += 4) f_rows(&row, a, o, r, 4, y, K_F32, 0, 0);
+  for (; r < n; r++) f_rows(&row, a, o, r, 1, y, K_F32, 0, 0);
 }
 
 /* unit u of m: output row u (float kinds) or the row pair u (q8) for all n rows */
@@ -378,14 +406,14 @@ static void out_unit(const rs_mat* m, const rs_act* a, int n, float* y, int u) {
     return;
   }
   if (m->kind == K_F32) {
-    for (; r + 4 <= n; r += 4) f_rows(m, a, o, r, 4, y, K_F32, (size_t)o * m->in);
-    for (; r < n; r++) f_rows(m, a, o, r, 1, y, K_F32, (size_t)o * m->in);
+    for (; r + 4 <= n; r += 4) f_rows(m, a, o, r, 4, y, K_F32, (size_t)o * m->in, 1);
+    for (; r < n; r++) f_rows(m, a, o, r, 1, y, K_F32, (size_t)o * m->in, 1);
   } else if (m->kind == K_F16) {
-    for (; r + 2 <= n; r += 2) f_rows(m, a, o, r, 2, y, K_F16, (size_t)o * m->in);
-    for (; r < n; r++) f_rows(m, a, o, r, 1, y, K_F16, (size_t)o * m->in);
+    for (; r + 2 <= n; r += 2) f_rows(m, a, o, r, 2, y, K_F16, (size_t)o * m->in, 1);
+    for (; r < n; r++) f_rows(m, a, o, r, 1, y, K_F16, (size_t)o * m->in, 1);
   } else {
-    for (; r + 2 <= n; r += 2) f_rows(m, a, o, r, 2, y, K_BF16, (size_t)o * m->in);
-    for (; r < n; r++) f_rows(m, a, o, r, 1, y, K_BF16, (size_t)o * m->in);
+    for (; r + 2 <= n; r += 2) f_rows(m, a, o, r, 2, y, K_BF16, (size_t)o * m->in, 1);
+    for (; r < n; r++) f_rows(m, a, o, r, 1, y, K_BF16, (size_t)o * m->in, 1);
   }
 }
 #else
@@ -492,6 +520,32 @@ static inline __m512 exp512(__m512 x) {
 static inline __m512 sigmoid512(__m512 x) {
   const __m512 one = _mm512_set1_ps(1.0f);
   return _mm512_div_ps(one, _mm512_add_ps(one, exp512(_mm512_sub_ps(_mm512_setzero_ps(), x))));
+}
+#endif
+#ifdef RS_AVX2
+/* exp512's arithmetic 8 lanes at a time, bit for bit: scalef(p, n) as p * 2^a * 2^b with a = n >> 1, b = n - a
+   (both powers normal for n in [-150, 128]; the first product is exact, the second rounds once as scalef does) */
+static inline __m256 exp256(__m256 x) {
+  x = _mm256_max_ps(_mm256_min_ps(x, _mm256_set1_ps(88.7f)), _mm256_set1_ps(-104.0f));
+  __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                             _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+  __m256 p = _mm256_set1_ps(1.9875691500e-4f);
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
+  p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
+  __m256i ni = _mm256_cvtps_epi32(n), a = _mm256_srai_epi32(ni, 1), b = _mm256_sub_epi32(ni, a);
+  const __m256i bias = _mm256_set1_epi32(127);
+  p = _mm256_mul_ps(p, _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(a, bias), 23)));
+  return _mm256_mul_ps(p, _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(b, bias), 23)));
+}
+static inline __m256 sigmoid256(__m256 x) {
+  const __m256 one = _mm256_set1_ps(1.0f);
+  return _mm256_div_ps(one, _mm256_add_ps(one, exp256(_mm256_sub_ps(_mm256_setzero_ps(), x))));
 }
 #endif
 
@@ -605,6 +659,32 @@ void rs_rwkv4_layer(float* x, int n, int C, int F, float* st0, long sstride, con
         _mm512_storeu_ps(s + C + c, aa); _mm512_storeu_ps(s + 2 * C + c, bb); _mm512_storeu_ps(s + 3 * C + c, pp);
       }
     }
+#elif defined(RS_AVX2)
+    #pragma omp for schedule(static)
+    for (int cb = 0; cb < C / 8; cb++) {  /* the AVX-512 loop 8 channels a time: the same bits */
+      const int c = cb * 8;
+      const __m256 u = _mm256_loadu_ps(tu + c), w = _mm256_loadu_ps(tw + c);
+      for (int b = 0; b < B; b++) {
+        float* s = st0 + (size_t)b * sstride;
+        __m256 aa = _mm256_loadu_ps(s + C + c), bb = _mm256_loadu_ps(s + 2 * C + c);
+        __m256 pp = _mm256_loadu_ps(s + 3 * C + c);
+        for (int t = 0; t < lens[b]; t++) {
+          size_t j = (size_t)(starts[b] + t) * C + c;
+          __m256 kk = _mm256_loadu_ps(k + j), vv = _mm256_loadu_ps(v + j);
+          __m256 ww = _mm256_add_ps(u, kk), q = _mm256_max_ps(ww, pp);
+          __m256 e1 = exp256(_mm256_sub_ps(pp, q)), e2 = exp256(_mm256_sub_ps(ww, q));
+          __m256 wkv = _mm256_div_ps(_mm256_add_ps(_mm256_mul_ps(e1, aa), _mm256_mul_ps(e2, vv)),
+                                     _mm256_add_ps(_mm256_mul_ps(e1, bb), e2));
+          ww = _mm256_add_ps(pp, w); q = _mm256_max_ps(kk, ww);
+          e1 = exp256(_mm256_sub_ps(ww, q)); e2 = exp256(_mm256_sub_ps(kk, q));
+          aa = _mm256_add_ps(_mm256_mul_ps(e1, aa), _mm256_mul_ps(e2, vv));
+          bb = _mm256_add_ps(_mm256_mul_ps(e1, bb), e2);
+          pp = q;
+          _mm256_storeu_ps(xn + j, _mm256_mul_ps(sigmoid256(_mm256_loadu_ps(r + j)), wkv));
+        }
+        _mm256_storeu_ps(s + C + c, aa); _mm256_storeu_ps(s + 2 * C + c, bb); _mm256_storeu_ps(s + 3 * C + c, pp);
+      }
+    }
 #else
     #pragma omp for schedule(static)
     for (int c = 0; c < C; c++) {
@@ -653,6 +733,12 @@ void rs_rwkv4_layer(float* x, int n, int C, int F, float* st0, long sstride, con
                              _mm512_mul_ps(sigmoid512(_mm512_loadu_ps(kvr + e0)), _mm512_loadu_ps(kvr + nc + e0)));
     _mm512_storeu_ps(x + e0, post_scale != 1.0f ? _mm512_mul_ps(v, _mm512_set1_ps(post_scale)) : v);
   }
+#elif defined(RS_AVX2)
+  for (; e0 + 8 <= nc; e0 += 8) {
+    __m256 v = _mm256_add_ps(_mm256_loadu_ps(x + e0),
+                             _mm256_mul_ps(sigmoid256(_mm256_loadu_ps(kvr + e0)), _mm256_loadu_ps(kvr + nc + e0)));
+    _mm256_storeu_ps(x + e0, post_scale != 1.0f ? _mm256_mul_ps(v, _mm256_set1_ps(post_scale)) : v);
+  }
 #endif
   for (size_t e = e0; e < nc; e++) {
     float v = x[e] + sigmoidf(kvr[e]) * kvr[nc + e];
@@ -677,6 +763,17 @@ uint64_t rs_read_sum(const uint64_t* p, long words, int nt) {
       s1 = _mm512_add_epi64(s1, _mm512_loadu_si512(q + i + 8));
     }
     total += (uint64_t)_mm512_reduce_add_epi64(_mm512_add_epi64(s0, s1));
+#elif defined(RS_AVX2)
+    __m256i s0 = _mm256_setzero_si256(), s1 = _mm256_setzero_si256();
+    for (int i = 0; i < 64; i += 8) {
+      PF(q + i);
+      s0 = _mm256_add_epi64(s0, _mm256_loadu_si256((const __m256i*)(q + i)));
+      s1 = _mm256_add_epi64(s1, _mm256_loadu_si256((const __m256i*)(q + i + 4)));
+    }
+    s0 = _mm256_add_epi64(s0, s1);
+    uint64_t lanes[4];
+    _mm256_storeu_si256((__m256i*)lanes, s0);
+    total += lanes[0] + lanes[1] + lanes[2] + lanes[3];
 #else
     uint64_t s = 0;
     for (int i = 0; i < 64; i += 8) {

@@ -12,9 +12,10 @@ fp32 ``mv``; 16 rows: 11 ms vs 20 ms bf16 GEMM, matrices alone). So:
   holds both). Accuracy between bf16 and w8a8 (see BENCHMARKS.md).
 - ``W8A8Linear`` (format ``w8a8``): int8 weights per output channel and activations quantized to int8 per row
   on the fly (symmetric, scale = row absmax / 127), exact int32 sums, both scales applied in fp32. The fastest
-  CPU format at any row count; each row is quantized on its own and integer sums are exact, so a row's result
-  is bitwise independent of the other rows in the product (its batch mates). Less accurate, since the
-  activations are rounded too (see BENCHMARKS.md).
+  CPU format at any row count where torch's int8 products have a fast path (VNNI); elsewhere torch runs a
+  scalar loop, the slowest format by far, and loading warns (:func:`warn_if_int8_products_slow`). Each row is
+  quantized on its own and integer sums are exact, so a row's result is bitwise independent of the other rows
+  in the product (its batch mates). Less accurate, since the activations are rounded too (see BENCHMARKS.md).
 
 Batch invariance (:func:`invariant_rows`): float GEMM libraries pick kernels by the number of rows, and a row
 computed by another kernel can differ in its last bits. No library promises which row counts share a kernel,
@@ -26,6 +27,9 @@ least that many rows give a stream the same bits whichever streams share its ste
 from __future__ import annotations
 
 import ctypes
+import functools
+import time
+import warnings
 from collections.abc import Callable, Hashable, Sequence
 
 import torch
@@ -35,6 +39,7 @@ from torch import Tensor
 from . import cpu_kernels
 
 INT8_MAX_ROWS = 4
+SLOW_INT8_FACTOR = 4.0  # torch's int8 product this many times slower than its fp32 one: w8a8 warns at load
 PROBE_MAX_ROWS = 16  # a format that needs more rows than this for invariance is treated as variant
 PROBE_CHECK_ROWS = 32  # row counts checked up to this
 
@@ -111,6 +116,7 @@ class W8A8Linear(_RowQuantized):
     fmt = "w8a8"
 
     def __init__(self, weight: Tensor) -> None:
+        warn_if_int8_products_slow()
         self.scales = self._quantize(weight).reshape(-1)  # per output column of the product
         # kept as the [out, in] view of an [in, out] matrix: _int_mm reads a contiguous mat2 ~20% faster than
         # the transposed layout (oneDNN, 512 x 192 x 768); the integer sums, hence the bits, are the same
@@ -244,6 +250,48 @@ def pack_in_arena(linears: Sequence[KernelLinear]) -> Tensor:
         lin.move_into(arena[offset : offset + size])
         offset += size
     return arena
+
+
+@functools.cache
+def int8_products_slowdown() -> float:
+    """How many times slower torch's int8 x int8 -> int32 product (``torch._int_mm``, what ``w8a8`` runs on) is
+    than its fp32 product of the same shape on this CPU (16 x 768 x 768, best of 3; measured once per process).
+    With VNNI it is faster than fp32; without a fast path (the AVX2-only Zen 1 host of BENCHMARKS.md) torch runs
+    a scalar loop, ~10x slower than fp32 and ~25x slower than ``q8_0``."""
+    gen = torch.Generator().manual_seed(0)
+    a = torch.randint(-127, 128, (16, 768), dtype=torch.int8, generator=gen)
+    b = torch.randint(-127, 128, (768, 768), dtype=torch.int8, generator=gen)
+    af, bf = a.float(), b.float()
+
+    def best(fn: Callable[[], Tensor]) -> float:
+        fn()
+        times = []
+        for _ in range(3):
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+        return min(times)
+
+    return best(lambda: torch._int_mm(a, b)) / max(best(lambda: af @ bf), 1e-9)
+
+
+_warned_int8 = False
+
+
+def warn_if_int8_products_slow() -> None:
+    """One warning per process when ``w8a8`` would run on a CPU where torch's int8 products are slow (see
+    :func:`int8_products_slowdown`): the format is then the slowest, not the fastest, and ``q8_0`` (more
+    accurate too) is the one to use."""
+    global _warned_int8
+    if _warned_int8:
+        return
+    slowdown = int8_products_slowdown()
+    if slowdown > SLOW_INT8_FACTOR:
+        _warned_int8 = True
+        warnings.warn(
+            f"w8a8 on this CPU: torch's int8 matrix products have no fast path here (CPU capability "
+            f"{torch.backends.cpu.get_cpu_capability()}; {slowdown:.0f}x slower than fp32 products), so w8a8 "
+            "steps will be slow; use q8_0 (compiled kernels, more accurate) or float16", stacklevel=3)
 
 
 def q8_0_reference(qweight: Tensor, scales: Tensor, x: Tensor) -> Tensor:

@@ -203,3 +203,30 @@ def test_pool_grows_and_forks(model):
     torch.testing.assert_close(out.logits[0], out.logits[1])
     pool.reset(b)
     assert pool.n_tokens[b] == 0 and torch.equal(pool.read(b).tensor, model.new_state().tensor)
+
+
+def test_w8a8_warns_once_where_int8_products_are_slow(monkeypatch):
+    """Where torch's int8 products have no fast path (a scalar loop on AVX2-only CPUs), building w8a8 weights
+    warns once per process, naming the remedy; where they are fast it stays quiet."""
+    import warnings
+
+    from rwkv_stream import linear
+
+    monkeypatch.setattr(linear, "_warned_int8", False)
+    monkeypatch.setattr(linear, "int8_products_slowdown", lambda: 20.0)
+    with pytest.warns(UserWarning, match="w8a8 on this CPU.*20x slower.*use q8_0"):
+        linear.W8A8Linear(torch.randn(8, 32))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        linear.W8A8Linear(torch.randn(8, 32))  # once per process
+    monkeypatch.setattr(linear, "_warned_int8", False)
+    monkeypatch.setattr(linear, "int8_products_slowdown", lambda: 0.5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        linear.W8A8Linear(torch.randn(8, 32))
+
+
+def test_int8_products_slowdown_is_measured():
+    from rwkv_stream.linear import int8_products_slowdown
+
+    assert 0.0 < int8_products_slowdown() < 1e4

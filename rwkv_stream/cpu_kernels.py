@@ -387,6 +387,54 @@ static void f16_rows_buffered(const rs_mat* m, const rs_act* a, int n, float* y,
   for (; r < n; r++) f_rows(&row, a, o, r, 1, y, K_F32, 0, 0);
 }
 
+#if !defined(RS_AVX512)
+/* AVX2, 16-bit weights, n >= 4 rows: weight rows 2u and 2u+1 widened to fp32 once, then for each of f_rows'
+   four lane classes j (inputs 32c + 8j .. + 7) the partial sums of both weight rows x 4 activation rows in
+   registers (6 loads per 8 multiply-adds; f_rows on 4 rows: 5 per 4, and its 16 accumulators spill on 16
+   registers), finished as f_rows finishes them: hsum8((p0 + p1) + (p2 + p3)). Bit-identical to f_rows per
+   output, whatever n. Rows beyond a multiple of 4 and an odd last weight row take f16_rows_buffered. */
+static inline AI void f16_block4(const float* wb, int nw, const rs_act* a, int r0, float* y, int out, int o0) {
+  const int in = a->in;
+  float part[4][2][4][8] __attribute__((aligned(32)));
+  for (int j = 0; j < 4; j++) {
+    __m256 acc[2][4];
+    for (int w = 0; w < 2; w++) for (int i = 0; i < 4; i++) acc[w][i] = _mm256_setzero_ps();
+    for (int k = 8 * j; k < in; k += 32) {
+      __m256 w0 = _mm256_load_ps(wb + k), w1 = _mm256_load_ps(wb + in + k);
+      for (int i = 0; i < 4; i++) {
+        __m256 xv = _mm256_loadu_ps(a->x + (size_t)(r0 + i) * in + k);
+        acc[0][i] = _mm256_fmadd_ps(w0, xv, acc[0][i]);
+        acc[1][i] = _mm256_fmadd_ps(w1, xv, acc[1][i]);
+      }
+    }
+    for (int w = 0; w < 2; w++) for (int i = 0; i < 4; i++) _mm256_store_ps(part[j][w][i], acc[w][i]);
+  }
+  for (int w = 0; w < nw; w++)
+    for (int i = 0; i < 4; i++) {
+      __m256 s01 = _mm256_add_ps(_mm256_load_ps(part[0][w][i]), _mm256_load_ps(part[1][w][i]));
+      __m256 s23 = _mm256_add_ps(_mm256_load_ps(part[2][w][i]), _mm256_load_ps(part[3][w][i]));
+      y[(size_t)(r0 + i) * out + o0 + w] = hsum8(_mm256_add_ps(s01, s23));
+    }
+}
+static void f16_pair_rows(const rs_mat* m, const rs_act* a, int n, float* y, int u) {
+  const int o0 = 2 * u, nw = o0 + 1 < m->out ? 2 : 1;
+  if (nw == 1) { f16_rows_buffered(m, a, n, y, o0); return; }
+  float wb[2 * m->in] __attribute__((aligned(32)));
+  widen_row(m, (size_t)o0 * m->in, wb);
+  widen_row(m, (size_t)(o0 + 1) * m->in, wb + m->in);
+  int r = 0;
+  for (; r + 4 <= n; r += 4) f16_block4(wb, 2, a, r, y, m->out, o0);
+  if (r < n) {
+    rs_mat row = *m;
+    row.kind = K_F32;
+    for (int w = 0; w < 2; w++) {
+      row.w = wb + w * m->in;
+      for (int rr = r; rr < n; rr++) f_rows(&row, a, o0 + w, rr, 1, y, K_F32, 0, 0);
+    }
+  }
+}
+#endif
+
 /* unit u of m: output row u (float kinds) or the row pair u (q8) for all n rows */
 static void out_unit(const rs_mat* m, const rs_act* a, int n, float* y, int u) {
   int r = 0;
@@ -402,7 +450,11 @@ static void out_unit(const rs_mat* m, const rs_act* a, int n, float* y, int u) {
   }
   const int o = u;
   if ((m->kind == K_F16 || m->kind == K_BF16) && n >= 4) {
+#ifdef RS_AVX512
     f16_rows_buffered(m, a, n, y, o);
+#else
+    f16_pair_rows(m, a, n, y, u);  /* unit u: weight rows 2u, 2u + 1 (see units) */
+#endif
     return;
   }
   if (m->kind == K_F32) {
@@ -455,7 +507,17 @@ static void out_unit(const rs_mat* m, const rs_act* a, int n, float* y, int u) {
 }
 #endif
 
-static inline int units(const rs_mat* m) { return m->kind == K_Q8 ? (m->out + 1) / 2 : m->out; }
+/* work units of a product over n rows: row pairs for q8 (and for 16-bit weights over 4+ rows on AVX2, see
+   f16_pair_rows), else output rows */
+static inline int units(const rs_mat* m, int n) {
+  if (m->kind == K_Q8) return (m->out + 1) / 2;
+#if defined(RS_AVX2) && !defined(RS_AVX512)
+  if ((m->kind == K_F16 || m->kind == K_BF16) && n >= 4) return (m->out + 1) / 2;
+#else
+  (void)n;
+#endif
+  return m->out;
+}
 
 /* how output rows are dealt to threads: 0 (default): static, one contiguous share per thread (one sequential
    stream each, whose look-ahead prefetch never lands in another thread's rows); 1: dynamic chunks of about
@@ -477,7 +539,7 @@ static void apply_schedule(const rs_mat* m) {  /* every thread of a region, befo
 }
 
 static void matmul_act(const rs_mat* m, const rs_act* a, int n, float* y, int nt) {
-  const int U = units(m);
+  const int U = units(m, n);
   apply_schedule(m);
   #pragma omp parallel for schedule(runtime) num_threads(nt)
   for (int u = 0; u < U; u++) out_unit(m, a, n, y, u);
@@ -591,12 +653,12 @@ static void act_quantize_for(const rs_mat* m, const float* x, int n, const rs_ac
 }
 static void multi_for(const rs_mat* mats, const rs_act* acts, int count, int n, float* const* ys) {  /* barrier */
   int total = 0;
-  for (int q = 0; q < count; q++) total += units(&mats[q]);
+  for (int q = 0; q < count; q++) total += units(&mats[q], n);
   apply_schedule(&mats[0]);
   #pragma omp for schedule(runtime)
   for (int u = 0; u < total; u++) {
     int q = 0, uu = u;
-    while (uu >= units(&mats[q])) { uu -= units(&mats[q]); q++; }
+    while (uu >= units(&mats[q], n)) { uu -= units(&mats[q], n); q++; }
     out_unit(&mats[q], &acts[q], n, ys[q], uu);
   }
 }

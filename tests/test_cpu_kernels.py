@@ -112,7 +112,7 @@ def test_q8_0_and_float_bits_are_the_same_on_avx2_and_scalar_builds(tmp_path):
 @needs_kernels
 @pytest.mark.parametrize("make", [lambda w: KernelLinear(w, torch.float16), lambda w: KernelLinear(w, torch.float32),
                                   lambda w: KernelLinear(w, torch.bfloat16), Q8Linear])
-@pytest.mark.parametrize("n_in", [64, 256])
+@pytest.mark.parametrize("n_in", [64, 256, 768, 1056])  # 1056: past f16_pair_rows' limit (AVX2)
 def test_each_row_is_bitwise_independent_of_the_others(make, n_in):
     gen = torch.Generator().manual_seed(2)
     lin = make(torch.randn(33, n_in, generator=gen))

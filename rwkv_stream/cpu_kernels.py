@@ -11,7 +11,12 @@ load for the kernel that reads them:
 - ``q8_0``: int8 weights with one fp16 scale per block of 32 inputs, packed in row pairs with the scales inline
   (:func:`pack_q8_0`: one sequential stream per thread); activations quantized on the fly to int16 per block
   of 32; integer block sums are exact (``vpdpwssd`` / ``pmaddwd``), scaled and accumulated in fp32, so AVX-512,
-  AVX2 and plain C builds give the same bits.
+  AVX2 and plain C builds give the same bits. AVX2 builds work in 128-bit integer steps, both rows of a pair
+  per pass (``q8_pair2``): on cores that split 256-bit work in two (the Zen 1 host of BENCHMARKS.md) that
+  streamed 2.6x faster than 256-bit steps a row at a time.
+
+AVX2 builds run the element-wise work (WKV, gates) with ``exp256``, ``exp512``'s arithmetic bit for bit, and
+16-bit products over 4+ rows two weight rows at a time (``f16_pair_rows``, same sums per output).
 
 Weights are prefetched to L2 8 KiB and to L1 1 KiB ahead of the reads (``rs_set_prefetch``).
 A model's packed weights live in one buffer in the order a step reads them, backed by transparent huge

@@ -625,6 +625,36 @@ static inline __m256 sigmoid256(__m256 x) {
 }
 #endif
 
+/* the widest float vector of the build, for element-wise loops written once (the same lane arithmetic on every
+   width: exp256 is exp512 bit for bit) */
+#if defined(RS_AVX512)
+typedef __m512 vf;
+#define VW 16
+#define vload _mm512_loadu_ps
+#define vstore _mm512_storeu_ps
+#define vset1 _mm512_set1_ps
+#define vadd _mm512_add_ps
+#define vsub _mm512_sub_ps
+#define vmul _mm512_mul_ps
+#define vdiv _mm512_div_ps
+#define vmax _mm512_max_ps
+#define vexp exp512
+#define vsigmoid sigmoid512
+#elif defined(RS_AVX2)
+typedef __m256 vf;
+#define VW 8
+#define vload _mm256_loadu_ps
+#define vstore _mm256_storeu_ps
+#define vset1 _mm256_set1_ps
+#define vadd _mm256_add_ps
+#define vsub _mm256_sub_ps
+#define vmul _mm256_mul_ps
+#define vdiv _mm256_div_ps
+#define vmax _mm256_max_ps
+#define vexp exp256
+#define vsigmoid sigmoid256
+#endif
+
 /* token shift over a ragged batch, nm mixes: out_q = prev + mix_q * (cur - prev) (RWKV-4), or with weigh_prev
    out_q = cur + mix_q * (prev - cur) (RWKV-7: the coefficient weighs the previous token, as in its references).
    Stream b's states are at st0 + slots[b] * sstride (slots NULL: b); their row `row` keeps the stream's last row */
@@ -709,56 +739,29 @@ void rs_rwkv4_layer(float* x, int n, int C, int F, float* st0, long sstride, con
     #pragma omp barrier
     multi_for(mats, acts, 3, n, ys_att);
     const float *k = kvr, *v = kvr + nc, *r = kvr + 2 * nc;
-#ifdef RS_AVX512
+#ifdef RS_AVX2
     #pragma omp for schedule(static)
-    for (int cb = 0; cb < C / 16; cb++) {  /* 16 channels a time, each channel's arithmetic the scalar loop's */
-      const int c = cb * 16;
-      const __m512 u = _mm512_loadu_ps(tu + c), w = _mm512_loadu_ps(tw + c);
+    for (int cb = 0; cb < C / VW; cb++) {  /* VW channels a time, each channel's arithmetic the scalar loop's */
+      const int c = cb * VW;
+      const vf u = vload(tu + c), w = vload(tw + c);
       for (int b = 0; b < B; b++) {
         float* s = st0 + (size_t)b * sstride;
-        __m512 aa = _mm512_loadu_ps(s + C + c), bb = _mm512_loadu_ps(s + 2 * C + c);
-        __m512 pp = _mm512_loadu_ps(s + 3 * C + c);
+        vf aa = vload(s + C + c), bb = vload(s + 2 * C + c);
+        vf pp = vload(s + 3 * C + c);
         for (int t = 0; t < lens[b]; t++) {
           size_t j = (size_t)(starts[b] + t) * C + c;
-          __m512 kk = _mm512_loadu_ps(k + j), vv = _mm512_loadu_ps(v + j);
-          __m512 ww = _mm512_add_ps(u, kk), q = _mm512_max_ps(ww, pp);
-          __m512 e1 = exp512(_mm512_sub_ps(pp, q)), e2 = exp512(_mm512_sub_ps(ww, q));
-          __m512 wkv = _mm512_div_ps(_mm512_add_ps(_mm512_mul_ps(e1, aa), _mm512_mul_ps(e2, vv)),
-                                     _mm512_add_ps(_mm512_mul_ps(e1, bb), e2));
-          ww = _mm512_add_ps(pp, w); q = _mm512_max_ps(kk, ww);
-          e1 = exp512(_mm512_sub_ps(ww, q)); e2 = exp512(_mm512_sub_ps(kk, q));
-          aa = _mm512_add_ps(_mm512_mul_ps(e1, aa), _mm512_mul_ps(e2, vv));
-          bb = _mm512_add_ps(_mm512_mul_ps(e1, bb), e2);
+          vf kk = vload(k + j), vv = vload(v + j);
+          vf ww = vadd(u, kk), q = vmax(ww, pp);
+          vf e1 = vexp(vsub(pp, q)), e2 = vexp(vsub(ww, q));
+          vf wkv = vdiv(vadd(vmul(e1, aa), vmul(e2, vv)), vadd(vmul(e1, bb), e2));
+          ww = vadd(pp, w); q = vmax(kk, ww);
+          e1 = vexp(vsub(ww, q)); e2 = vexp(vsub(kk, q));
+          aa = vadd(vmul(e1, aa), vmul(e2, vv));
+          bb = vadd(vmul(e1, bb), e2);
           pp = q;
-          _mm512_storeu_ps(xn + j, _mm512_mul_ps(sigmoid512(_mm512_loadu_ps(r + j)), wkv));
+          vstore(xn + j, vmul(vsigmoid(vload(r + j)), wkv));
         }
-        _mm512_storeu_ps(s + C + c, aa); _mm512_storeu_ps(s + 2 * C + c, bb); _mm512_storeu_ps(s + 3 * C + c, pp);
-      }
-    }
-#elif defined(RS_AVX2)
-    #pragma omp for schedule(static)
-    for (int cb = 0; cb < C / 8; cb++) {  /* the AVX-512 loop 8 channels a time: the same bits */
-      const int c = cb * 8;
-      const __m256 u = _mm256_loadu_ps(tu + c), w = _mm256_loadu_ps(tw + c);
-      for (int b = 0; b < B; b++) {
-        float* s = st0 + (size_t)b * sstride;
-        __m256 aa = _mm256_loadu_ps(s + C + c), bb = _mm256_loadu_ps(s + 2 * C + c);
-        __m256 pp = _mm256_loadu_ps(s + 3 * C + c);
-        for (int t = 0; t < lens[b]; t++) {
-          size_t j = (size_t)(starts[b] + t) * C + c;
-          __m256 kk = _mm256_loadu_ps(k + j), vv = _mm256_loadu_ps(v + j);
-          __m256 ww = _mm256_add_ps(u, kk), q = _mm256_max_ps(ww, pp);
-          __m256 e1 = exp256(_mm256_sub_ps(pp, q)), e2 = exp256(_mm256_sub_ps(ww, q));
-          __m256 wkv = _mm256_div_ps(_mm256_add_ps(_mm256_mul_ps(e1, aa), _mm256_mul_ps(e2, vv)),
-                                     _mm256_add_ps(_mm256_mul_ps(e1, bb), e2));
-          ww = _mm256_add_ps(pp, w); q = _mm256_max_ps(kk, ww);
-          e1 = exp256(_mm256_sub_ps(ww, q)); e2 = exp256(_mm256_sub_ps(kk, q));
-          aa = _mm256_add_ps(_mm256_mul_ps(e1, aa), _mm256_mul_ps(e2, vv));
-          bb = _mm256_add_ps(_mm256_mul_ps(e1, bb), e2);
-          pp = q;
-          _mm256_storeu_ps(xn + j, _mm256_mul_ps(sigmoid256(_mm256_loadu_ps(r + j)), wkv));
-        }
-        _mm256_storeu_ps(s + C + c, aa); _mm256_storeu_ps(s + 2 * C + c, bb); _mm256_storeu_ps(s + 3 * C + c, pp);
+        vstore(s + C + c, aa); vstore(s + 2 * C + c, bb); vstore(s + 3 * C + c, pp);
       }
     }
 #else
@@ -803,17 +806,10 @@ void rs_rwkv4_layer(float* x, int n, int C, int F, float* st0, long sstride, con
     multi_for(mats + 6, acts + 6, 1, n, ys_val);
   }
   size_t e0 = 0;
-#ifdef RS_AVX512
-  for (; e0 + 16 <= nc; e0 += 16) {
-    __m512 v = _mm512_add_ps(_mm512_loadu_ps(x + e0),
-                             _mm512_mul_ps(sigmoid512(_mm512_loadu_ps(kvr + e0)), _mm512_loadu_ps(kvr + nc + e0)));
-    _mm512_storeu_ps(x + e0, post_scale != 1.0f ? _mm512_mul_ps(v, _mm512_set1_ps(post_scale)) : v);
-  }
-#elif defined(RS_AVX2)
-  for (; e0 + 8 <= nc; e0 += 8) {
-    __m256 v = _mm256_add_ps(_mm256_loadu_ps(x + e0),
-                             _mm256_mul_ps(sigmoid256(_mm256_loadu_ps(kvr + e0)), _mm256_loadu_ps(kvr + nc + e0)));
-    _mm256_storeu_ps(x + e0, post_scale != 1.0f ? _mm256_mul_ps(v, _mm256_set1_ps(post_scale)) : v);
+#ifdef RS_AVX2
+  for (; e0 + VW <= nc; e0 += VW) {
+    vf v = vadd(vload(x + e0), vmul(vsigmoid(vload(kvr + e0)), vload(kvr + nc + e0)));
+    vstore(x + e0, post_scale != 1.0f ? vmul(v, vset1(post_scale)) : v);
   }
 #endif
   for (size_t e = e0; e < nc; e++) {

@@ -15,7 +15,7 @@ load for the kernel that reads them:
   per pass (``q8_pair2``): on cores that split 256-bit work in two (the Zen 1 host of BENCHMARKS.md) that
   streamed 2.6x faster than 256-bit steps a row at a time.
 
-AVX2 builds run the element-wise work (WKV, gates) with ``exp256``, ``exp512``'s arithmetic bit for bit, and
+AVX2 builds run the element-wise work (WKV, gates) with ``vexp``, the AVX-512 arithmetic bit for bit, and
 16-bit products over 4+ rows two weight rows at a time (``f16_pair_rows``, same sums per output).
 
 Weights are prefetched to L2 8 KiB and to L1 1 KiB ahead of the reads (``rs_set_prefetch``).
@@ -576,83 +576,70 @@ static void layer_norm(const float* x, float* y, int C, const float* w, const fl
 }
 
 static inline float sigmoidf(float x) { return 1.0f / (1.0f + expf(-x)); }
-#ifdef RS_AVX512
-/* e^x in fp32 (Cephes expf: n = round(x / ln 2), degree-6 polynomial of the rest, 2^n by scalef; ~1 ulp) */
-static inline __m512 exp512(__m512 x) {
-  x = _mm512_max_ps(_mm512_min_ps(x, _mm512_set1_ps(88.7f)), _mm512_set1_ps(-104.0f));
-  __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
-                                  _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
-  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
-  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
-  p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
-  return _mm512_scalef_ps(p, n);
-}
-static inline __m512 sigmoid512(__m512 x) {
-  const __m512 one = _mm512_set1_ps(1.0f);
-  return _mm512_div_ps(one, _mm512_add_ps(one, exp512(_mm512_sub_ps(_mm512_setzero_ps(), x))));
-}
-#endif
-#ifdef RS_AVX2
-/* exp512's arithmetic 8 lanes at a time, bit for bit: scalef(p, n) as p * 2^a * 2^b with a = n >> 1, b = n - a
-   (both powers normal for n in [-150, 128]; the first product is exact, the second rounds once as scalef does) */
-static inline __m256 exp256(__m256 x) {
-  x = _mm256_max_ps(_mm256_min_ps(x, _mm256_set1_ps(88.7f)), _mm256_set1_ps(-104.0f));
-  __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
-                             _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
-  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
-  __m256 p = _mm256_set1_ps(1.9875691500e-4f);
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
-  p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
-  __m256i ni = _mm256_cvtps_epi32(n), a = _mm256_srai_epi32(ni, 1), b = _mm256_sub_epi32(ni, a);
-  const __m256i bias = _mm256_set1_epi32(127);
-  p = _mm256_mul_ps(p, _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(a, bias), 23)));
-  return _mm256_mul_ps(p, _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(b, bias), 23)));
-}
-static inline __m256 sigmoid256(__m256 x) {
-  const __m256 one = _mm256_set1_ps(1.0f);
-  return _mm256_div_ps(one, _mm256_add_ps(one, exp256(_mm256_sub_ps(_mm256_setzero_ps(), x))));
-}
-#endif
-
-/* the widest float vector of the build, for element-wise loops written once (the same lane arithmetic on every
-   width: exp256 is exp512 bit for bit) */
+/* the widest float vector of the build, for element-wise code written once */
 #if defined(RS_AVX512)
 typedef __m512 vf;
 #define VW 16
 #define vload _mm512_loadu_ps
 #define vstore _mm512_storeu_ps
 #define vset1 _mm512_set1_ps
+#define vzero _mm512_setzero_ps
 #define vadd _mm512_add_ps
 #define vsub _mm512_sub_ps
 #define vmul _mm512_mul_ps
 #define vdiv _mm512_div_ps
 #define vmax _mm512_max_ps
-#define vexp exp512
-#define vsigmoid sigmoid512
+#define vmin _mm512_min_ps
+#define vfmadd _mm512_fmadd_ps
+#define vfnmadd _mm512_fnmadd_ps
+#define vround(v) _mm512_roundscale_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC)
+static inline vf vscale2(vf p, vf n) { return _mm512_scalef_ps(p, n); }  /* p * 2^n, one rounding */
 #elif defined(RS_AVX2)
 typedef __m256 vf;
 #define VW 8
 #define vload _mm256_loadu_ps
 #define vstore _mm256_storeu_ps
 #define vset1 _mm256_set1_ps
+#define vzero _mm256_setzero_ps
 #define vadd _mm256_add_ps
 #define vsub _mm256_sub_ps
 #define vmul _mm256_mul_ps
 #define vdiv _mm256_div_ps
 #define vmax _mm256_max_ps
-#define vexp exp256
-#define vsigmoid sigmoid256
+#define vmin _mm256_min_ps
+#define vfmadd _mm256_fmadd_ps
+#define vfnmadd _mm256_fnmadd_ps
+#define vround(v) _mm256_round_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC)
+/* scalef(p, n) as p * 2^a * 2^b with a = n >> 1, b = n - a: both powers are normal for n in [-150, 128], the
+   first product is exact and the second rounds once, as scalef does (checked against ldexpf on 1e9 inputs) */
+static inline vf vscale2(vf p, vf n) {
+  __m256i ni = _mm256_cvtps_epi32(n), a = _mm256_srai_epi32(ni, 1), b = _mm256_sub_epi32(ni, a);
+  const __m256i bias = _mm256_set1_epi32(127);
+  p = _mm256_mul_ps(p, _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(a, bias), 23)));
+  return _mm256_mul_ps(p, _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(b, bias), 23)));
+}
+#endif
+#ifdef RS_AVX2
+/* e^x in fp32 (Cephes expf: n = round(x / ln 2), degree-6 polynomial of the rest, 2^n by vscale2; ~1 ulp): the
+   same bits at every vector width */
+static inline vf vexp(vf x) {
+  x = vmax(vmin(x, vset1(88.7f)), vset1(-104.0f));
+  vf n = vround(vmul(x, vset1(1.44269504088896341f)));
+  vf r = vfnmadd(n, vset1(0.693359375f), x);
+  r = vfnmadd(n, vset1(-2.12194440e-4f), r);
+  vf p = vset1(1.9875691500e-4f);
+  p = vfmadd(p, r, vset1(1.3981999507e-3f));
+  p = vfmadd(p, r, vset1(8.3334519073e-3f));
+  p = vfmadd(p, r, vset1(4.1665795894e-2f));
+  p = vfmadd(p, r, vset1(1.6666665459e-1f));
+  p = vfmadd(p, r, vset1(5.0000001201e-1f));
+  p = vfmadd(p, vmul(r, r), vadd(r, vset1(1.0f)));
+  return vscale2(p, n);
+}
+static inline vf vsigmoid(vf x) {
+  const vf one = vset1(1.0f);
+  return vdiv(one, vadd(one, vexp(vsub(vzero(), x))));
+}
 #endif
 
 /* token shift over a ragged batch, nm mixes: out_q = prev + mix_q * (cur - prev) (RWKV-4), or with weigh_prev

@@ -113,9 +113,9 @@ static void r7_head16(int N, float* S, const r7_tok* t, float* out) {
   for (int q = 0; q < nv; q++) {
     const int o = 16 * q;
     __m512 kk = _mm512_div_ps(_mm512_load_ps(al + o), vn);
-    __m512 a = sigmoid512(_mm512_add_ps(_mm512_loadu_ps(a0 + o), _mm512_loadu_ps(za + o)));
-    __m512 sw = sigmoid512(_mm512_add_ps(_mm512_loadu_ps(w0 + o), _mm512_loadu_ps(zw + o)));
-    _mm512_store_ps(dec + o, exp512(_mm512_mul_ps(_mm512_set1_ps(-R7_DECAY), sw)));
+    __m512 a = vsigmoid(_mm512_add_ps(_mm512_loadu_ps(a0 + o), _mm512_loadu_ps(za + o)));
+    __m512 sw = vsigmoid(_mm512_add_ps(_mm512_loadu_ps(w0 + o), _mm512_loadu_ps(zw + o)));
+    _mm512_store_ps(dec + o, vexp(_mm512_mul_ps(_mm512_set1_ps(-R7_DECAY), sw)));
     __m512 kv = _mm512_loadu_ps(k + o);
     _mm512_storeu_ps(k + o, _mm512_mul_ps(kv, _mm512_fmadd_ps(_mm512_sub_ps(a, one), _mm512_loadu_ps(k_a + o), one)));
     _mm512_store_ps(al + o, _mm512_sub_ps(_mm512_setzero_ps(), kk));
@@ -123,7 +123,7 @@ static void r7_head16(int N, float* S, const r7_tok* t, float* out) {
     __m512 vv = _mm512_loadu_ps(v + o);
     if (t->layer0) _mm512_storeu_ps(vf + o, vv);
     else {
-      __m512 gv = sigmoid512(_mm512_add_ps(_mm512_loadu_ps(v0 + o), _mm512_loadu_ps(zv + o)));
+      __m512 gv = vsigmoid(_mm512_add_ps(_mm512_loadu_ps(v0 + o), _mm512_loadu_ps(zv + o)));
       _mm512_storeu_ps(v + o, _mm512_fmadd_ps(_mm512_sub_ps(_mm512_loadu_ps(vf + o), vv), gv, vv));
     }
   }

@@ -318,8 +318,7 @@ static inline AI void f_rows(const rs_mat* m, const rs_act* a, int o, int r0, in
   __m512 acc[4][2];
   for (int i = 0; i < R; i++) acc[i][0] = acc[i][1] = _mm512_setzero_ps();
   for (int k = 0; k < in; k += 32) {
-    if (pf) {  /* not for a row widened into a stack buffer: prefetching past it (unmapped pages above a thread's
-                  stack) made 16-row fp16 products 2-40x slower in some processes on the Zen 1 host */
+    if (pf) {  /* off for rows widened into a stack buffer (see f16_rows_buffered) */
       PF((const char*)m->w + (wo + k) * esz);
       if (esz == 4) PF((const char*)m->w + (wo + k) * esz + 64);
     }
@@ -355,8 +354,7 @@ static inline AI void f_rows(const rs_mat* m, const rs_act* a, int o, int r0, in
   __m256 acc[4][4];
   for (int i = 0; i < R; i++) for (int j = 0; j < 4; j++) acc[i][j] = _mm256_setzero_ps();
   for (int k = 0; k < in; k += 32) {
-    if (pf) {  /* not for a row widened into a stack buffer: prefetching past it (unmapped pages above a thread's
-                  stack) made 16-row fp16 products 2-40x slower in some processes on the Zen 1 host */
+    if (pf) {  /* off for rows widened into a stack buffer (see f16_rows_buffered) */
       PF((const char*)m->w + (wo + k) * esz);
       if (esz == 4) PF((const char*)m->w + (wo + k) * esz + 64);
     }
@@ -392,7 +390,9 @@ static inline int pair_rows16(const rs_mat* m, int n) {
 
 #ifdef RS_AVX2
 /* 16-bit weights for many rows: the weight row widened to fp32 once (exact), then fp32 products 4 rows at a
-   time; each row's sums are f_rows' (same values, same order), so a row's bits do not depend on n */
+   time; each row's sums are f_rows' (same values, same order), so a row's bits do not depend on n. f_rows runs
+   on the stack buffer without prefetch: prefetching past it, into unmapped pages above a thread's stack, made
+   16-row fp16 products 2-40x slower in some processes on the Zen 1 host; widen_row prefetches the weights. */
 static void f16_rows_buffered(const rs_mat* m, const rs_act* a, int n, float* y, int o) {
   float buf[m->in] __attribute__((aligned(64)));
   widen_row(m, (size_t)o * m->in, buf);
@@ -409,8 +409,9 @@ static void f16_rows_buffered(const rs_mat* m, const rs_act* a, int n, float* y,
    four lane classes j (inputs 32c + 8j .. + 7) the partial sums of both weight rows x 4 activation rows in
    registers (6 loads per 8 multiply-adds; f_rows on 4 rows: 5 per 4, and its 16 accumulators spill on 16
    registers), finished as f_rows finishes them: hsum8((p0 + p1) + (p2 + p3)). Bit-identical to f_rows per
-   output, whatever n. Rows beyond a multiple of 4 and an odd last weight row take f16_rows_buffered. */
-static inline AI void f16_block4(const float* wb, int nw, const rs_act* a, int r0, float* y, int out, int o0) {
+   output, whatever n. Rows beyond a multiple of 4 take f_rows on the widened rows; an odd last weight row
+   takes f16_rows_buffered. */
+static inline AI void f16_block4(const float* wb, const rs_act* a, int r0, float* y, int out, int o0) {
   const int in = a->in;
   float part[4][2][4][8] __attribute__((aligned(32)));
   for (int j = 0; j < 4; j++) {
@@ -426,7 +427,7 @@ static inline AI void f16_block4(const float* wb, int nw, const rs_act* a, int r
     }
     for (int w = 0; w < 2; w++) for (int i = 0; i < 4; i++) _mm256_store_ps(part[j][w][i], acc[w][i]);
   }
-  for (int w = 0; w < nw; w++)
+  for (int w = 0; w < 2; w++)
     for (int i = 0; i < 4; i++) {
       __m256 s01 = _mm256_add_ps(_mm256_load_ps(part[0][w][i]), _mm256_load_ps(part[1][w][i]));
       __m256 s23 = _mm256_add_ps(_mm256_load_ps(part[2][w][i]), _mm256_load_ps(part[3][w][i]));
@@ -434,13 +435,16 @@ static inline AI void f16_block4(const float* wb, int nw, const rs_act* a, int r
     }
 }
 static void f16_pair_rows(const rs_mat* m, const rs_act* a, int n, float* y, int u) {
-  const int o0 = 2 * u, nw = o0 + 1 < m->out ? 2 : 1;
-  if (nw == 1) { f16_rows_buffered(m, a, n, y, o0); return; }
+  const int o0 = 2 * u;
+  if (o0 + 1 == m->out) {  /* the odd last row */
+    f16_rows_buffered(m, a, n, y, o0);
+    return;
+  }
   float wb[2 * m->in] __attribute__((aligned(32)));
   widen_row(m, (size_t)o0 * m->in, wb);
   widen_row(m, (size_t)(o0 + 1) * m->in, wb + m->in);
   int r = 0;
-  for (; r + 4 <= n; r += 4) f16_block4(wb, 2, a, r, y, m->out, o0);
+  for (; r + 4 <= n; r += 4) f16_block4(wb, a, r, y, m->out, o0);
   if (r < n) {
     rs_mat row = *m;
     row.kind = K_F32;

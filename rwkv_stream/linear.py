@@ -275,19 +275,13 @@ def int8_products_slowdown() -> float:
     return best(lambda: torch._int_mm(a, b)) / max(best(lambda: af @ bf), 1e-9)
 
 
-_warned_int8 = False
-
-
+@functools.cache
 def warn_if_int8_products_slow() -> None:
-    """One warning per process when ``w8a8`` would run on a CPU where torch's int8 products are slow (see
-    :func:`int8_products_slowdown`): the format is then the slowest, not the fastest, and ``q8_0`` (more
-    accurate too) is the one to use."""
-    global _warned_int8
-    if _warned_int8:
-        return
+    """One warning per process (the check runs once) when ``w8a8`` would run on a CPU where torch's int8
+    products are slow (see :func:`int8_products_slowdown`): the format is then the slowest, not the fastest,
+    and ``q8_0`` (more accurate too) is the one to use."""
     slowdown = int8_products_slowdown()
     if slowdown > SLOW_INT8_FACTOR:
-        _warned_int8 = True
         warnings.warn(
             f"w8a8 on this CPU: torch's int8 matrix products have no fast path here (CPU capability "
             f"{torch.backends.cpu.get_cpu_capability()}; {slowdown:.0f}x slower than fp32 products), so w8a8 "

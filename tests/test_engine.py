@@ -212,18 +212,19 @@ def test_w8a8_warns_once_where_int8_products_are_slow(monkeypatch):
 
     from rwkv_stream import linear
 
-    monkeypatch.setattr(linear, "_warned_int8", False)
+    linear.warn_if_int8_products_slow.cache_clear()
     monkeypatch.setattr(linear, "int8_products_slowdown", lambda: 20.0)
     with pytest.warns(UserWarning, match="w8a8 on this CPU.*20x slower.*use q8_0"):
         linear.W8A8Linear(torch.randn(8, 32))
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         linear.W8A8Linear(torch.randn(8, 32))  # once per process
-    monkeypatch.setattr(linear, "_warned_int8", False)
+    linear.warn_if_int8_products_slow.cache_clear()
     monkeypatch.setattr(linear, "int8_products_slowdown", lambda: 0.5)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         linear.W8A8Linear(torch.randn(8, 32))
+    linear.warn_if_int8_products_slow.cache_clear()  # the next w8a8 model checks this CPU again
 
 
 def test_int8_products_slowdown_is_measured():

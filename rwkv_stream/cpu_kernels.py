@@ -13,10 +13,11 @@ load for the kernel that reads them:
   of 32; integer block sums are exact (``vpdpwssd`` / ``pmaddwd``), scaled and accumulated in fp32, so AVX-512,
   AVX2 and plain C builds give the same bits. AVX2 builds work in 128-bit integer steps, both rows of a pair
   per pass (``q8_pair2``): on cores that split 256-bit work in two (the Zen 1 host of BENCHMARKS.md) that
-  streamed 2.6x faster than 256-bit steps a row at a time.
+  streamed 2.6x faster than 256-bit steps a row at a time; products over 4+ rows take 256-bit steps over 4
+  activation rows (``q8_quad``: one sign extension per 8 multiply-adds).
 
 AVX2 builds run the element-wise work (WKV, gates) with ``vexp``, the AVX-512 arithmetic bit for bit, and
-16-bit products over 4+ rows two weight rows at a time (``f16_pair_rows``, same sums per output).
+16-bit products over 4+ rows three weight rows at a time (``f16_row_triples``, same sums per output).
 
 Weights are prefetched to L2 8 KiB and to L1 1 KiB ahead of the reads (``rs_set_prefetch``).
 A model's packed weights live in one buffer in the order a step reads them, backed by transparent huge
@@ -300,6 +301,46 @@ static inline AI void q8_pair2(const rs_mat* m, const rs_act* a, int p, int r0, 
     if (o + 1 < m->out) yr[o + 1] = hsum8(acc1[i]);
   }
 }
+/* q8 without AVX-512, 4+ activation rows: both rows of pair p against the 4 rows r0.., in 256-bit steps (each
+   step's sign extension then serves 8 multiply-adds, not 2: on the Zen 1 host 6-8% more multiply-adds per second
+   than q8_pair2 twice). Per output the arithmetic of q8_pair2 (a lane is a block in both). */
+static inline AI void q8_quad(const rs_mat* m, const rs_act* a, int p, int r0, float* y) {
+  const int G = m->inp / GRP, nb = m->inp / QB;
+  const uint8_t* base = (const uint8_t*)m->w + (size_t)p * G * PG;
+  __m256 acc0[4], acc1[4];
+  for (int i = 0; i < 4; i++) acc0[i] = acc1[i] = _mm256_setzero_ps();
+  for (int g = 0; g < G; g++) {
+    const uint8_t* blk = base + (size_t)g * PG;
+    const int16_t* ag = a->q + (size_t)r0 * m->inp + g * GRP;
+    __m256i d[4], e[4];  /* rows 2p and 2p+1, blocks 0-7 */
+    for (int i = 0; i < 4; i++) d[i] = e[i] = _mm256_setzero_si256();
+    for (int t = 0; t < 16; t++) {
+      if (!(t & 1)) PF(blk + 32 * t);
+      const uint8_t* wt = blk + 32 + 32 * t;
+      __m256i w0 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i*)wt));
+      __m256i w1 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i*)(wt + 16)));
+      for (int i = 0; i < 4; i++) {
+        __m256i at = _mm256_loadu_si256((const __m256i*)(ag + (size_t)i * m->inp + 16 * t));
+        d[i] = _mm256_add_epi32(d[i], _mm256_madd_epi16(w0, at));
+        e[i] = _mm256_add_epi32(e[i], _mm256_madd_epi16(w1, at));
+      }
+    }
+    PF(blk + 512);
+    __m256 ws0 = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)blk));
+    __m256 ws1 = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(blk + 16)));
+    for (int i = 0; i < 4; i++) {
+      __m256 as = _mm256_loadu_ps(a->qs + (size_t)(r0 + i) * nb + g * 8);
+      acc0[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d[i]), _mm256_mul_ps(ws0, as), acc0[i]);
+      acc1[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(e[i]), _mm256_mul_ps(ws1, as), acc1[i]);
+    }
+  }
+  const int o = 2 * p;
+  for (int i = 0; i < 4; i++) {
+    float* yr = y + (size_t)(r0 + i) * m->out;
+    yr[o] = hsum8(acc0[i]);
+    if (o + 1 < m->out) yr[o + 1] = hsum8(acc1[i]);
+  }
+}
 #endif
 
 #ifdef RS_AVX512
@@ -376,12 +417,12 @@ static inline void widen_row(const rs_mat* m, size_t wo, float* buf) {
 }
 #endif
 
-/* whether a 16-bit product over n rows takes f16_pair_rows: AVX2 builds, 4+ rows, and inputs few enough that the
-   two widened weight rows and 4 activation rows stay in L1 across its four passes (in = 3072 ran 10% slower
-   than f16_rows_buffered on the Zen 1 host, in = 768 7-15% faster) */
-static inline int pair_rows16(const rs_mat* m, int n) {
+/* whether a 16-bit product over n rows takes f16_row_triples: AVX2 builds and 4+ rows (on the Zen 1 host of
+   BENCHMARKS.md, 16 rows: 30-40% faster than two weight rows at a time for in = 768, 24% faster than
+   f16_rows_buffered for in = 3072, the widened rows then spilling from L1 to L2) */
+static inline int row_triples16(const rs_mat* m, int n) {
 #if defined(RS_AVX2) && !defined(RS_AVX512)
-  return (m->kind == K_F16 || m->kind == K_BF16) && n >= 4 && m->in <= 1024;
+  return (m->kind == K_F16 || m->kind == K_BF16) && n >= 4;
 #else
   (void)m; (void)n;
   return 0;
@@ -405,50 +446,51 @@ static void f16_rows_buffered(const rs_mat* m, const rs_act* a, int n, float* y,
 }
 
 #if !defined(RS_AVX512)
-/* AVX2, 16-bit weights, n >= 4 rows: weight rows 2u and 2u+1 widened to fp32 once, then for each of f_rows'
-   four lane classes j (inputs 32c + 8j .. + 7) the partial sums of both weight rows x 4 activation rows in
-   registers (6 loads per 8 multiply-adds; f_rows on 4 rows: 5 per 4, and its 16 accumulators spill on 16
-   registers), finished as f_rows finishes them: hsum8((p0 + p1) + (p2 + p3)). Bit-identical to f_rows per
-   output, whatever n. Rows beyond a multiple of 4 take f_rows on the widened rows; an odd last weight row
-   takes f16_rows_buffered. */
-static inline AI void f16_block4(const float* wb, const rs_act* a, int r0, float* y, int out, int o0) {
+/* AVX2, 16-bit weights, n >= 4 rows: weight rows 3u .. 3u+2 widened to fp32 once, then for each of f_rows'
+   four lane classes j (inputs 32c + 8j .. + 7) the partial sums of the three weight rows x 4 activation rows
+   in registers (12 accumulators, 7 loads per 12 multiply-adds: the activation rows, which outgrow L1 when many,
+   are read a third as often per product as a row at a time), finished as f_rows finishes them:
+   hsum8((p0 + p1) + (p2 + p3)). Bit-identical to f_rows per output, whatever n. Rows beyond a multiple of 4
+   take f_rows on the widened rows; the last one or two weight rows of a matrix (out not a multiple of 3) take
+   f16_rows_buffered. */
+static inline AI void f16_block3x4(const float* wb, const rs_act* a, int r0, float* y, int out, int o0) {
   const int in = a->in;
-  float part[4][2][4][8] __attribute__((aligned(32)));
+  float part[4][3][4][8] __attribute__((aligned(32)));
   for (int j = 0; j < 4; j++) {
-    __m256 acc[2][4];
-    for (int w = 0; w < 2; w++) for (int i = 0; i < 4; i++) acc[w][i] = _mm256_setzero_ps();
+    __m256 acc[3][4];
+    for (int w = 0; w < 3; w++) for (int i = 0; i < 4; i++) acc[w][i] = _mm256_setzero_ps();
     for (int k = 8 * j; k < in; k += 32) {
-      __m256 w0 = _mm256_load_ps(wb + k), w1 = _mm256_load_ps(wb + in + k);
+      __m256 w0 = _mm256_load_ps(wb + k), w1 = _mm256_load_ps(wb + in + k), w2 = _mm256_load_ps(wb + 2 * in + k);
       for (int i = 0; i < 4; i++) {
         __m256 xv = _mm256_loadu_ps(a->x + (size_t)(r0 + i) * in + k);
         acc[0][i] = _mm256_fmadd_ps(w0, xv, acc[0][i]);
         acc[1][i] = _mm256_fmadd_ps(w1, xv, acc[1][i]);
+        acc[2][i] = _mm256_fmadd_ps(w2, xv, acc[2][i]);
       }
     }
-    for (int w = 0; w < 2; w++) for (int i = 0; i < 4; i++) _mm256_store_ps(part[j][w][i], acc[w][i]);
+    for (int w = 0; w < 3; w++) for (int i = 0; i < 4; i++) _mm256_store_ps(part[j][w][i], acc[w][i]);
   }
-  for (int w = 0; w < 2; w++)
+  for (int w = 0; w < 3; w++)
     for (int i = 0; i < 4; i++) {
       __m256 s01 = _mm256_add_ps(_mm256_load_ps(part[0][w][i]), _mm256_load_ps(part[1][w][i]));
       __m256 s23 = _mm256_add_ps(_mm256_load_ps(part[2][w][i]), _mm256_load_ps(part[3][w][i]));
       y[(size_t)(r0 + i) * out + o0 + w] = hsum8(_mm256_add_ps(s01, s23));
     }
 }
-static void f16_pair_rows(const rs_mat* m, const rs_act* a, int n, float* y, int u) {
-  const int o0 = 2 * u;
-  if (o0 + 1 == m->out) {  /* the odd last row */
-    f16_rows_buffered(m, a, n, y, o0);
+static void f16_row_triples(const rs_mat* m, const rs_act* a, int n, float* y, int u) {
+  const int o0 = 3 * u;
+  if (o0 + 3 > m->out) {  /* the last one or two rows */
+    for (int o = o0; o < m->out; o++) f16_rows_buffered(m, a, n, y, o);
     return;
   }
-  float wb[2 * m->in] __attribute__((aligned(32)));
-  widen_row(m, (size_t)o0 * m->in, wb);
-  widen_row(m, (size_t)(o0 + 1) * m->in, wb + m->in);
+  float wb[3 * m->in] __attribute__((aligned(32)));
+  for (int w = 0; w < 3; w++) widen_row(m, (size_t)(o0 + w) * m->in, wb + w * m->in);
   int r = 0;
-  for (; r + 4 <= n; r += 4) f16_block4(wb, a, r, y, m->out, o0);
+  for (; r + 4 <= n; r += 4) f16_block3x4(wb, a, r, y, m->out, o0);
   if (r < n) {
     rs_mat row = *m;
     row.kind = K_F32;
-    for (int w = 0; w < 2; w++) {
+    for (int w = 0; w < 3; w++) {
       row.w = wb + w * m->in;
       for (int rr = r; rr < n; rr++) f_rows(&row, a, o0 + w, rr, 1, y, K_F32, 0, 0);
     }
@@ -464,6 +506,7 @@ static void out_unit(const rs_mat* m, const rs_act* a, int n, float* y, int u) {
     for (; r + 4 <= n; r += 4) q8_pair(m, a, u, r, 4, y, 1);
     for (; r < n; r++) q8_pair(m, a, u, r, 1, y, 4);
 #else
+    for (; r + 4 <= n; r += 4) q8_quad(m, a, u, r, y);
     for (; r + 2 <= n; r += 2) q8_pair2(m, a, u, r, 2, y);
     for (; r < n; r++) q8_pair2(m, a, u, r, 1, y);
 #endif
@@ -472,8 +515,8 @@ static void out_unit(const rs_mat* m, const rs_act* a, int n, float* y, int u) {
   const int o = u;
   if ((m->kind == K_F16 || m->kind == K_BF16) && n >= 4) {
 #if !defined(RS_AVX512)
-    if (pair_rows16(m, n)) {  /* unit u: weight rows 2u, 2u + 1 (see units) */
-      f16_pair_rows(m, a, n, y, u);
+    if (row_triples16(m, n)) {  /* unit u: weight rows 3u .. 3u + 2 (see units) */
+      f16_row_triples(m, a, n, y, u);
       return;
     }
 #endif
@@ -530,11 +573,11 @@ static void out_unit(const rs_mat* m, const rs_act* a, int n, float* y, int u) {
 }
 #endif
 
-/* work units of a product over n rows: row pairs for q8 (and for 16-bit weights over 4+ rows on AVX2, see
-   f16_pair_rows), else output rows */
+/* work units of a product over n rows: row pairs for q8, row triples for 16-bit weights over 4+ rows on AVX2
+   (see f16_row_triples), else output rows */
 static inline int units(const rs_mat* m, int n) {
   if (m->kind == K_Q8) return (m->out + 1) / 2;
-  return pair_rows16(m, n) ? (m->out + 1) / 2 : m->out;
+  return row_triples16(m, n) ? (m->out + 2) / 3 : m->out;
 }
 
 /* how output rows are dealt to threads: 0 (default): static, one contiguous share per thread (one sequential

@@ -689,6 +689,27 @@ static inline vf vsigmoid(vf x) {
 }
 #endif
 
+/* relu(v)^2 in place over count values, shared by the threads of a region (orphaned worksharing, ends in a
+   barrier). Vectors where the build has them: the scalar loop's branch on the sign mispredicted about every
+   other value (3% of a 16-stream step on the Zen 1 host). Same values: max(v, 0) is 0 for NaN and -0 too. */
+static void relu_square_for(float* v, size_t count) {
+#ifdef RS_AVX2
+  #pragma omp for schedule(static)
+  for (size_t b = 0; b < (count + VW - 1) / VW; b++) {
+    size_t e = b * VW;
+    if (e + VW <= count) {
+      vf q = vmax(vload(v + e), vset1(0.0f));
+      vstore(v + e, vmul(q, q));
+    } else {
+      for (; e < count; e++) { float q = v[e] > 0.0f ? v[e] : 0.0f; v[e] = q * q; }
+    }
+  }
+#else
+  #pragma omp for schedule(static)
+  for (size_t e = 0; e < count; e++) { float q = v[e] > 0.0f ? v[e] : 0.0f; v[e] = q * q; }
+#endif
+}
+
 /* token shift over a ragged batch, nm mixes: out_q = prev + mix_q * (cur - prev) (RWKV-4), or with weigh_prev
    out_q = cur + mix_q * (prev - cur) (RWKV-7: the coefficient weighs the previous token, as in its references).
    Stream b's states are at st0 + slots[b] * sstride (slots NULL: b); their row `row` keeps the stream's last row */
@@ -833,8 +854,7 @@ void rs_rwkv4_layer(float* x, int n, int C, int F, float* st0, long sstride, con
     act_quantize_for(&mats[5], ins[5], n, &acts[5]);
     #pragma omp barrier
     multi_for(mats + 4, acts + 4, 2, n, ys_ffn);
-    #pragma omp for schedule(static)
-    for (size_t e = 0; e < (size_t)n * F; e++) { float v = big[e] > 0.0f ? big[e] : 0.0f; big[e] = v * v; }
+    relu_square_for(big, (size_t)n * F);
     act_quantize_for(&mats[6], big, n, &acts[6]);
     #pragma omp barrier
     multi_for(mats + 6, acts + 6, 1, n, ys_val);

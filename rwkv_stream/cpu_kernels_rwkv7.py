@@ -264,8 +264,7 @@ void rs_rwkv7_layer(float* x, int n, int C, int F, int H, int N, float* st0, lon
     act_quantize_for(&mats[M7_FK], mixed, n, &acts[M7_FK]);
     #pragma omp barrier
     multi_for(mats + M7_FK, acts + M7_FK, 1, n, ys + M7_FK);
-    #pragma omp for schedule(static)
-    for (size_t e = 0; e < (size_t)n * F; e++) { float q = big[e] > 0.0f ? big[e] : 0.0f; big[e] = q * q; }
+    relu_square_for(big, (size_t)n * F);
     act_quantize_for(&mats[M7_FV], big, n, &acts[M7_FV]);
     #pragma omp barrier
     multi_for(mats + M7_FV, acts + M7_FV, 1, n, ys + M7_FV);

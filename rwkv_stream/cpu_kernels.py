@@ -716,6 +716,7 @@ static void relu_square_for(float* v, size_t count) {
 static void shift_mix(const float* xn, int n, int C, float* st0, long sstride, int row, const int* starts,
                       const int* lens, int B, const int* slots, const float* mix, int nm, int weigh_prev,
                       float* out) {
+  #pragma omp for schedule(static)
   for (int b = 0; b < B; b++) {
     float* keep = st0 + (size_t)(slots ? slots[b] : b) * sstride + (size_t)row * C;
     for (int t = 0; t < lens[b]; t++) {
@@ -733,6 +734,51 @@ static void shift_mix(const float* xn, int n, int C, float* st0, long sstride, i
     }
     if (lens[b] > 0) memcpy(keep, xn + (size_t)(starts[b] + lens[b] - 1) * C, sizeof(float) * C);
   }
+}
+
+/* from this many rows, a layer's norms and token shifts are shared by the threads of its parallel regions (on one
+   row that would only add barriers; the residual adds are shared always, at no barrier's cost) */
+#define PAR_ROWS 4
+/* layer norm of the n rows of x into xn, then shift_mix over them: worksharing loops (rows, then streams), shared
+   by the threads of a region when called inside one, run by the calling thread alone outside */
+static void norm_shift_mix(const float* x, float* xn, int n, int C, const float* lnw, const float* lnb, float* st0,
+                           long sstride, int row, const int* starts, const int* lens, int B, const int* slots,
+                           const float* mix, int nm, int weigh_prev, float* out) {
+  #pragma omp for schedule(static)
+  for (int j = 0; j < n; j++) layer_norm(x + (size_t)j * C, xn + (size_t)j * C, C, lnw, lnb);
+  shift_mix(xn, n, C, st0, sstride, row, starts, lens, B, slots, mix, nm, weigh_prev, out);
+}
+
+/* the channel mix's output: x = (x + sigmoid(r) * v) * post_scale over count values (worksharing, no barrier);
+   vectors of VW, the last count % VW values scalar, whichever thread takes them */
+static void gate_residual_for(float* x, const float* r, const float* v, size_t count, float post_scale) {
+#ifdef RS_AVX2
+  #pragma omp for schedule(static) nowait
+  for (size_t b = 0; b < (count + VW - 1) / VW; b++) {
+    size_t e = b * VW;
+    if (e + VW <= count) {
+      vf y = vadd(vload(x + e), vmul(vsigmoid(vload(r + e)), vload(v + e)));
+      vstore(x + e, post_scale != 1.0f ? vmul(y, vset1(post_scale)) : y);
+      continue;
+    }
+    for (; e < count; e++) {
+      float y = x[e] + sigmoidf(r[e]) * v[e];
+      x[e] = post_scale != 1.0f ? y * post_scale : y;
+    }
+  }
+#else
+  #pragma omp for schedule(static) nowait
+  for (size_t e = 0; e < count; e++) {
+    float y = x[e] + sigmoidf(r[e]) * v[e];
+    x[e] = post_scale != 1.0f ? y * post_scale : y;
+  }
+#endif
+}
+
+/* x += y over count values (worksharing, no barrier) */
+static void add_for(float* x, const float* y, size_t count) {
+  #pragma omp for schedule(static) nowait
+  for (size_t e = 0; e < count; e++) x[e] += y[e];
 }
 
 /* pieces of a layer's parallel regions (orphaned worksharing: every thread of the region calls them) */
@@ -786,10 +832,11 @@ void rs_rwkv4_layer(float* x, int n, int C, int F, float* st0, long sstride, con
   float* ys_ffn[2] = {big, kvr};
   float* ys_val[1] = {kvr + nc};
 
-  for (int j = 0; j < n; j++) layer_norm(x + (size_t)j * C, xn + (size_t)j * C, C, ln1w, ln1b);
-  shift_mix(xn, n, C, st0, sstride, 0, starts, lens, B, 0, amix, 3, 0, mixed);
+  const int par = n >= PAR_ROWS;
+  if (!par) norm_shift_mix(x, xn, n, C, ln1w, ln1b, st0, sstride, 0, starts, lens, B, 0, amix, 3, 0, mixed);
   #pragma omp parallel num_threads(nt)
   {
+    if (par) norm_shift_mix(x, xn, n, C, ln1w, ln1b, st0, sstride, 0, starts, lens, B, 0, amix, 3, 0, mixed);
     for (int q = 0; q < 3; q++) act_quantize_for(&mats[q], ins[q], n, &acts[q]);
     #pragma omp barrier
     multi_for(mats, acts, 3, n, ys_att);
@@ -843,13 +890,12 @@ void rs_rwkv4_layer(float* x, int n, int C, int F, float* st0, long sstride, con
     act_quantize_for(&mats[3], xn, n, &acts[3]);
     #pragma omp barrier
     multi_for(mats + 3, acts + 3, 1, n, ys_out);
+    add_for(x, kvr, nc);
   }
-  for (size_t e = 0; e < nc; e++) x[e] += kvr[e];
-
-  for (int j = 0; j < n; j++) layer_norm(x + (size_t)j * C, xn + (size_t)j * C, C, ln2w, ln2b);
-  shift_mix(xn, n, C, st0, sstride, 4, starts, lens, B, 0, fmix, 2, 0, mixed);
+  if (!par) norm_shift_mix(x, xn, n, C, ln2w, ln2b, st0, sstride, 4, starts, lens, B, 0, fmix, 2, 0, mixed);
   #pragma omp parallel num_threads(nt)
   {
+    if (par) norm_shift_mix(x, xn, n, C, ln2w, ln2b, st0, sstride, 4, starts, lens, B, 0, fmix, 2, 0, mixed);
     act_quantize_for(&mats[4], ins[4], n, &acts[4]);
     act_quantize_for(&mats[5], ins[5], n, &acts[5]);
     #pragma omp barrier
@@ -858,17 +904,7 @@ void rs_rwkv4_layer(float* x, int n, int C, int F, float* st0, long sstride, con
     act_quantize_for(&mats[6], big, n, &acts[6]);
     #pragma omp barrier
     multi_for(mats + 6, acts + 6, 1, n, ys_val);
-  }
-  size_t e0 = 0;
-#ifdef RS_AVX2
-  for (; e0 + VW <= nc; e0 += VW) {
-    vf v = vadd(vload(x + e0), vmul(vsigmoid(vload(kvr + e0)), vload(kvr + nc + e0)));
-    vstore(x + e0, post_scale != 1.0f ? vmul(v, vset1(post_scale)) : v);
-  }
-#endif
-  for (size_t e = e0; e < nc; e++) {
-    float v = x[e] + sigmoidf(kvr[e]) * kvr[nc + e];
-    x[e] = post_scale != 1.0f ? v * post_scale : v;
+    gate_residual_for(x, kvr, kvr + nc, nc, post_scale);
   }
   free(xn); free(mixed); free(kvr); free(big); free(abuf);
 }

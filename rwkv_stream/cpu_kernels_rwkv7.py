@@ -166,10 +166,6 @@ static void r7_head16(int N, float* S, const r7_tok* t, float* out) {
 }
 #endif
 
-static void r7_add(float* x, const float* d, size_t e) {
-  for (size_t i = 0; i < e; i++) x[i] += d[i];
-}
-
 /* one RWKV-7 layer over n rows of B streams (stream b owns rows starts[b] .. + lens[b] - 1): x [n, C] and the
    states (stream b's [att shift C | ffn shift C | S: H x N(value) x N(key)] at st0 + slots[b] * sstride;
    slots NULL: b) in place.
@@ -222,10 +218,15 @@ void rs_rwkv7_layer(float* x, int n, int C, int F, int H, int N, float* st0, lon
   for (int q = 0; q < M7_COUNT; q++) act_init(&mats[q], ins[q], n, &acts[q], abuf + off[q]);
   const int n1 = has_v ? 7 : 6, n2 = has_v ? 4 : 3;
 
-  for (int j = 0; j < n; j++) layer_norm(x + (size_t)j * C, xn + (size_t)j * C, C, vec[V7_LN1W], vec[V7_LN1B]);
-  shift_mix(xn, n, C, st0, sstride, 0, starts, lens, B, slots, vec[V7_MIX], 6, 1, mixed);
+  const int par = n >= PAR_ROWS;  /* norms, token shifts and residual adds shared by the threads */
+  if (!par)
+    norm_shift_mix(x, xn, n, C, vec[V7_LN1W], vec[V7_LN1B], st0, sstride, 0, starts, lens, B, slots, vec[V7_MIX], 6,
+                   1, mixed);
   #pragma omp parallel num_threads(nt)
   {
+    if (par)
+      norm_shift_mix(x, xn, n, C, vec[V7_LN1W], vec[V7_LN1B], st0, sstride, 0, starts, lens, B, slots, vec[V7_MIX],
+                     6, 1, mixed);
     for (int q = 0; q < n1; q++) act_quantize_for(&mats[q], ins[q], n, &acts[q]);
     #pragma omp barrier
     multi_for(mats, acts, n1, n, ys);
@@ -254,13 +255,16 @@ void rs_rwkv7_layer(float* x, int n, int C, int F, int H, int N, float* st0, lon
     act_quantize_for(&mats[M7_O], yo, n, &acts[M7_O]);
     #pragma omp barrier
     multi_for(mats + M7_O, acts + M7_O, 1, n, ys + M7_O);
+    add_for(x, mixed, nc);
   }
-  r7_add(x, mixed, nc);
-
-  for (int j = 0; j < n; j++) layer_norm(x + (size_t)j * C, xn + (size_t)j * C, C, vec[V7_LN2W], vec[V7_LN2B]);
-  shift_mix(xn, n, C, st0, sstride, 1, starts, lens, B, slots, vec[V7_FXK], 1, 1, mixed);
+  if (!par)
+    norm_shift_mix(x, xn, n, C, vec[V7_LN2W], vec[V7_LN2B], st0, sstride, 1, starts, lens, B, slots, vec[V7_FXK], 1,
+                   1, mixed);
   #pragma omp parallel num_threads(nt)
   {
+    if (par)
+      norm_shift_mix(x, xn, n, C, vec[V7_LN2W], vec[V7_LN2B], st0, sstride, 1, starts, lens, B, slots,
+                     vec[V7_FXK], 1, 1, mixed);
     act_quantize_for(&mats[M7_FK], mixed, n, &acts[M7_FK]);
     #pragma omp barrier
     multi_for(mats + M7_FK, acts + M7_FK, 1, n, ys + M7_FK);
@@ -268,8 +272,8 @@ void rs_rwkv7_layer(float* x, int n, int C, int F, int H, int N, float* st0, lon
     act_quantize_for(&mats[M7_FV], big, n, &acts[M7_FV]);
     #pragma omp barrier
     multi_for(mats + M7_FV, acts + M7_FV, 1, n, ys + M7_FV);
+    add_for(x, mixed, nc);
   }
-  r7_add(x, mixed, nc);
   free(own);
 }
 """

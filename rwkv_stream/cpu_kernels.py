@@ -640,6 +640,7 @@ typedef __m512 vf;
 #define vfmadd _mm512_fmadd_ps
 #define vfnmadd _mm512_fnmadd_ps
 #define vround(v) _mm512_roundscale_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC)
+#define vsum _mm512_reduce_add_ps
 static inline vf vscale2(vf p, vf n) { return _mm512_scalef_ps(p, n); }  /* p * 2^n, one rounding */
 #elif defined(RS_AVX2)
 typedef __m256 vf;
@@ -657,6 +658,7 @@ typedef __m256 vf;
 #define vfmadd _mm256_fmadd_ps
 #define vfnmadd _mm256_fnmadd_ps
 #define vround(v) _mm256_round_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC)
+#define vsum hsum8
 /* scalef(p, n) as p * 2^a * 2^b with a = n >> 1, b = n - a: both powers are normal for n in [-150, 128], the
    first product is exact and the second rounds once, as scalef does (checked against ldexpf on 1e9 inputs) */
 static inline vf vscale2(vf p, vf n) {

@@ -90,78 +90,78 @@ static void r7_head_scalar(int N, float* S, const r7_tok* t, float* out) {
   for (int i = 0; i < N; i++) out[c0 + i] = ((y[i] - mean) * rstd * lw[i] + lb[i] + bonus * v[i]) * zg[i];
 }
 
-#ifdef RS_AVX512
-/* the same for N a multiple of 16 (16 channels a vector; sums as vector partials, then one fixed reduction) */
-static void r7_head16(int N, float* S, const r7_tok* t, float* out) {
-  const int c0 = t->c0, nv = N / 16;
+#ifdef RS_AVX2
+/* the same for N a multiple of VW (VW channels a vector, the widest of the build; sums as vector partials, then
+   one fixed reduction) */
+static void r7_head_vec(int N, float* S, const r7_tok* t, float* out) {
+  const int c0 = t->c0, nv = N / VW;
   const float *w0 = t->vec[V7_W0] + c0, *a0 = t->vec[V7_A0] + c0, *v0 = t->vec[V7_V0] + c0;
   const float *k_k = t->vec[V7_KK] + c0, *k_a = t->vec[V7_KA] + c0, *r_k = t->vec[V7_RK] + c0;
   const float *lw = t->vec[V7_LNXW] + c0, *lb = t->vec[V7_LNXB] + c0;
   const float *r = t->r + c0, *zw = t->zw + c0, *za = t->za + c0, *zg = t->zg + c0, *zv = t->zv + c0;
-  float *k = t->k + c0, *v = t->v + c0, *vf = t->vf + c0;
+  float *k = t->k + c0, *v = t->v + c0, *vfirst = t->vf + c0;
   float dec[N] __attribute__((aligned(64))), al[N] __attribute__((aligned(64)));
   float be[N] __attribute__((aligned(64))), y[N] __attribute__((aligned(64)));
-  const __m512 one = _mm512_set1_ps(1.0f);
-  __m512 ssv = _mm512_setzero_ps();
+  const vf one = vset1(1.0f);
+  vf ssv = vzero();
   for (int q = 0; q < nv; q++) {
-    __m512 kk = _mm512_mul_ps(_mm512_loadu_ps(k + 16 * q), _mm512_loadu_ps(k_k + 16 * q));
-    _mm512_store_ps(al + 16 * q, kk);
-    ssv = _mm512_fmadd_ps(kk, kk, ssv);
+    vf kk = vmul(vload(k + VW * q), vload(k_k + VW * q));
+    vstore(al + VW * q, kk);
+    ssv = vfmadd(kk, kk, ssv);
   }
-  float nrm = sqrtf(_mm512_reduce_add_ps(ssv));
-  const __m512 vn = _mm512_set1_ps(nrm > 1e-12f ? nrm : 1e-12f);
+  float nrm = sqrtf(vsum(ssv));
+  const vf vn = vset1(nrm > 1e-12f ? nrm : 1e-12f);
   for (int q = 0; q < nv; q++) {
-    const int o = 16 * q;
-    __m512 kk = _mm512_div_ps(_mm512_load_ps(al + o), vn);
-    __m512 a = vsigmoid(_mm512_add_ps(_mm512_loadu_ps(a0 + o), _mm512_loadu_ps(za + o)));
-    __m512 sw = vsigmoid(_mm512_add_ps(_mm512_loadu_ps(w0 + o), _mm512_loadu_ps(zw + o)));
-    _mm512_store_ps(dec + o, vexp(_mm512_mul_ps(_mm512_set1_ps(-R7_DECAY), sw)));
-    __m512 kv = _mm512_loadu_ps(k + o);
-    _mm512_storeu_ps(k + o, _mm512_mul_ps(kv, _mm512_fmadd_ps(_mm512_sub_ps(a, one), _mm512_loadu_ps(k_a + o), one)));
-    _mm512_store_ps(al + o, _mm512_sub_ps(_mm512_setzero_ps(), kk));
-    _mm512_store_ps(be + o, _mm512_mul_ps(kk, a));
-    __m512 vv = _mm512_loadu_ps(v + o);
-    if (t->layer0) _mm512_storeu_ps(vf + o, vv);
+    const int o = VW * q;
+    vf kk = vdiv(vload(al + o), vn);
+    vf a = vsigmoid(vadd(vload(a0 + o), vload(za + o)));
+    vf sw = vsigmoid(vadd(vload(w0 + o), vload(zw + o)));
+    vstore(dec + o, vexp(vmul(vset1(-R7_DECAY), sw)));
+    vf kv = vload(k + o);
+    vstore(k + o, vmul(kv, vfmadd(vsub(a, one), vload(k_a + o), one)));
+    vstore(al + o, vsub(vzero(), kk));
+    vstore(be + o, vmul(kk, a));
+    vf vv = vload(v + o);
+    if (t->layer0) vstore(vfirst + o, vv);
     else {
-      __m512 gv = vsigmoid(_mm512_add_ps(_mm512_loadu_ps(v0 + o), _mm512_loadu_ps(zv + o)));
-      _mm512_storeu_ps(v + o, _mm512_fmadd_ps(_mm512_sub_ps(_mm512_loadu_ps(vf + o), vv), gv, vv));
+      vf gv = vsigmoid(vadd(vload(v0 + o), vload(zv + o)));
+      vstore(v + o, vfmadd(vsub(vload(vfirst + o), vv), gv, vv));
     }
   }
   for (int i = 0; i < N; i++) {
     float* s = S + (size_t)i * N;
-    __m512 sav = _mm512_setzero_ps();
-    for (int q = 0; q < nv; q++) sav = _mm512_fmadd_ps(_mm512_loadu_ps(s + 16 * q), _mm512_load_ps(al + 16 * q), sav);
-    const __m512 sa = _mm512_set1_ps(_mm512_reduce_add_ps(sav)), vi = _mm512_set1_ps(v[i]);
-    __m512 yv = _mm512_setzero_ps();
+    vf sav = vzero();
+    for (int q = 0; q < nv; q++) sav = vfmadd(vload(s + VW * q), vload(al + VW * q), sav);
+    const vf sa = vset1(vsum(sav)), vi = vset1(v[i]);
+    vf yv = vzero();
     for (int q = 0; q < nv; q++) {
-      const int o = 16 * q;
-      __m512 add = _mm512_fmadd_ps(sa, _mm512_load_ps(be + o), _mm512_mul_ps(vi, _mm512_loadu_ps(k + o)));
-      __m512 e = _mm512_fmadd_ps(_mm512_loadu_ps(s + o), _mm512_load_ps(dec + o), add);
-      _mm512_storeu_ps(s + o, e);
-      yv = _mm512_fmadd_ps(e, _mm512_loadu_ps(r + o), yv);
+      const int o = VW * q;
+      vf add = vfmadd(sa, vload(be + o), vmul(vi, vload(k + o)));
+      vf e = vfmadd(vload(s + o), vload(dec + o), add);
+      vstore(s + o, e);
+      yv = vfmadd(e, vload(r + o), yv);
     }
-    y[i] = _mm512_reduce_add_ps(yv);
+    y[i] = vsum(yv);
   }
-  __m512 mv = _mm512_setzero_ps(), bv = _mm512_setzero_ps();
+  vf mv = vzero(), bv = vzero();
   for (int q = 0; q < nv; q++) {
-    mv = _mm512_add_ps(mv, _mm512_load_ps(y + 16 * q));
-    bv = _mm512_fmadd_ps(_mm512_mul_ps(_mm512_loadu_ps(r + 16 * q), _mm512_loadu_ps(k + 16 * q)),
-                         _mm512_loadu_ps(r_k + 16 * q), bv);
+    mv = vadd(mv, vload(y + VW * q));
+    bv = vfmadd(vmul(vload(r + VW * q), vload(k + VW * q)), vload(r_k + VW * q), bv);
   }
-  const __m512 mean = _mm512_set1_ps(_mm512_reduce_add_ps(mv) / (float)N);
-  const __m512 bonus = _mm512_set1_ps(_mm512_reduce_add_ps(bv));
-  __m512 var = _mm512_setzero_ps();
+  const vf mean = vset1(vsum(mv) / (float)N);
+  const vf bonus = vset1(vsum(bv));
+  vf var = vzero();
   for (int q = 0; q < nv; q++) {
-    __m512 d = _mm512_sub_ps(_mm512_load_ps(y + 16 * q), mean);
-    var = _mm512_fmadd_ps(d, d, var);
+    vf d = vsub(vload(y + VW * q), mean);
+    var = vfmadd(d, d, var);
   }
-  const __m512 rstd = _mm512_set1_ps(1.0f / sqrtf(_mm512_reduce_add_ps(var) / (float)N + t->eps));
+  const vf rstd = vset1(1.0f / sqrtf(vsum(var) / (float)N + t->eps));
   for (int q = 0; q < nv; q++) {
-    const int o = 16 * q;
-    __m512 yn = _mm512_mul_ps(_mm512_sub_ps(_mm512_load_ps(y + o), mean), rstd);
-    yn = _mm512_fmadd_ps(yn, _mm512_loadu_ps(lw + o), _mm512_loadu_ps(lb + o));
-    yn = _mm512_fmadd_ps(bonus, _mm512_loadu_ps(v + o), yn);
-    _mm512_storeu_ps(out + c0 + o, _mm512_mul_ps(yn, _mm512_loadu_ps(zg + o)));
+    const int o = VW * q;
+    vf yn = vmul(vsub(vload(y + o), mean), rstd);
+    yn = vfmadd(yn, vload(lw + o), vload(lb + o));
+    yn = vfmadd(bonus, vload(v + o), yn);
+    vstore(out + c0 + o, vmul(yn, vload(zg + o)));
   }
 }
 #endif
@@ -246,8 +246,8 @@ void rs_rwkv7_layer(float* x, int n, int C, int F, int H, int N, float* st0, lon
         const size_t row = (size_t)(starts[b] + t) * C;
         r7_tok tk = {r + row, zw + row, za + row, zg + row, zv + row, k + row, v + row, vf + row, vec, h * N,
                      !has_v, eps};
-#ifdef RS_AVX512
-        if (N % 16 == 0) { r7_head16(N, S, &tk, yo + row); continue; }
+#ifdef RS_AVX2
+        if (N % VW == 0) { r7_head_vec(N, S, &tk, yo + row); continue; }
 #endif
         r7_head_scalar(N, S, &tk, yo + row);
       }

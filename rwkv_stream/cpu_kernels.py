@@ -19,7 +19,8 @@ load for the kernel that reads them:
 AVX2 builds run the element-wise work (WKV, gates) with ``vexp``, the AVX-512 arithmetic bit for bit, and
 16-bit products over 4+ rows three weight rows at a time (``f16_row_triples``, same sums per output).
 
-Weights are prefetched to L2 8 KiB and to L1 1 KiB ahead of the reads (``rs_set_prefetch``).
+Weights are prefetched to L2 8 KiB and to L1 1 KiB ahead of the reads (AVX-512 builds), or to L1 8 KiB ahead
+(AVX2 builds) (``rs_set_prefetch``).
 A model's packed weights live in one buffer in the order a step reads them, backed by transparent huge
 pages where Linux allows (:func:`huge_page_buffer`, :func:`rwkv_stream.linear.pack_in_arena`); the bandwidth
 probe (:func:`read_bandwidth`, the floor of BENCHMARKS.md) reads memory placed the same way.
@@ -85,7 +86,7 @@ typedef struct { int kind, out, in, inp; const void* w; const float* s; } rs_mat
 /* activations: fp32 rows (float kinds) or int16 rows in the grouped order with one fp32 scale per block (q8) */
 typedef struct { const float* x; const int16_t* q; const float* qs; int in, inp; } rs_act;
 
-static int g_pf = 8192;  /* software prefetch: to L2 this far ahead (bytes; 0: off), to L1 1 KiB ahead */
+static int g_pf = 8192;  /* software prefetch this far ahead (bytes; 0: off): see PF */
 void rs_set_prefetch(int bytes) { g_pf = bytes; }
 
 int rs_features(void) {
@@ -203,8 +204,14 @@ static inline __m256i dpw256(__m256i d, __m256i w, __m256i a) {  /* exact: |w| <
   return _mm256_add_epi32(d, _mm256_madd_epi16(w, a));
 #endif
 }
+#ifdef RS_AVX512
 #define PF(p) do { if (g_pf) { _mm_prefetch((const char*)(p) + g_pf, _MM_HINT_T1); \
                                _mm_prefetch((const char*)(p) + 1024, _MM_HINT_T0); } } while (0)
+#else
+/* AVX2 builds: one prefetch, to L1 g_pf ahead (on the Zen 1 host the second, near one cost more issue slots than
+   it saved: batch-1 steps 1-8% faster without it, fp16 4%) */
+#define PF(p) do { if (g_pf) _mm_prefetch((const char*)(p) + g_pf, _MM_HINT_T0); } while (0)
+#endif
 #else
 #define PF(p) do { } while (0)
 #endif

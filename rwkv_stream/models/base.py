@@ -33,32 +33,43 @@ LN_EPS = 1e-5
 
 @dataclass
 class Ragged:
-    """Layout of a flat batch: stream ``b`` owns rows ``starts[b] .. starts[b] + lengths[b] - 1``."""
+    """Layout of a flat batch: stream ``b`` owns rows ``starts[b] .. starts[b] + lengths[b] - 1``. The index
+    tensors are built on first use (the compiled CPU layers read only ``lengths``)."""
 
     lengths: list[int]
-    starts: Tensor
-    last: Tensor
-    shift_index: Tensor  # row of cat([previous vectors of the B streams, rows]) that precedes each row
+    device: torch.device
     single_token: bool  # every stream brings exactly one token
 
     @classmethod
     def from_lengths(cls, lengths: Sequence[int], device: torch.device) -> Ragged:
         lengths = [int(n) for n in lengths]
-        n_streams = len(lengths)
-        starts, shift, pos = [], [], 0
-        for b, n in enumerate(lengths):
+        return cls(lengths, device, all(n == 1 for n in lengths))
+
+    @cached_property
+    def starts(self) -> Tensor:
+        starts, pos = [], 0
+        for n in self.lengths:
             starts.append(pos)
+            pos += n
+        return torch.tensor(starts, dtype=torch.long, device=self.device)
+
+    @cached_property
+    def last(self) -> Tensor:
+        return self.starts + torch.tensor(self.lengths, dtype=torch.long, device=self.device) - 1
+
+    @cached_property
+    def shift_index(self) -> Tensor:
+        """Row of ``cat([previous vectors of the B streams, rows])`` that precedes each row."""
+        n_streams, shift, pos = len(self.lengths), [], 0
+        for b, n in enumerate(self.lengths):
             shift.append(b)
             shift.extend(range(n_streams + pos, n_streams + pos + n - 1))
             pos += n
-        starts_t = torch.tensor(starts, dtype=torch.long, device=device)
-        lengths_t = torch.tensor(lengths, dtype=torch.long, device=device)
-        shift_t = torch.tensor(shift, dtype=torch.long, device=device)
-        return cls(lengths, starts_t, starts_t + lengths_t - 1, shift_t, all(n == 1 for n in lengths))
+        return torch.tensor(shift, dtype=torch.long, device=self.device)
 
     @cached_property  # read by every layer's kernel launch: built once per step
     def offsets_i32(self) -> Tensor:
-        ends = torch.tensor(self.lengths, dtype=torch.int32, device=self.starts.device).cumsum(0, dtype=torch.int32)
+        ends = torch.tensor(self.lengths, dtype=torch.int32, device=self.device).cumsum(0, dtype=torch.int32)
         return torch.cat((torch.zeros(1, dtype=torch.int32, device=ends.device), ends))
 
     @cached_property  # the CPU WKV loop's layout, shared by all layers
@@ -67,7 +78,7 @@ class Ragged:
 
     @cached_property
     def slots_i32(self) -> Tensor:
-        return torch.arange(len(self.lengths), dtype=torch.int32, device=self.starts.device)
+        return torch.arange(len(self.lengths), dtype=torch.int32, device=self.device)
 
 
 def token_shift(x: Tensor, prev: Tensor, rag: Ragged) -> Tensor:

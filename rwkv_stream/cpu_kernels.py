@@ -308,6 +308,41 @@ static inline AI void q8_pair2(const rs_mat* m, const rs_act* a, int p, int r0, 
     if (o + 1 < m->out) yr[o + 1] = hsum8(acc1[i]);
   }
 }
+/* q8_pair2 for one activation row (batch 1), its arithmetic per output: the steps in twos, one prefetch per 64
+   bytes with no branch per step, and four named sums the compiler keeps in place (q8_pair2's arrays cost a
+   register copy per sum and step): on the Zen 1 host a 384 x 768 product in L2 took 22 us instead of 28 */
+static inline AI void q8_pair1(const rs_mat* m, const rs_act* a, int p, int r0, float* y) {
+  const int G = m->inp / GRP, nb = m->inp / QB;
+  const uint8_t* base = (const uint8_t*)m->w + (size_t)p * G * PG;
+  __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
+  for (int g = 0; g < G; g++) {
+    const uint8_t* blk = base + (size_t)g * PG;
+    const int16_t* ag = a->q + (size_t)r0 * m->inp + g * GRP;
+    __m128i d0 = _mm_setzero_si128(), d1 = d0, e0 = d0, e1 = d0;
+    for (int t = 0; t < 16; t += 2) {
+      PF(blk + 32 * t);
+      for (int u = 0; u < 2; u++) {
+        const uint8_t* wt = blk + 32 + 32 * (t + u);
+        const int16_t* at = ag + 16 * (t + u);
+        __m128i lo = _mm_loadu_si128((const __m128i*)at), hi = _mm_loadu_si128((const __m128i*)(at + 8));
+        d0 = _mm_add_epi32(d0, _mm_madd_epi16(_mm_cvtepi8_epi16(_mm_loadl_epi64((const __m128i*)wt)), lo));
+        d1 = _mm_add_epi32(d1, _mm_madd_epi16(_mm_cvtepi8_epi16(_mm_loadl_epi64((const __m128i*)(wt + 8))), hi));
+        e0 = _mm_add_epi32(e0, _mm_madd_epi16(_mm_cvtepi8_epi16(_mm_loadl_epi64((const __m128i*)(wt + 16))), lo));
+        e1 = _mm_add_epi32(e1, _mm_madd_epi16(_mm_cvtepi8_epi16(_mm_loadl_epi64((const __m128i*)(wt + 24))), hi));
+      }
+    }
+    PF(blk + 512);
+    __m256 ws0 = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)blk));
+    __m256 ws1 = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(blk + 16)));
+    __m256 as = _mm256_loadu_ps(a->qs + (size_t)r0 * nb + g * 8);
+    acc0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_set_m128i(d1, d0)), _mm256_mul_ps(ws0, as), acc0);
+    acc1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_set_m128i(e1, e0)), _mm256_mul_ps(ws1, as), acc1);
+  }
+  const int o = 2 * p;
+  float* yr = y + (size_t)r0 * m->out;
+  yr[o] = hsum8(acc0);
+  if (o + 1 < m->out) yr[o + 1] = hsum8(acc1);
+}
 /* q8 without AVX-512, 4+ activation rows: both rows of pair p against the 4 rows r0.., in 256-bit steps (each
    step's sign extension then serves 8 multiply-adds, not 2: on the Zen 1 host 6-8% more multiply-adds per second
    than q8_pair2 twice). Per output the arithmetic of q8_pair2 (a lane is a block in both). */
@@ -515,7 +550,7 @@ static void out_unit(const rs_mat* m, const rs_act* a, int n, float* y, int u) {
 #else
     for (; r + 4 <= n; r += 4) q8_quad(m, a, u, r, y);
     for (; r + 2 <= n; r += 2) q8_pair2(m, a, u, r, 2, y);
-    for (; r < n; r++) q8_pair2(m, a, u, r, 1, y);
+    for (; r < n; r++) q8_pair1(m, a, u, r, y);
 #endif
     return;
   }

@@ -1,8 +1,9 @@
 """CPU kernels compiled at run time where a C compiler is present, with the plain torch path as fallback.
 
-What they do (see BENCHMARKS.md, "CPU kernels"): one call per RWKV-4 layer (:func:`rwkv4_layer`: layer norms,
-token shift, the seven matrix products, WKV and the gates over a ragged batch, in place on the residual rows and
-the streams' states) and one matrix product for the head (:class:`KernelLinear`). The weights are packed once at
+What they do (see BENCHMARKS.md, "CPU kernels"): one call and one OpenMP parallel region for all RWKV-4 layers
+(:func:`rwkv4_layers`: per layer the layer norms, token shift, the seven matrix products, WKV and the gates over a
+ragged batch, in place on the residual rows and the streams' states, phases separated by barriers) and one matrix
+product for the head (:class:`KernelLinear`). The weights are packed once at
 load for the kernel that reads them:
 
 - ``float32`` / ``float16`` / ``bfloat16``: the weights as stored, products accumulated in fp32 (fp16 through
@@ -852,104 +853,130 @@ static void multi_for(const rs_mat* mats, const rs_act* acts, int count, int n, 
   }
 }
 
-/* one RWKV-4 layer over n rows of B streams (stream b owns rows starts[b] .. + lens[b] - 1); x [n, C] and the
-   states (stream b's rows att_x, aa, bb, pp, ffn_x at st0 + b * sstride) are updated in place.
-   mats: att key, value, receptance, output, ffn key, receptance, value. Two parallel regions (attention, then
-   channel mix), the products and WKV of each separated by barriers only. */
-void rs_rwkv4_layer(float* x, int n, int C, int F, float* st0, long sstride, const int* starts, const int* lens,
-                    int B, const float* ln1w, const float* ln1b, const float* ln2w, const float* ln2b,
-                    const float* amix, const float* tw, const float* tu, const float* fmix, const rs_mat* mats,
-                    float post_scale, int nt) {
-  size_t nc = (size_t)n * C;
-  float* xn = (float*)malloc(sizeof(float) * nc);
-  float* mixed = (float*)malloc(sizeof(float) * 3 * nc);
-  float* kvr = (float*)malloc(sizeof(float) * 3 * nc);
-  float* big = (float*)malloc(sizeof(float) * (size_t)n * F);
-  rs_act acts[7];
-  size_t off[8] = {0};
-  for (int q = 0; q < 7; q++) off[q + 1] = off[q] + act_bytes(&mats[q], n);
-  char* abuf = (char*)malloc(off[7] + 64);
+/* a layer's weights: vectors fp32 [C] (amix [3, C]: k, v, r; fmix [2, C]: k, r; tw = -exp(time_decay), tu =
+   time_first); mats: att key, value, receptance, output, ffn key, receptance, value; post_scale multiplies the
+   layer's output rows (0.5 where float16 halves the residual, else 1) */
+typedef struct {
+  const float *ln1w, *ln1b, *ln2w, *ln2b, *amix, *tw, *tu, *fmix;
+  const rs_mat* mats;
+  float post_scale;
+} rs_layer4;
+
+/* the WKV recurrence of a layer over every stream's rows, token by token (worksharing over channels, ends in a
+   barrier): writes sigmoid(r) * wkv into out and advances the aa, bb, pp rows of the states */
+static void wkv4_for(const float* k, const float* v, const float* r, const float* tw, const float* tu, int C,
+                     float* st0, long sstride, const int* starts, const int* lens, int B, float* out) {
+#ifdef RS_AVX2
+  #pragma omp for schedule(static)
+  for (int cb = 0; cb < C / VW; cb++) {  /* VW channels a time, each channel's arithmetic the scalar loop's */
+    const int c = cb * VW;
+    const vf u = vload(tu + c), w = vload(tw + c);
+    for (int b = 0; b < B; b++) {
+      float* s = st0 + (size_t)b * sstride;
+      vf aa = vload(s + C + c), bb = vload(s + 2 * C + c);
+      vf pp = vload(s + 3 * C + c);
+      for (int t = 0; t < lens[b]; t++) {
+        size_t j = (size_t)(starts[b] + t) * C + c;
+        vf kk = vload(k + j), vv = vload(v + j);
+        vf ww = vadd(u, kk), q = vmax(ww, pp);
+        vf e1 = vexp(vsub(pp, q)), e2 = vexp(vsub(ww, q));
+        vf wkv = vdiv(vadd(vmul(e1, aa), vmul(e2, vv)), vadd(vmul(e1, bb), e2));
+        ww = vadd(pp, w); q = vmax(kk, ww);
+        e1 = vexp(vsub(ww, q)); e2 = vexp(vsub(kk, q));
+        aa = vadd(vmul(e1, aa), vmul(e2, vv));
+        bb = vadd(vmul(e1, bb), e2);
+        pp = q;
+        vstore(out + j, vmul(vsigmoid(vload(r + j)), wkv));
+      }
+      vstore(s + C + c, aa); vstore(s + 2 * C + c, bb); vstore(s + 3 * C + c, pp);
+    }
+  }
+#else
+  #pragma omp for schedule(static)
+  for (int c = 0; c < C; c++) {
+    for (int b = 0; b < B; b++) {
+      float* s = st0 + (size_t)b * sstride;
+      float aa = s[C + c], bb = s[2 * C + c], pp = s[3 * C + c];
+      for (int t = 0; t < lens[b]; t++) {
+        size_t j = (size_t)(starts[b] + t) * C + c;
+        float kk = k[j], vv = v[j];
+        float ww = tu[c] + kk, q = pp > ww ? pp : ww;
+        float e1 = expf(pp - q), e2 = expf(ww - q);
+        float wkv = (e1 * aa + e2 * vv) / (e1 * bb + e2);
+        ww = pp + tw[c]; q = ww > kk ? ww : kk;
+        e1 = expf(ww - q); e2 = expf(kk - q);
+        aa = e1 * aa + e2 * vv; bb = e1 * bb + e2; pp = q;
+        out[j] = sigmoidf(r[j]) * wkv;
+      }
+      s[C + c] = aa; s[2 * C + c] = bb; s[3 * C + c] = pp;
+    }
+  }
+#endif
+}
+
+/* one RWKV-4 layer over n rows of B streams (stream b owns rows starts[b] .. + lens[b] - 1), in place on x [n, C]
+   and the states (stream b's rows att_x, aa, bb, pp, ffn_x at st0 + b * sstride); called by every thread of a
+   parallel region (worksharing and barriers only). Scratch: xn [n, C], mixed and kvr [3, n, C], big [n, F], abuf
+   the quantized activations (layer4_act_bytes). */
+static void layer4(float* x, int n, int C, int F, float* st0, long sstride, const int* starts, const int* lens,
+                   int B, const rs_layer4* L, float* xn, float* mixed, float* kvr, float* big, char* abuf) {
+  const size_t nc = (size_t)n * C;
+  const rs_mat* mats = L->mats;
   const float* ins[7] = {mixed, mixed + nc, mixed + 2 * nc, xn, mixed, mixed + nc, big};
-  for (int q = 0; q < 7; q++) act_init(&mats[q], ins[q], n, &acts[q], abuf + off[q]);
+  rs_act acts[7];
+  for (int q = 0; q < 7; q++) {
+    act_init(&mats[q], ins[q], n, &acts[q], abuf);
+    abuf += act_bytes(&mats[q], n);
+  }
   float* ys_att[3] = {kvr, kvr + nc, kvr + 2 * nc};
   float* ys_out[1] = {kvr};
   float* ys_ffn[2] = {big, kvr};
   float* ys_val[1] = {kvr + nc};
 
-  const int par = n >= PAR_ROWS;
-  if (!par) norm_shift_mix(x, xn, n, C, ln1w, ln1b, st0, sstride, 0, starts, lens, B, 0, amix, 3, 0, mixed);
+  norm_shift_mix(x, xn, n, C, L->ln1w, L->ln1b, st0, sstride, 0, starts, lens, B, 0, L->amix, 3, 0, mixed);
+  for (int q = 0; q < 3; q++) act_quantize_for(&mats[q], ins[q], n, &acts[q]);
+  #pragma omp barrier
+  multi_for(mats, acts, 3, n, ys_att);
+  wkv4_for(kvr, kvr + nc, kvr + 2 * nc, L->tw, L->tu, C, st0, sstride, starts, lens, B, xn);
+  act_quantize_for(&mats[3], xn, n, &acts[3]);
+  #pragma omp barrier
+  multi_for(mats + 3, acts + 3, 1, n, ys_out);
+  add_for(x, kvr, nc);
+  #pragma omp barrier
+
+  norm_shift_mix(x, xn, n, C, L->ln2w, L->ln2b, st0, sstride, 4, starts, lens, B, 0, L->fmix, 2, 0, mixed);
+  act_quantize_for(&mats[4], ins[4], n, &acts[4]);
+  act_quantize_for(&mats[5], ins[5], n, &acts[5]);
+  #pragma omp barrier
+  multi_for(mats + 4, acts + 4, 2, n, ys_ffn);
+  relu_square_for(big, (size_t)n * F);
+  act_quantize_for(&mats[6], big, n, &acts[6]);
+  #pragma omp barrier
+  multi_for(mats + 6, acts + 6, 1, n, ys_val);
+  gate_residual_for(x, kvr, kvr + nc, nc, L->post_scale);
+  #pragma omp barrier
+}
+
+static size_t layer4_act_bytes(const rs_mat* mats, int n) {
+  size_t total = 64;
+  for (int q = 0; q < 7; q++) total += act_bytes(&mats[q], n);
+  return total;
+}
+
+/* the count layers of RWKV-4 in one call and one parallel region (see layer4): x [n, C]; layer l's states at
+   st + l * lstride (stream b's at + b * sstride) */
+void rs_rwkv4_layers(float* x, int n, int C, int F, float* st, long lstride, long sstride, const int* starts,
+                     const int* lens, int B, const rs_layer4* layers, int count, int nt) {
+  if (count <= 0) return;
+  size_t nc = (size_t)n * C;
+  float* xn = (float*)malloc(sizeof(float) * nc);
+  float* mixed = (float*)malloc(sizeof(float) * 3 * nc);
+  float* kvr = (float*)malloc(sizeof(float) * 3 * nc);
+  float* big = (float*)malloc(sizeof(float) * (size_t)n * F);
+  char* abuf = (char*)malloc(layer4_act_bytes(layers[0].mats, n));  /* every layer's matrices have the same shapes */
   #pragma omp parallel num_threads(nt)
-  {
-    if (par) norm_shift_mix(x, xn, n, C, ln1w, ln1b, st0, sstride, 0, starts, lens, B, 0, amix, 3, 0, mixed);
-    for (int q = 0; q < 3; q++) act_quantize_for(&mats[q], ins[q], n, &acts[q]);
-    #pragma omp barrier
-    multi_for(mats, acts, 3, n, ys_att);
-    const float *k = kvr, *v = kvr + nc, *r = kvr + 2 * nc;
-#ifdef RS_AVX2
-    #pragma omp for schedule(static)
-    for (int cb = 0; cb < C / VW; cb++) {  /* VW channels a time, each channel's arithmetic the scalar loop's */
-      const int c = cb * VW;
-      const vf u = vload(tu + c), w = vload(tw + c);
-      for (int b = 0; b < B; b++) {
-        float* s = st0 + (size_t)b * sstride;
-        vf aa = vload(s + C + c), bb = vload(s + 2 * C + c);
-        vf pp = vload(s + 3 * C + c);
-        for (int t = 0; t < lens[b]; t++) {
-          size_t j = (size_t)(starts[b] + t) * C + c;
-          vf kk = vload(k + j), vv = vload(v + j);
-          vf ww = vadd(u, kk), q = vmax(ww, pp);
-          vf e1 = vexp(vsub(pp, q)), e2 = vexp(vsub(ww, q));
-          vf wkv = vdiv(vadd(vmul(e1, aa), vmul(e2, vv)), vadd(vmul(e1, bb), e2));
-          ww = vadd(pp, w); q = vmax(kk, ww);
-          e1 = vexp(vsub(ww, q)); e2 = vexp(vsub(kk, q));
-          aa = vadd(vmul(e1, aa), vmul(e2, vv));
-          bb = vadd(vmul(e1, bb), e2);
-          pp = q;
-          vstore(xn + j, vmul(vsigmoid(vload(r + j)), wkv));
-        }
-        vstore(s + C + c, aa); vstore(s + 2 * C + c, bb); vstore(s + 3 * C + c, pp);
-      }
-    }
-#else
-    #pragma omp for schedule(static)
-    for (int c = 0; c < C; c++) {
-      for (int b = 0; b < B; b++) {
-        float* s = st0 + (size_t)b * sstride;
-        float aa = s[C + c], bb = s[2 * C + c], pp = s[3 * C + c];
-        for (int t = 0; t < lens[b]; t++) {
-          size_t j = (size_t)(starts[b] + t) * C + c;
-          float kk = k[j], vv = v[j];
-          float ww = tu[c] + kk, q = pp > ww ? pp : ww;
-          float e1 = expf(pp - q), e2 = expf(ww - q);
-          float wkv = (e1 * aa + e2 * vv) / (e1 * bb + e2);
-          ww = pp + tw[c]; q = ww > kk ? ww : kk;
-          e1 = expf(ww - q); e2 = expf(kk - q);
-          aa = e1 * aa + e2 * vv; bb = e1 * bb + e2; pp = q;
-          xn[j] = sigmoidf(r[j]) * wkv;
-        }
-        s[C + c] = aa; s[2 * C + c] = bb; s[3 * C + c] = pp;
-      }
-    }
-#endif
-    act_quantize_for(&mats[3], xn, n, &acts[3]);
-    #pragma omp barrier
-    multi_for(mats + 3, acts + 3, 1, n, ys_out);
-    add_for(x, kvr, nc);
-  }
-  if (!par) norm_shift_mix(x, xn, n, C, ln2w, ln2b, st0, sstride, 4, starts, lens, B, 0, fmix, 2, 0, mixed);
-  #pragma omp parallel num_threads(nt)
-  {
-    if (par) norm_shift_mix(x, xn, n, C, ln2w, ln2b, st0, sstride, 4, starts, lens, B, 0, fmix, 2, 0, mixed);
-    act_quantize_for(&mats[4], ins[4], n, &acts[4]);
-    act_quantize_for(&mats[5], ins[5], n, &acts[5]);
-    #pragma omp barrier
-    multi_for(mats + 4, acts + 4, 2, n, ys_ffn);
-    relu_square_for(big, (size_t)n * F);
-    act_quantize_for(&mats[6], big, n, &acts[6]);
-    #pragma omp barrier
-    multi_for(mats + 6, acts + 6, 1, n, ys_val);
-    gate_residual_for(x, kvr, kvr + nc, nc, post_scale);
-  }
+  for (int l = 0; l < count; l++)
+    layer4(x, n, C, F, st + (size_t)l * lstride, sstride, starts, lens, B, &layers[l], xn, mixed, kvr, big, abuf);
   free(xn); free(mixed); free(kvr); free(big); free(abuf);
 }
 
@@ -1098,7 +1125,10 @@ def load() -> ctypes.CDLL | None:
         lib.rs_matmul.argtypes = [ctypes.POINTER(RsMat), ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p,
                                   ctypes.c_int]
         lib.rs_matmul.restype = None
-        lib.rs_rwkv4_layer.restype = None
+        lib.rs_rwkv4_layers.restype = None
+        lib.rs_rwkv4_layers.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_void_p,
+                                        ctypes.c_long, ctypes.c_long, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int,
+                                        ctypes.c_void_p, ctypes.c_int, ctypes.c_int]
         lib.rs_features.restype = ctypes.c_int
         lib.rs_read_sum.argtypes = [ctypes.c_void_p, ctypes.c_long, ctypes.c_int]
         lib.rs_read_sum.restype = ctypes.c_uint64
@@ -1254,18 +1284,51 @@ def rwkv4_layer_ready(n_embd: int, ffn_dim: int) -> bool:
     return n_embd % QBLOCK == 0 and ffn_dim % QBLOCK == 0 and load() is not None
 
 
-def rwkv4_layer(lib: ctypes.CDLL, x: Tensor, states: Tensor, layer: int, starts: ctypes.Array, lens: ctypes.Array,
-                params: tuple, post_scale: float) -> None:
-    """One layer in place: ``x`` ``[n, C]`` fp32 contiguous, ``states`` ``[B, L, 5, C]`` fp32 contiguous;
-    ``params`` from :func:`layer_params`."""
+_LAYER4_VECTORS = ("ln1w", "ln1b", "ln2w", "ln2b", "amix", "tw", "tu", "fmix")
+
+
+class RsLayer4(ctypes.Structure):
+    """One RWKV-4 layer as ``rs_rwkv4_layers`` reads it (the tensors and matrices must outlive it)."""
+
+    _fields_ = [
+        *[(name, ctypes.c_void_p) for name in _LAYER4_VECTORS],
+        ("mats", ctypes.POINTER(RsMat)),
+        ("post_scale", ctypes.c_float),
+    ]
+
+
+class LayerTable:
+    """The layers of a model for :func:`rwkv4_layers`: ``rows`` (``rs_layer4[]``) and the matrix arrays its rows
+    point into."""
+
+    def __init__(self, vectors: list[list[Tensor]], mats: list[list[RsMat]], post_scales: list[float]) -> None:
+        self.rows = (RsLayer4 * len(vectors))()
+        self._mat_arrays = []
+        for row, vecs, ms, scale in zip(self.rows, vectors, mats, post_scales, strict=True):
+            assert len(vecs) == len(_LAYER4_VECTORS) and len(ms) == 7
+            assert all(v.is_contiguous() and v.dtype == torch.float32 for v in vecs)
+            for name, v in zip(_LAYER4_VECTORS, vecs, strict=True):
+                setattr(row, name, v.data_ptr())
+            arr = (RsMat * 7)(*ms)
+            row.mats = ctypes.cast(arr, ctypes.POINTER(RsMat))
+            row.post_scale = scale
+            self._mat_arrays.append(arr)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+
+def rwkv4_layer_table(vectors: list[list[Tensor]], mats: list[list[RsMat]], post_scales: list[float]) -> LayerTable:
+    """Per layer the vectors ln1 w/b, ln2 w/b, att mix, -exp(decay), time_first, ffn mix (fp32, contiguous), the 7
+    packed matrices in ``rs_layer4``'s order and the post scale."""
+    return LayerTable(vectors, mats, post_scales)
+
+
+def rwkv4_layers(lib: ctypes.CDLL, x: Tensor, states: Tensor, starts: ctypes.Array, lens: ctypes.Array,
+                 table: LayerTable, ffn_dim: int) -> None:
+    """Every layer in one call, in place: ``x`` ``[n, C]`` fp32 contiguous, ``states`` ``[B, L, 5, C]`` fp32
+    contiguous; ``table`` from :func:`rwkv4_layer_table`."""
     n, C = x.shape
     L = states.shape[1]
-    st = states.data_ptr() + layer * 5 * C * 4
-    lib.rs_rwkv4_layer(ctypes.c_void_p(x.data_ptr()), n, C, params[0], ctypes.c_void_p(st), ctypes.c_long(L * 5 * C),
-                       starts, lens, len(starts), *params[1:], ctypes.c_float(post_scale), torch.get_num_threads())
-
-
-def layer_params(ffn_dim: int, vectors: list[Tensor], mats: list[RsMat]) -> tuple:
-    """Arguments of ``rs_rwkv4_layer`` that do not change per call (the tensors must outlive them)."""
-    arr = (RsMat * len(mats))(*mats)
-    return (ffn_dim, *[ctypes.c_void_p(v.data_ptr()) for v in vectors], arr)
+    lib.rs_rwkv4_layers(x.data_ptr(), n, C, ffn_dim, states.data_ptr(), 5 * C, L * 5 * C, starts, lens, len(starts),
+                        table.rows, len(table), torch.get_num_threads())

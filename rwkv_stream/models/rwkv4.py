@@ -27,8 +27,8 @@ from ..wkv import wkv_ragged
 from .base import LN_EPS, Ragged, RecurrentModel, token_shift
 
 ATT_X, FFN_X = ROWS.index("att_x"), ROWS.index("ffn_x")  # state rows the token shifts keep
-# formats whose CPU steps run one compiled call per layer (rwkv_stream.cpu_kernels) where a compiler is present.
-# float32, the default, stays on the torch path (MKL): the kernels compute a product 1-4 rows at a time, which
+# formats whose CPU steps run all layers in one compiled call (rwkv_stream.cpu_kernels) where a compiler is
+# present. float32, the default, stays on the torch path (MKL): the kernels compute a product 1-4 rows at a time, which
 # made prefill and the batch-invariant steps of sessions (spaCy nlp.pipe, Kafka batches) about 4x slower
 # (nlp.pipe 1,783 vs 7,277 words per CPU-second), and the default format's bits would then depend on whether
 # the machine has a compiler.
@@ -124,18 +124,21 @@ class Rwkv4Model(RecurrentModel):
             self.head_linear = mat("head.weight")
         if fused:  # in the order a step reads them, in huge pages (the params below copy the pointers)
             self._arena = pack_in_arena([*self.linears(), self.head_linear])  # type: ignore[list-item]
-        self._fused_params = [self._layer_params(layer) for layer in self.layers] if fused else []
+        self._fused_layers = self._layer_table() if fused else None
         w8_lib = w8a8_cpu.load() if dev.type == "cpu" and self.weight_format == "w8a8" and self.layers else None
         self._w8 = None if w8_lib is None else w8a8_cpu.W8A8Layers(w8_lib, self.layers, cfg.n_embd, cfg.ffn_dim,
                                                                     self.ln_out)
 
-    def _layer_params(self, layer: _Layer) -> tuple:
-        mats = (layer.att_key, layer.att_value, layer.att_receptance, layer.att_output,
-                layer.ffn_key, layer.ffn_receptance, layer.ffn_value)
-        assert all(isinstance(m, KernelLinear) for m in mats)
-        vectors = [*layer.ln1, *layer.ln2, layer.att_mix, layer.w, layer.u, layer.ffn_mix]
-        assert all(v.is_contiguous() and v.dtype == torch.float32 for v in vectors)
-        return cpu_kernels.layer_params(self.config.ffn_dim, vectors, [m.mat for m in mats])  # type: ignore[union-attr]
+    def _layer_table(self) -> cpu_kernels.LayerTable:
+        vectors, mats, scales = [], [], []
+        for i, layer in enumerate(self.layers):
+            lins = (layer.att_key, layer.att_value, layer.att_receptance, layer.att_output,
+                    layer.ffn_key, layer.ffn_receptance, layer.ffn_value)
+            assert all(isinstance(m, KernelLinear) for m in lins)
+            vectors.append([*layer.ln1, *layer.ln2, layer.att_mix, layer.w, layer.u, layer.ffn_mix])
+            mats.append([m.mat for m in lins])  # type: ignore[union-attr]
+            scales.append(0.5 if self._rescale and (i + 1) % FP16_RESCALE_EVERY == 0 else 1.0)
+        return cpu_kernels.rwkv4_layer_table(vectors, mats, scales)
 
     def linears(self) -> list[Linear]:
         return [lin for layer in self.layers for lin in (
@@ -167,10 +170,10 @@ class Rwkv4Model(RecurrentModel):
         return self._norm_out(x)
 
     def _run_fused(self, ids: Tensor, states: Tensor, rag: Ragged) -> Tensor:
-        """The CPU network with one compiled call per layer (:func:`rwkv_stream.cpu_kernels.rwkv4_layer`):
-        every row on its own except the WKV recurrence, token by token within each stream, so a stream's bits
-        depend neither on its batch mates nor on how its tokens are split into steps."""
-        assert self._lib is not None
+        """The CPU network in one compiled call (:func:`rwkv_stream.cpu_kernels.rwkv4_layers`): every row on its
+        own except the WKV recurrence, token by token within each stream, so a stream's bits depend neither on
+        its batch mates nor on how its tokens are split into steps."""
+        assert self._lib is not None and self._fused_layers is not None
         x = self.emb[ids].to(torch.float32).contiguous()
         work = states if states.is_contiguous() and states.dtype == torch.float32 else states.float().contiguous()
         starts, pos = [], 0
@@ -179,9 +182,7 @@ class Rwkv4Model(RecurrentModel):
             pos += n
         c_starts = (ctypes.c_int * len(starts))(*starts)
         c_lens = (ctypes.c_int * len(starts))(*rag.lengths)
-        for i, params in enumerate(self._fused_params):
-            halve = self._rescale and (i + 1) % FP16_RESCALE_EVERY == 0
-            cpu_kernels.rwkv4_layer(self._lib, x, work, i, c_starts, c_lens, params, 0.5 if halve else 1.0)
+        cpu_kernels.rwkv4_layers(self._lib, x, work, c_starts, c_lens, self._fused_layers, self.config.ffn_dim)
         if work is not states:
             states.copy_(work)
         return self._norm_out(x)

@@ -1,9 +1,10 @@
-"""Compiled CPU kernels for RWKV-7 ("x070"): one C call per layer (:func:`run_layers`), fp16 / bf16 / q8_0.
+"""Compiled CPU kernels for RWKV-7 ("x070"): all layers in one C call and one OpenMP parallel region
+(:func:`run_layers`), fp16 / bf16 / q8_0.
 
-The layer (equations in ``shared/notes/rwkv7-facts.md``) over a ragged batch, in place on the residual rows and
-the streams' states, in two OpenMP regions:
+Each layer (equations in ``shared/notes/rwkv7-facts.md``) over a ragged batch, in place on the residual rows and
+the streams' states, in phases separated by barriers:
 
-1. time mix: layer norm and the six token-shift lerps (serial, cheap); then in one parallel region the seven
+1. time mix: layer norm and the six token-shift lerps (rows, then streams, shared by the threads); then the seven
    products that read the lerps (``W_r, W_k, W_v`` and the first matrices of the four low-rank paths) as one
    work list, ``tanh`` / ``sigmoid`` of the low-rank hiddens, the four second low-rank products as one list,
    then per (stream, head) the element-wise work (decay, in-context rate, ``kk``, ``k`` update, value
@@ -184,20 +185,27 @@ static size_t r7_sizes(int n, int C, int F, const rs_mat* mats, int has_v, size_
   for (int i = 0; i < 6; i++) { if (part) part[i] = b[i]; t += r7_al(b[i]); }
   return t;
 }
-/* bytes of scratch rs_rwkv7_layer needs for n rows (64-byte aligned pieces) */
+/* bytes of scratch a layer needs for n rows (64-byte aligned pieces) */
 size_t rs_rwkv7_scratch_bytes(int n, int C, int F, const rs_mat* mats, int has_v) {
   return r7_sizes(n, C, F, mats, has_v, 0);
 }
 
-void rs_rwkv7_layer(float* x, int n, int C, int F, int H, int N, float* st0, long sstride, const int* starts,
-                    const int* lens, int B, const int* slots, const float* const* vec, const rs_mat* mats,
-                    int has_v, float* vf, char* scratch, float eps, int nt) {
+/* a layer as rs_rwkv7_layers reads it: the per-layer vectors (V7_*), the matrices (M7_*), has_v = 0 for layer 0
+   (no value-residual path: mats M7_V1 / M7_V2 are not read) */
+typedef struct { const float* const* vec; const rs_mat* mats; int has_v; } rs_layer7;
+
+/* one layer; every thread of a parallel region calls it (worksharing and barriers only); scratch: at least
+   rs_rwkv7_scratch_bytes */
+static void layer7(float* x, int n, int C, int F, int H, int N, float* st0, long sstride, const int* starts,
+                 const int* lens, int B, const int* slots, const rs_layer7* L, float* vf, char* scratch, float eps) {
+  const float* const* vec = L->vec;
+  const rs_mat* mats = L->mats;
+  const int has_v = L->has_v;
   const size_t nc = (size_t)n * C;
   const int rw = mats[M7_W1].out, ra = mats[M7_A1].out, rg = mats[M7_G1].out;
   size_t part[6];
-  const size_t total = r7_sizes(n, C, F, mats, has_v, part);
-  char* own = scratch ? 0 : (char*)malloc(total);  /* scratch NULL: a buffer of its own */
-  char* p = scratch ? scratch : own;
+  r7_sizes(n, C, F, mats, has_v, part);
+  char* p = scratch;
   p += -(uintptr_t)p & 63;
   float* xn = (float*)r7_take(&p, part[0]);
   float* mixed = (float*)r7_take(&p, part[1]);
@@ -218,62 +226,69 @@ void rs_rwkv7_layer(float* x, int n, int C, int F, int H, int N, float* st0, lon
   for (int q = 0; q < M7_COUNT; q++) act_init(&mats[q], ins[q], n, &acts[q], abuf + off[q]);
   const int n1 = has_v ? 7 : 6, n2 = has_v ? 4 : 3;
 
-  const int par = n >= PAR_ROWS;  /* norms, token shifts and residual adds shared by the threads */
-  if (!par)
-    norm_shift_mix(x, xn, n, C, vec[V7_LN1W], vec[V7_LN1B], st0, sstride, 0, starts, lens, B, slots, vec[V7_MIX], 6,
-                   1, mixed);
-  #pragma omp parallel num_threads(nt)
-  {
-    if (par)
-      norm_shift_mix(x, xn, n, C, vec[V7_LN1W], vec[V7_LN1B], st0, sstride, 0, starts, lens, B, slots, vec[V7_MIX],
-                     6, 1, mixed);
-    for (int q = 0; q < n1; q++) act_quantize_for(&mats[q], ins[q], n, &acts[q]);
-    #pragma omp barrier
-    multi_for(mats, acts, n1, n, ys);
-    #pragma omp for schedule(static)
-    for (int j = 0; j < n; j++) {
-      for (int c = 0; c < rw; c++) hw[(size_t)j * rw + c] = tanhf(hw[(size_t)j * rw + c]);
-      for (int c = 0; c < rg; c++) hg[(size_t)j * rg + c] = r7_sig(hg[(size_t)j * rg + c]);
-    }
-    for (int q = 0; q < n2; q++) act_quantize_for(&mats[M7_W2 + q], ins[M7_W2 + q], n, &acts[M7_W2 + q]);
-    #pragma omp barrier
-    multi_for(mats + M7_W2, acts + M7_W2, n2, n, ys + M7_W2);
-    #pragma omp for schedule(static)
-    for (int u = 0; u < B * H; u++) {
-      const int b = u / H, h = u % H;
-      float* S = st0 + (size_t)(slots ? slots[b] : b) * sstride + 2 * (size_t)C + (size_t)h * N * N;
-      for (int t = 0; t < lens[b]; t++) {
-        const size_t row = (size_t)(starts[b] + t) * C;
-        r7_tok tk = {r + row, zw + row, za + row, zg + row, zv + row, k + row, v + row, vf + row, vec, h * N,
-                     !has_v, eps};
+  norm_shift_mix(x, xn, n, C, vec[V7_LN1W], vec[V7_LN1B], st0, sstride, 0, starts, lens, B, slots, vec[V7_MIX], 6, 1,
+                 mixed);
+  for (int q = 0; q < n1; q++) act_quantize_for(&mats[q], ins[q], n, &acts[q]);
+  #pragma omp barrier
+  multi_for(mats, acts, n1, n, ys);
+  #pragma omp for schedule(static)
+  for (int j = 0; j < n; j++) {
+    for (int c = 0; c < rw; c++) hw[(size_t)j * rw + c] = tanhf(hw[(size_t)j * rw + c]);
+    for (int c = 0; c < rg; c++) hg[(size_t)j * rg + c] = r7_sig(hg[(size_t)j * rg + c]);
+  }
+  for (int q = 0; q < n2; q++) act_quantize_for(&mats[M7_W2 + q], ins[M7_W2 + q], n, &acts[M7_W2 + q]);
+  #pragma omp barrier
+  multi_for(mats + M7_W2, acts + M7_W2, n2, n, ys + M7_W2);
+  #pragma omp for schedule(static)
+  for (int u = 0; u < B * H; u++) {
+    const int b = u / H, h = u % H;
+    float* S = st0 + (size_t)(slots ? slots[b] : b) * sstride + 2 * (size_t)C + (size_t)h * N * N;
+    for (int t = 0; t < lens[b]; t++) {
+      const size_t row = (size_t)(starts[b] + t) * C;
+      r7_tok tk = {r + row, zw + row, za + row, zg + row, zv + row, k + row, v + row, vf + row, vec, h * N,
+                   !has_v, eps};
 #ifdef RS_AVX2
-        if (N % VW == 0) { r7_head_vec(N, S, &tk, yo + row); continue; }
+      if (N % VW == 0) { r7_head_vec(N, S, &tk, yo + row); continue; }
 #endif
-        r7_head_scalar(N, S, &tk, yo + row);
-      }
+      r7_head_scalar(N, S, &tk, yo + row);
     }
-    act_quantize_for(&mats[M7_O], yo, n, &acts[M7_O]);
-    #pragma omp barrier
-    multi_for(mats + M7_O, acts + M7_O, 1, n, ys + M7_O);
-    add_for(x, mixed, nc);
   }
-  if (!par)
-    norm_shift_mix(x, xn, n, C, vec[V7_LN2W], vec[V7_LN2B], st0, sstride, 1, starts, lens, B, slots, vec[V7_FXK], 1,
-                   1, mixed);
+  act_quantize_for(&mats[M7_O], yo, n, &acts[M7_O]);
+  #pragma omp barrier
+  multi_for(mats + M7_O, acts + M7_O, 1, n, ys + M7_O);
+  add_for(x, mixed, nc);
+  #pragma omp barrier
+  norm_shift_mix(x, xn, n, C, vec[V7_LN2W], vec[V7_LN2B], st0, sstride, 1, starts, lens, B, slots, vec[V7_FXK], 1, 1,
+                 mixed);
+  act_quantize_for(&mats[M7_FK], mixed, n, &acts[M7_FK]);
+  #pragma omp barrier
+  multi_for(mats + M7_FK, acts + M7_FK, 1, n, ys + M7_FK);
+  relu_square_for(big, (size_t)n * F);
+  act_quantize_for(&mats[M7_FV], big, n, &acts[M7_FV]);
+  #pragma omp barrier
+  multi_for(mats + M7_FV, acts + M7_FV, 1, n, ys + M7_FV);
+  add_for(x, mixed, nc);
+  #pragma omp barrier
+}
+
+/* the count layers in one call and one parallel region: layer l's states at st + l * lstride (stream b's at +
+   slots[b] * sstride, slots NULL: b); vf [n, C] the value of layer 0; scratch: the largest
+   rs_rwkv7_scratch_bytes of the layers (NULL: allocated here) */
+void rs_rwkv7_layers(float* x, int n, int C, int F, int H, int N, float* st, long lstride, long sstride,
+                     const int* starts, const int* lens, int B, const int* slots, const rs_layer7* layers, int count,
+                     float* vf, char* scratch, float eps, int nt) {
+  char* own = 0;
+  if (!scratch) {
+    size_t need = 0;
+    for (int l = 0; l < count; l++) {
+      size_t b = r7_sizes(n, C, F, layers[l].mats, layers[l].has_v, 0);
+      need = b > need ? b : need;
+    }
+    scratch = own = (char*)malloc(need + 64);
+  }
   #pragma omp parallel num_threads(nt)
-  {
-    if (par)
-      norm_shift_mix(x, xn, n, C, vec[V7_LN2W], vec[V7_LN2B], st0, sstride, 1, starts, lens, B, slots,
-                     vec[V7_FXK], 1, 1, mixed);
-    act_quantize_for(&mats[M7_FK], mixed, n, &acts[M7_FK]);
-    #pragma omp barrier
-    multi_for(mats + M7_FK, acts + M7_FK, 1, n, ys + M7_FK);
-    relu_square_for(big, (size_t)n * F);
-    act_quantize_for(&mats[M7_FV], big, n, &acts[M7_FV]);
-    #pragma omp barrier
-    multi_for(mats + M7_FV, acts + M7_FV, 1, n, ys + M7_FV);
-    add_for(x, mixed, nc);
-  }
+  for (int l = 0; l < count; l++)
+    layer7(x, n, C, F, H, N, st + (size_t)l * lstride, sstride, starts, lens, B, slots, &layers[l], vf, scratch, eps);
   free(own);
 }
 """
@@ -299,10 +314,10 @@ def load() -> ctypes.CDLL | None:
     lib = cpu_kernels.load_extension("rwkv_stream_cpu7", cpu_kernels.SOURCE + SOURCE7, (cpu_kernels.CFLAGS, no_openmp),
                                      "RWKV-7 CPU kernels")
     if lib is not None:
-        lib.rs_rwkv7_layer.restype = None
-        lib.rs_rwkv7_layer.argtypes = [
+        lib.rs_rwkv7_layers.restype = None
+        lib.rs_rwkv7_layers.argtypes = [
             ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int,
-            ctypes.c_void_p, ctypes.c_long, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p,
+            ctypes.c_void_p, ctypes.c_long, ctypes.c_long, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int,
             ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_float,
             ctypes.c_int]
         lib.rs_rwkv7_scratch_bytes.restype = ctypes.c_size_t
@@ -323,8 +338,15 @@ def ready(n_embd: int, ffn_dim: int) -> bool:
     return n_embd % cpu_kernels.QBLOCK == 0 and ffn_dim % cpu_kernels.QBLOCK == 0 and load() is not None
 
 
+class RsLayer7(ctypes.Structure):
+    """``rs_layer7``: a layer's vector table, its matrices and whether it has the value-residual path."""
+
+    _fields_ = [("vec", ctypes.c_void_p), ("mats", ctypes.c_void_p), ("has_v", ctypes.c_int)]
+
+
 class LayerArgs:
-    """The arguments of ``rs_rwkv7_layer`` that do not change per call; keeps the tensors they point to."""
+    """One layer's row of the table ``rs_rwkv7_layers`` reads (:class:`RsLayer7`); keeps the tensors and matrices
+    it points to."""
 
     def __init__(self, vectors: list[Tensor], mats: list[cpu_kernels.RsMat], has_v: bool) -> None:
         assert len(vectors) == N_VECS and len(mats) == N_MATS
@@ -334,11 +356,12 @@ class LayerArgs:
         self.mats = (cpu_kernels.RsMat * N_MATS)(*mats)
         self.has_v = int(has_v)
         self.vec_ptr, self.mats_ptr = ctypes.addressof(self.vec), ctypes.addressof(self.mats)
+        self.row = RsLayer7(self.vec_ptr, self.mats_ptr, self.has_v)
 
 
 def run_layers(lib: ctypes.CDLL, x: Tensor, states: Tensor, lengths: list[int], layers: list[LayerArgs],
                n_head: int, head_size: int, ffn_dim: int, eps: float, slots: Tensor | None = None) -> None:
-    """All layers in place, one ``rs_rwkv7_layer`` call each: ``x`` ``[n, C]`` fp32 contiguous (stream ``b`` owns
+    """All layers in place in one ``rs_rwkv7_layers`` call: ``x`` ``[n, C]`` fp32 contiguous (stream ``b`` owns
     ``lengths[b]`` consecutive rows), ``states`` ``[B, L, 2C + H*N*N]`` fp32 contiguous, or with ``slots`` (int32
     contiguous) a slot arena ``[capacity, L, 2C + H*N*N]`` with stream ``b`` in row ``slots[b]``."""
     n, C = x.shape
@@ -348,6 +371,8 @@ def run_layers(lib: ctypes.CDLL, x: Tensor, states: Tensor, lengths: list[int], 
     assert states.dtype == torch.float32 and states.is_contiguous() and len(layers) == states.shape[1]
     assert slots is None or (slots.dtype == torch.int32 and slots.is_contiguous() and len(slots) == B)
     assert slots is not None or states.shape[0] >= B
+    if not layers:
+        return
     starts, pos = [], 0
     for m in lengths:
         starts.append(pos)
@@ -357,10 +382,7 @@ def run_layers(lib: ctypes.CDLL, x: Tensor, states: Tensor, lengths: list[int], 
     # one scratch buffer for all layers (per-layer buffers of many rows were fresh pages each time)
     need = max(lib.rs_rwkv7_scratch_bytes(n, C, ffn_dim, a.mats_ptr, a.has_v) for a in layers)
     scratch = torch.empty(need + 64, dtype=torch.uint8)
-    fn, base, nt = lib.rs_rwkv7_layer, states.data_ptr(), torch.get_num_threads()
-    head = (x.data_ptr(), n, C, ffn_dim, n_head, head_size)
-    mid = (states.shape[1] * per_layer, ctypes.addressof(c_starts), ctypes.addressof(c_lens), B,
-           None if slots is None else slots.data_ptr())
-    for i, a in enumerate(layers):
-        fn(*head, base + i * per_layer * 4, *mid, a.vec_ptr, a.mats_ptr, a.has_v, v_first.data_ptr(),
-           scratch.data_ptr(), eps, nt)
+    table = (RsLayer7 * len(layers))(*[a.row for a in layers])
+    lib.rs_rwkv7_layers(x.data_ptr(), n, C, ffn_dim, n_head, head_size, states.data_ptr(), per_layer,
+                        states.shape[1] * per_layer, c_starts, c_lens, B, None if slots is None else slots.data_ptr(),
+                        table, len(layers), v_first.data_ptr(), scratch.data_ptr(), eps, torch.get_num_threads())

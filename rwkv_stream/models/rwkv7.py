@@ -32,7 +32,7 @@ slot arena: ``step`` updates the streams' states in place, as RWKV-4 does (``_ru
 ``RWKV_STREAM_KERNELS=0`` keeps the torch forms above (states gathered per step). The CPU path never touches
 the CUDA kernels.
 
-On the CPU, ``float16``, ``bfloat16`` and ``q8_0`` run one compiled C call per layer where a C compiler is present
+On the CPU, ``float16``, ``bfloat16`` and ``q8_0`` run all layers in one compiled C call where a C compiler is present
 (:mod:`rwkv_stream.cpu_kernels_rwkv7`: all products, low-rank paths and element-wise work, the matrix state
 walked token by token, so always the sequential form; steps update the pool's states in place). Without a
 compiler, or with ``RWKV_STREAM_CPU_KERNELS=0``, they run the torch forms above, the reference. ``float32`` stays
@@ -63,7 +63,7 @@ CHUNK = 32  # tokens per chunk of the parallel form
 CHUNK_MIN = 8  # a stream bringing fewer tokens runs them sequentially
 LORA_ALIGN = 32  # low-rank sizes are padded to this (two AVX-512 fp32 vectors; see _prepare)
 
-# formats whose CPU steps run one compiled call per layer (rwkv_stream.cpu_kernels_rwkv7) where a compiler is
+# formats whose CPU steps run all layers in one compiled call (rwkv_stream.cpu_kernels_rwkv7) where a compiler is
 # present; float32 stays on the torch path (MKL), as for RWKV-4
 FUSED_FORMATS = ("float16", "bfloat16", "q8_0")
 
@@ -238,7 +238,7 @@ class Rwkv7Model(RecurrentModel):
         return self._norm_out(x)
 
     def _run_fused(self, ids: Tensor, states: Tensor, rag: Ragged, slots: Tensor | None = None) -> Tensor:
-        """The CPU network with one compiled call per layer (:func:`rwkv_stream.cpu_kernels_rwkv7.run_layers`):
+        """The CPU network in one compiled call (:func:`rwkv_stream.cpu_kernels_rwkv7.run_layers`):
         every row on its own except the matrix-state walk, token by token within each stream, so a stream's
         bits depend neither on its batch mates nor on how its tokens are split into steps. ``slots``: ``states``
         is the pool's arena, stream ``b`` in row ``slots[b]`` (updated in place, nothing gathered)."""

@@ -101,3 +101,12 @@ def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
         return WEIGHT_DTYPES[dtype]
     except KeyError:
         raise ValueError(f"unsupported weight dtype {dtype!r}; use one of {WEIGHT_FORMATS}") from None
+
+
+def resolve_device(device: str | torch.device) -> torch.device:
+    """``device`` with its index filled in: ``"cuda"`` becomes ``cuda:<current device>``, so that a model, its
+    pools and the tensors torch allocates for them compare equal (``torch.device("cuda") != "cuda:0"``)."""
+    resolved = torch.device(device)
+    if resolved.type == "cuda" and resolved.index is None and torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    return resolved

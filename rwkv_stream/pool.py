@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .config import AnyConfig
+from .config import AnyConfig, resolve_device
 from .state import State, StateError, clear_state_, empty_state_tensor
 
 
@@ -31,7 +31,7 @@ class StatePool:
         self.config = config
         self.family = config.family
         self.fingerprint = fingerprint
-        self.device = torch.device(device)
+        self.device = resolve_device(device)
         self.growable = growable
         self.data: Tensor = empty_state_tensor(config, self.device, batch=capacity)
         self.n_tokens: list[int] = [0] * capacity

@@ -64,3 +64,18 @@ def test_cpu_smoke_rwkv7_rows(bench, tmp_path, one_torch_thread):
     assert ours["parity_float32"]["max_rel_forward"] < 1e-5 and ours["parity_float32"]["max_rel_steps"] < 1e-5
     assert ours["parity_float16"]["max_rel_forward"] < 2e-2 and ours["parity_float16"]["finite"]
     assert ours["agreement"]["max_rel"] < 1e-5
+
+
+def test_gpu_profile_says_it_needs_a_gpu(monkeypatch, capsys):
+    """bench/gpu_profile.py (torch.profiler over eager steps) exits 2 with one line where CUDA is absent."""
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    path = BENCH.with_name("gpu_profile.py")
+    spec = importlib.util.spec_from_file_location("gpu_profile_under_test", path)
+    assert spec and spec.loader
+    module = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, spec.name, module)
+    spec.loader.exec_module(module)
+    assert module.main(["--steps", "1"]) == 2
+    assert capsys.readouterr().err.strip() == "gpu_profile: no CUDA device"

@@ -153,3 +153,17 @@ def test_stepper_uses_the_models_weights_in_place(device, tensors):  # noqa: F81
         CudaGraphStepper(model, model.new_pool(4))
     with pytest.raises(ValueError, match="float32/float16/bfloat16"):
         CudaGraphStepper(rwkv4.Rwkv4Model(tensors, CFG, dtype="int8"), new_pool(2, torch.device("cpu")))
+
+
+def test_a_bare_cuda_device_is_resolved_to_its_index(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``device="cuda"`` names the current GPU: models and pools store ``cuda:<index>`` so that their checks
+    ``pool.data.device == model.device`` hold (torch.device("cuda") != torch.device("cuda:0")). On the first GPU
+    run the bare name made RWKV-7 step a gathered copy instead of the arena and the graph stepper refuse the pool."""
+    from rwkv_stream.config import resolve_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 3)
+    assert resolve_device("cuda") == torch.device("cuda", 3)
+    assert resolve_device(torch.device("cuda")) == torch.device("cuda", 3)
+    assert resolve_device("cuda:1") == torch.device("cuda", 1)
+    assert resolve_device("cpu") == torch.device("cpu")

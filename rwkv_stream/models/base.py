@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..config import QUANTIZED_FORMATS, AnyConfig, parse_dtype
+from ..config import QUANTIZED_FORMATS, AnyConfig, parse_dtype, resolve_device
 from ..linear import Linear, invariant_call, invariant_rows
 from ..pool import StatePool
 from ..state import State, StateError, empty_state_tensor
@@ -125,7 +125,7 @@ class RecurrentModel:
         if config.family != self.family:
             raise ValueError(f"{type(self).__name__} runs {self.family} models, not {config.family}")
         self.config = config
-        self.device = torch.device(device)
+        self.device = resolve_device(device)
         self.quantized = dtype if isinstance(dtype, str) and dtype in QUANTIZED_FORMATS else None
         self.weight_format = self.quantized or str(parse_dtype(dtype)).removeprefix("torch.")
         self.dtype = torch.bfloat16 if self.quantized else parse_dtype(dtype)

@@ -14,8 +14,9 @@
 # Worst case of the stage limits: 120 + 100 + 80 + 120 + 240 s; BUDGET_S cuts the last stage short instead
 # of the device tool killing the script (what a cut stage measured is kept).
 # Every stage writes into $OUT (the device tool's output folder; else bench/results/gpu_check/) as it goes:
-# check.log (everything), tests.xml, tests.log, memcheck.log, racecheck.log, gpu_bench7.json(l),
-# gpu_bench.json(l), summary.txt.
+# check.log (everything), tests.log, sanitizer.log (memcheck then racecheck), gpu_bench7.json(l),
+# gpu_bench.json(l), summary.txt: 8 files, what the device tool brings back from $OUT at most (the junit XML
+# and each sanitizer run's own log stay in the scratch folder).
 #
 #   bash bench/gpu_check.sh                     # on the GPU machine
 #   REHEARSAL=1 bash bench/gpu_check.sh         # here, without a GPU: the same stages with the GPU parts
@@ -45,6 +46,7 @@ export PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1
 unset RWKV_JIT_ON RWKV_CUDA_ON  # the `rwkv` peer runs as its users run it (the benchmark sets JIT + CUDA on)
 SUMMARY="$RESULTS/summary.txt"
 : >"$SUMMARY"
+: >"$RESULTS/sanitizer.log"
 record() { printf '%-12s rc=%-4s %s\n' "$1" "$2" "$3" | tee -a "$SUMMARY"; }
 # limit NAME SECONDS: the stage's time limit, at most what is left of BUDGET_S (less 10 s for the summary);
 # prints nothing and records the stage as not run when under 20 s are left.
@@ -133,10 +135,10 @@ KERNEL_TESTS=("$REPO/tests/test_gpu_kernels.py" "$REPO/tests/test_rwkv7_kernels.
 echo "== tests (NVRTC compile, kernels vs reference, stepper and Model vs CPU reference and transformers; RWKV-4 and RWKV-7)"
 if [ "$REHEARSAL" = 1 ]; then SEL=(-m "$TEST_SELECT"); else SEL=(-k "$TEST_SELECT"); fi
 if t=$(limit tests "$TESTS_TIMEOUT"); then
-  timeout "$t" "${PYTEST[@]}" "${TESTS[@]}" "${SEL[@]}" --junitxml="$RESULTS/tests.xml" >"$RESULTS/tests.log" 2>&1
+  timeout "$t" "${PYTEST[@]}" "${TESTS[@]}" "${SEL[@]}" --junitxml="$SITE/tests.xml" >"$RESULTS/tests.log" 2>&1
   rc=$?
   tail -n 15 "$RESULTS/tests.log"
-  skipped=$(grep -o 'skipped="[0-9]*"' "$RESULTS/tests.xml" 2>/dev/null | head -n 1 | tr -dc 0-9)
+  skipped=$(grep -o 'skipped="[0-9]*"' "$SITE/tests.xml" 2>/dev/null | head -n 1 | tr -dc 0-9)
   if [ "$REHEARSAL" != 1 ] && [ "${skipped:-0}" != 0 ] && [ $rc -eq 0 ]; then rc=5; fi
   record tests $rc "$(tail -n 1 "$RESULTS/tests.log") (skipped: ${skipped:-?})"
 fi
@@ -159,10 +161,11 @@ for tool in memcheck racecheck; do
   stage=100; [ "$tool" = racecheck ] && stage=80; [ "$REHEARSAL" = 1 ] && stage=600
   t=$(limit "$tool" "$stage") || continue
   PYTORCH_NO_CUDA_MEMORY_CACHING=1 timeout "$t" "${WRAP[@]}" "${PYTEST[@]}" "${KERNEL_TESTS[@]}" \
-      -k "$SELECT" >"$RESULTS/$tool.log" 2>&1
+      -k "$SELECT" >"$SITE/$tool.log" 2>&1
   rc=$?
-  tail -n 6 "$RESULTS/$tool.log"
-  record "$tool" $rc "$(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY|passed|failed' "$RESULTS/$tool.log" | tail -n 2 | tr '\n' ' ')"
+  { echo "== compute-sanitizer $tool (rc=$rc)"; cat "$SITE/$tool.log"; } >>"$RESULTS/sanitizer.log"
+  tail -n 6 "$SITE/$tool.log"
+  record "$tool" $rc "$(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY|passed|failed' "$SITE/$tool.log" | tail -n 2 | tr '\n' ' ')"
 done
 
 if [ -z "${SKIP_BENCH:-}" ]; then

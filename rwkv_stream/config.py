@@ -103,7 +103,7 @@ def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
         raise ValueError(f"unsupported weight dtype {dtype!r}; use one of {WEIGHT_FORMATS}") from None
 
 
-def resolve_device(device: str | torch.device) -> torch.device:
+def resolve_device(device: str | int | torch.device) -> torch.device:
     """``device`` with its index filled in: ``"cuda"`` becomes ``cuda:<current device>``, so that a model, its
     pools and the tensors torch allocates for them compare equal (``torch.device("cuda") != "cuda:0"``)."""
     resolved = torch.device(device)

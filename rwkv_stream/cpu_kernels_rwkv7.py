@@ -185,17 +185,12 @@ static size_t r7_sizes(int n, int C, int F, const rs_mat* mats, int has_v, size_
   for (int i = 0; i < 6; i++) { if (part) part[i] = b[i]; t += r7_al(b[i]); }
   return t;
 }
-/* bytes of scratch a layer needs for n rows (64-byte aligned pieces) */
-size_t rs_rwkv7_scratch_bytes(int n, int C, int F, const rs_mat* mats, int has_v) {
-  return r7_sizes(n, C, F, mats, has_v, 0);
-}
-
 /* a layer as rs_rwkv7_layers reads it: the per-layer vectors (V7_*), the matrices (M7_*), has_v = 0 for layer 0
    (no value-residual path: mats M7_V1 / M7_V2 are not read) */
 typedef struct { const float* const* vec; const rs_mat* mats; int has_v; } rs_layer7;
 
 /* one layer; every thread of a parallel region calls it (worksharing and barriers only); scratch: at least
-   rs_rwkv7_scratch_bytes */
+   r7_sizes bytes, 64-byte aligned pieces */
 static void layer7(float* x, int n, int C, int F, int H, int N, float* st0, long sstride, const int* starts,
                  const int* lens, int B, const int* slots, const rs_layer7* L, float* vf, char* scratch, float eps) {
   const float* const* vec = L->vec;
@@ -272,24 +267,21 @@ static void layer7(float* x, int n, int C, int F, int H, int N, float* st0, long
 }
 
 /* the count layers in one call and one parallel region: layer l's states at st + l * lstride (stream b's at +
-   slots[b] * sstride, slots NULL: b); vf [n, C] the value of layer 0; scratch: the largest
-   rs_rwkv7_scratch_bytes of the layers (NULL: allocated here) */
+   slots[b] * sstride, slots NULL: b); vf [n, C] the value of layer 0. One scratch buffer, the largest any layer
+   needs, serves every layer. */
 void rs_rwkv7_layers(float* x, int n, int C, int F, int H, int N, float* st, long lstride, long sstride,
                      const int* starts, const int* lens, int B, const int* slots, const rs_layer7* layers, int count,
-                     float* vf, char* scratch, float eps, int nt) {
-  char* own = 0;
-  if (!scratch) {
-    size_t need = 0;
-    for (int l = 0; l < count; l++) {
-      size_t b = r7_sizes(n, C, F, layers[l].mats, layers[l].has_v, 0);
-      need = b > need ? b : need;
-    }
-    scratch = own = (char*)malloc(need + 64);
+                     float* vf, float eps, int nt) {
+  size_t need = 0;
+  for (int l = 0; l < count; l++) {
+    const size_t b = r7_sizes(n, C, F, layers[l].mats, layers[l].has_v, 0);
+    need = b > need ? b : need;
   }
+  char* scratch = (char*)malloc(need + 64);
   #pragma omp parallel num_threads(nt)
   for (int l = 0; l < count; l++)
     layer7(x, n, C, F, H, N, st + (size_t)l * lstride, sstride, starts, lens, B, slots, &layers[l], vf, scratch, eps);
-  free(own);
+  free(scratch);
 }
 """
 
@@ -318,10 +310,7 @@ def load() -> ctypes.CDLL | None:
         lib.rs_rwkv7_layers.argtypes = [
             ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int,
             ctypes.c_void_p, ctypes.c_long, ctypes.c_long, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int,
-            ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_float,
-            ctypes.c_int]
-        lib.rs_rwkv7_scratch_bytes.restype = ctypes.c_size_t
-        lib.rs_rwkv7_scratch_bytes.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_void_p, ctypes.c_int]
+            ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_float, ctypes.c_int]
     _lib = lib
     return lib
 
@@ -345,8 +334,8 @@ class RsLayer7(ctypes.Structure):
 
 
 class LayerArgs:
-    """One layer's row of the table ``rs_rwkv7_layers`` reads (:class:`RsLayer7`); keeps the tensors and matrices
-    it points to."""
+    """One layer's arguments of ``rs_rwkv7_layers`` (its vector table, matrices, value-residual flag); keeps the
+    tensors and matrices they point to."""
 
     def __init__(self, vectors: list[Tensor], mats: list[cpu_kernels.RsMat], has_v: bool) -> None:
         assert len(vectors) == N_VECS and len(mats) == N_MATS
@@ -356,10 +345,20 @@ class LayerArgs:
         self.mats = (cpu_kernels.RsMat * N_MATS)(*mats)
         self.has_v = int(has_v)
         self.vec_ptr, self.mats_ptr = ctypes.addressof(self.vec), ctypes.addressof(self.mats)
-        self.row = RsLayer7(self.vec_ptr, self.mats_ptr, self.has_v)
 
 
-def run_layers(lib: ctypes.CDLL, x: Tensor, states: Tensor, lengths: list[int], layers: list[LayerArgs],
+class LayerTable:
+    """A model's layers as ``rs_rwkv7_layers`` reads them (``rows``: ``rs_layer7[]``), built once at load."""
+
+    def __init__(self, layers: list[LayerArgs]) -> None:
+        self.layers = layers  # keeps what the rows point to
+        self.rows = (RsLayer7 * len(layers))(*[RsLayer7(a.vec_ptr, a.mats_ptr, a.has_v) for a in layers])
+
+    def __len__(self) -> int:
+        return len(self.layers)
+
+
+def run_layers(lib: ctypes.CDLL, x: Tensor, states: Tensor, lengths: list[int], layers: LayerTable,
                n_head: int, head_size: int, ffn_dim: int, eps: float, slots: Tensor | None = None) -> None:
     """All layers in place in one ``rs_rwkv7_layers`` call: ``x`` ``[n, C]`` fp32 contiguous (stream ``b`` owns
     ``lengths[b]`` consecutive rows), ``states`` ``[B, L, 2C + H*N*N]`` fp32 contiguous, or with ``slots`` (int32
@@ -371,18 +370,12 @@ def run_layers(lib: ctypes.CDLL, x: Tensor, states: Tensor, lengths: list[int], 
     assert states.dtype == torch.float32 and states.is_contiguous() and len(layers) == states.shape[1]
     assert slots is None or (slots.dtype == torch.int32 and slots.is_contiguous() and len(slots) == B)
     assert slots is not None or states.shape[0] >= B
-    if not layers:
-        return
     starts, pos = [], 0
     for m in lengths:
         starts.append(pos)
         pos += m
     c_starts, c_lens = (ctypes.c_int * B)(*starts), (ctypes.c_int * B)(*lengths)
     v_first = torch.empty_like(x)  # layer 0's value, read by the later layers
-    # one scratch buffer for all layers (per-layer buffers of many rows were fresh pages each time)
-    need = max(lib.rs_rwkv7_scratch_bytes(n, C, ffn_dim, a.mats_ptr, a.has_v) for a in layers)
-    scratch = torch.empty(need + 64, dtype=torch.uint8)
-    table = (RsLayer7 * len(layers))(*[a.row for a in layers])
     lib.rs_rwkv7_layers(x.data_ptr(), n, C, ffn_dim, n_head, head_size, states.data_ptr(), per_layer,
                         states.shape[1] * per_layer, c_starts, c_lens, B, None if slots is None else slots.data_ptr(),
-                        table, len(layers), v_first.data_ptr(), scratch.data_ptr(), eps, torch.get_num_threads())
+                        layers.rows, len(layers), v_first.data_ptr(), eps, torch.get_num_threads())

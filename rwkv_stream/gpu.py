@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.nn.functional as F
 
+from rwkv_stream.config import resolve_device
 from rwkv_stream.kernels_ref import ATT_X, FFN_X, LN_EPS, reset_slots
 from rwkv_stream.state import ROWS
 from rwkv_stream.wkv import EMPTY_PP
@@ -202,9 +203,7 @@ def _registry() -> _Kernels:
 
 def load_kernels(device: torch.device | int | str | None = None, warm: bool = True) -> None:
     """Compile every kernel (once) and, if ``warm``, launch each once on ``device``."""
-    dev = torch.device("cuda", torch.cuda.current_device()) if device is None else torch.device(device)
-    if dev.index is None:
-        dev = torch.device("cuda", torch.cuda.current_device())
+    dev = resolve_device("cuda" if device is None else device)
     _registry()
     if warm and dev.index not in _WARM:
         _warm_up(dev)

@@ -184,11 +184,12 @@ class Rwkv7Model(RecurrentModel):
             ))
         self.ln_out = (vec("ln_out.weight"), vec("ln_out.bias"))
         self.head_linear = fp16_in_q8("head.weight")
-        if fused:  # in the order a step reads them, in huge pages (the layer arguments below copy the pointers)
+        self._fused_layers: cpu_kernels_rwkv7.LayerTable | None = None
+        if fused:  # in the order a step reads them, in huge pages (the layer table copies the pointers)
             order = [lin for layer in self.layers for lin in _step_order(layer)] + [self.head_linear]
             assert all(isinstance(lin, KernelLinear) for lin in order)
             self._arena = pack_in_arena(order)  # type: ignore[arg-type]
-        self._fused_args = [self._layer_args(layer) for layer in self.layers] if fused else []
+            self._fused_layers = cpu_kernels_rwkv7.LayerTable([self._layer_args(layer) for layer in self.layers])
 
     def _layer_args(self, layer: _Layer) -> cpu_kernels_rwkv7.LayerArgs:
         """The compiled layer's constant arguments (:mod:`rwkv_stream.cpu_kernels_rwkv7`)."""
@@ -242,13 +243,13 @@ class Rwkv7Model(RecurrentModel):
         every row on its own except the matrix-state walk, token by token within each stream, so a stream's
         bits depend neither on its batch mates nor on how its tokens are split into steps. ``slots``: ``states``
         is the pool's arena, stream ``b`` in row ``slots[b]`` (updated in place, nothing gathered)."""
-        assert self._lib is not None
+        assert self._lib is not None and self._fused_layers is not None
         x = self.emb[ids].to(torch.float32).contiguous()
         if slots is not None:
             slots = slots.to(torch.int32).contiguous()
         work = states if states.is_contiguous() and states.dtype == torch.float32 else states.float().contiguous()
         assert slots is None or work is states
-        cpu_kernels_rwkv7.run_layers(self._lib, x, work, rag.lengths, self._fused_args, self.n_head, self.head_size,
+        cpu_kernels_rwkv7.run_layers(self._lib, x, work, rag.lengths, self._fused_layers, self.n_head, self.head_size,
                                      self.config.ffn_dim, self.gn_eps, slots)
         if work is not states:
             states.copy_(work)

@@ -17,8 +17,9 @@ load for the kernel that reads them:
   streamed 2.6x faster than 256-bit steps a row at a time; products over 4+ rows take 256-bit steps over 4
   activation rows (``q8_quad``: one sign extension per 8 multiply-adds);
 - float products with short rows (at most ``rwkv_stream.linear.COLUMN_MAX_IN`` = 128 inputs, outputs in whole
-  blocks of 16: RWKV-7's low-rank products back up to the model width): column blocks (:func:`pack_columns`, ``K_COLS``), 16 outputs sharing
-  each input, one fused multiply-add per input in order (the same bits in AVX-512, AVX2 and plain C builds).
+  blocks of 16: RWKV-7's low-rank products back up to the model width): column blocks (:func:`pack_columns`,
+  ``K_COLS``), 16 outputs sharing each input, one fused multiply-add per input in order (the same bits in
+  AVX-512, AVX2 and plain C builds).
 
 AVX2 builds run the element-wise work (WKV, gates) with ``vexp``, the AVX-512 arithmetic bit for bit, and
 16-bit products over 4+ rows three weight rows at a time (``f16_row_triples``, same sums per output).

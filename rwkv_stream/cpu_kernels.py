@@ -15,11 +15,7 @@ load for the kernel that reads them:
   AVX2 and plain C builds give the same bits. AVX2 builds work in 128-bit integer steps, both rows of a pair
   per pass (``q8_pair2``): on cores that split 256-bit work in two (the Zen 1 host of BENCHMARKS.md) that
   streamed 2.6x faster than 256-bit steps a row at a time; products over 4+ rows take 256-bit steps over 4
-  activation rows (``q8_quad``: one sign extension per 8 multiply-adds);
-- float products with short rows (at most ``rwkv_stream.linear.COLUMN_MAX_IN`` = 128 inputs, outputs in whole
-  blocks of 16: RWKV-7's low-rank products back up to the model width): column blocks (:func:`pack_columns`,
-  ``K_COLS``), 16 outputs sharing each input, one fused multiply-add per input in order (the same bits in
-  AVX-512, AVX2 and plain C builds).
+  activation rows (``q8_quad``: one sign extension per 8 multiply-adds).
 
 AVX2 builds run the element-wise work (WKV, gates) with ``vexp``, the AVX-512 arithmetic bit for bit, and
 16-bit products over 4+ rows three weight rows at a time (``f16_row_triples``, same sums per output).
@@ -62,8 +58,6 @@ log = logging.getLogger(__name__)
 QBLOCK = 32  # inputs per scale of the q8_0 format (weights and activations)
 KINDS = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 KIND_Q8 = 3
-KIND_COLUMNS = 8  # flag on a float kind: column blocks (pack_columns)
-COLUMN_BLOCK = 16  # outputs per column block
 ENV_SWITCH = "RWKV_STREAM_CPU_KERNELS"
 
 SOURCE = r"""
@@ -87,10 +81,6 @@ SOURCE = r"""
 #define GRP 256   /* inputs per group: 8 blocks, one block per 32-bit lane of a 256-bit integer dot */
 #define PG 544    /* bytes of a row pair's group: 16 fp16 scales (8 per row), then 16 steps x (16 + 16) bytes */
 enum { K_F32 = 0, K_F16 = 1, K_BF16 = 2, K_Q8 = 3 };
-/* flag on a float kind: the weights in column blocks, [ceil(out / CB)][in][CB] (the last block zero-padded), for
-   products whose rows are short (see col_unit) */
-#define K_COLS 8
-#define CB 16
 
 /* inp: inputs padded to a multiple of GRP (q8) or in (float kinds); s unused */
 typedef struct { int kind, out, in, inp; const void* w; const float* s; } rs_mat;
@@ -482,64 +472,6 @@ static inline int row_triples16(const rs_mat* m, int n) {
 #endif
 }
 
-/* unit u of a column-blocked matrix (K_COLS): outputs CB u .. CB u + CB - 1 of all n rows, each output's sum
-   sequential over the inputs (acc = fma(w, x, acc), the same bits at every vector width and in the scalar code).
-   For short rows (the low-rank products of RWKV-7, 32-128 inputs): a row at a time, every output paid a call,
-   a horizontal sum and a store for a few dozen multiply-adds (0.44 MB of them took 50 us of a 0.1B layer, at
-   9 GB/s); here CB outputs share each broadcast input, and a unit is one contiguous block. */
-static float wget_f(int kind, const void* w, size_t i) {
-  if (kind == K_F32) return ((const float*)w)[i];
-  uint16_t h = ((const uint16_t*)w)[i];
-  if (kind == K_BF16) { uint32_t b = (uint32_t)h << 16; float f; memcpy(&f, &b, 4); return f; }
-  return half_to_float(h);
-}
-/* rows r0 .. r0 + R - 1 (R <= 4) of unit u of a column-blocked matrix: R independent sums per lane hide the
-   multiply-add latency and share each weight load */
-static inline AI void col_rows(const rs_mat* m, const rs_act* a, int r0, const int R, float* y, int u) {
-  const int kind = m->kind & 3, in = m->in, o0 = CB * u, cnt = m->out - o0 < CB ? m->out - o0 : CB;
-  const size_t base = (size_t)u * in * CB, esz = kind == K_F32 ? 4 : 2;  /* base: element index of the block */
-  const float* x = a->x + (size_t)r0 * in;
-  float tmp[4][CB] __attribute__((aligned(64)));
-#if defined(RS_AVX512)
-  __m512 acc[4];
-  for (int i = 0; i < R; i++) acc[i] = _mm512_setzero_ps();
-  for (int k = 0; k < in; k++) {
-    if (!(k & 1)) PF((const char*)m->w + (base + (size_t)k * CB) * esz);
-    const __m512 w = load16(kind, m->w, base + (size_t)k * CB);
-    for (int i = 0; i < R; i++) acc[i] = _mm512_fmadd_ps(w, _mm512_set1_ps(x[(size_t)i * in + k]), acc[i]);
-  }
-  for (int i = 0; i < R; i++) _mm512_store_ps(tmp[i], acc[i]);
-#elif defined(RS_AVX2)
-  __m256 acc0[4], acc1[4];
-  for (int i = 0; i < R; i++) acc0[i] = acc1[i] = _mm256_setzero_ps();
-  for (int k = 0; k < in; k++) {
-    if (!(k & 1)) PF((const char*)m->w + (base + (size_t)k * CB) * esz);
-    const __m256 w0 = load8(kind, m->w, base + (size_t)k * CB), w1 = load8(kind, m->w, base + (size_t)k * CB + 8);
-    for (int i = 0; i < R; i++) {
-      const __m256 xk = _mm256_set1_ps(x[(size_t)i * in + k]);
-      acc0[i] = _mm256_fmadd_ps(w0, xk, acc0[i]);
-      acc1[i] = _mm256_fmadd_ps(w1, xk, acc1[i]);
-    }
-  }
-  for (int i = 0; i < R; i++) { _mm256_store_ps(tmp[i], acc0[i]); _mm256_store_ps(tmp[i] + 8, acc1[i]); }
-#else
-  (void)esz;
-  for (int i = 0; i < R; i++)
-    for (int o = 0; o < CB; o++) {
-      float acc = 0.0f;
-      for (int k = 0; k < in; k++)
-        acc = fmaf(wget_f(kind, m->w, base + (size_t)k * CB + o), x[(size_t)i * in + k], acc);
-      tmp[i][o] = acc;
-    }
-#endif
-  for (int i = 0; i < R; i++) memcpy(y + (size_t)(r0 + i) * m->out + o0, tmp[i], sizeof(float) * cnt);
-}
-static void col_unit(const rs_mat* m, const rs_act* a, int n, float* y, int u) {
-  int r = 0;
-  for (; r + 4 <= n; r += 4) col_rows(m, a, r, 4, y, u);
-  for (; r < n; r++) col_rows(m, a, r, 1, y, u);
-}
-
 #ifdef RS_AVX2
 /* 16-bit weights for many rows: the weight row widened to fp32 once (exact), then fp32 products 4 rows at a
    time; each row's sums are f_rows' (same values, same order), so a row's bits do not depend on n. f_rows runs
@@ -612,10 +544,6 @@ static void f16_row_triples(const rs_mat* m, const rs_act* a, int n, float* y, i
 /* unit u of m: output row u (float kinds) or the row pair u (q8) for all n rows */
 static void out_unit(const rs_mat* m, const rs_act* a, int n, float* y, int u) {
   int r = 0;
-  if (m->kind & K_COLS) {
-    col_unit(m, a, n, y, u);
-    return;
-  }
   if (m->kind == K_Q8) {
 #ifdef RS_AVX512
     for (; r + 4 <= n; r += 4) q8_pair(m, a, u, r, 4, y, 1);
@@ -650,11 +578,13 @@ static void out_unit(const rs_mat* m, const rs_act* a, int n, float* y, int u) {
   }
 }
 #else
+static float wget(int kind, const void* w, size_t i) {
+  if (kind == K_F32) return ((const float*)w)[i];
+  uint16_t h = ((const uint16_t*)w)[i];
+  if (kind == K_BF16) { uint32_t b = (uint32_t)h << 16; float f; memcpy(&f, &b, 4); return f; }
+  return half_to_float(h);
+}
 static void out_unit(const rs_mat* m, const rs_act* a, int n, float* y, int u) {
-  if (m->kind & K_COLS) {
-    col_unit(m, a, n, y, u);
-    return;
-  }
   if (m->kind == K_Q8) {
     const int G = m->inp / GRP, nb = m->inp / QB;
     for (int h = 0; h < 2 && 2 * u + h < m->out; h++) {
@@ -680,7 +610,7 @@ static void out_unit(const rs_mat* m, const rs_act* a, int n, float* y, int u) {
   const int in = m->in;
   for (int r = 0; r < n; r++) {
     float acc = 0.0f;
-    for (int k = 0; k < in; k++) acc += wget_f(m->kind, m->w, (size_t)u * in + k) * a->x[(size_t)r * in + k];
+    for (int k = 0; k < in; k++) acc += wget(m->kind, m->w, (size_t)u * in + k) * a->x[(size_t)r * in + k];
     y[(size_t)r * m->out + u] = acc;
   }
 }
@@ -689,7 +619,6 @@ static void out_unit(const rs_mat* m, const rs_act* a, int n, float* y, int u) {
 /* work units of a product over n rows: row pairs for q8, row triples for 16-bit weights over 4+ rows on AVX2
    (see f16_row_triples), else output rows */
 static inline int units(const rs_mat* m, int n) {
-  if (m->kind & K_COLS) return (m->out + CB - 1) / CB;
   if (m->kind == K_Q8) return (m->out + 1) / 2;
   return row_triples16(m, n) ? (m->out + 2) / 3 : m->out;
 }
@@ -704,8 +633,7 @@ static int g_dynamic = 0, g_chunk = 64;
 void rs_set_schedule(int dynamic, int chunk_kib) { g_dynamic = dynamic; g_chunk = chunk_kib; }
 static void apply_schedule(const rs_mat* m) {  /* every thread of a region, before a schedule(runtime) loop */
 #ifdef _OPENMP
-  size_t unit = m->kind == K_Q8 ? (size_t)(m->inp / GRP) * PG : (size_t)m->in * ((m->kind & 3) == K_F32 ? 4 : 2);
-  if (m->kind & K_COLS) unit *= CB;
+  size_t unit = m->kind == K_Q8 ? (size_t)(m->inp / GRP) * PG : (size_t)m->in * (m->kind == K_F32 ? 4 : 2);
   int ch = (int)(((size_t)g_chunk * 1024 + unit - 1) / unit);
   omp_set_schedule(g_dynamic == 2 ? omp_sched_guided : g_dynamic ? omp_sched_dynamic : omp_sched_static,
                    g_dynamic ? (ch > 0 ? ch : 1) : 0);
@@ -1294,19 +1222,6 @@ def pack_q8_0(q: Tensor, scales: Tensor) -> Tensor:
     w = q.reshape(pairs, 2, groups, 8, 16, 2).permute(0, 2, 4, 1, 3, 5).reshape(pairs, groups, 2 * GROUP)
     sb = s.reshape(pairs, 2, groups, 8).permute(0, 2, 1, 3).contiguous().view(torch.uint8).reshape(pairs, groups, 32)
     return torch.cat((sb, w.view(torch.uint8)), dim=-1).contiguous()
-
-
-def pack_columns(weight: Tensor) -> Tensor:
-    """``[out, in]`` weights as the column-block kernel reads them: ``[ceil(out / 16), in, 16]``, block ``u``
-    holding outputs ``16u .. 16u + 15`` input by input (the last block's missing outputs zero)."""
-    out, n_in = weight.shape
-    w = torch.nn.functional.pad(weight, (0, 0, 0, (-out) % COLUMN_BLOCK))
-    return w.reshape(-1, COLUMN_BLOCK, n_in).transpose(1, 2).contiguous()
-
-
-def unpack_columns(packed: Tensor, out: int) -> Tensor:
-    """The ``[out, in]`` matrix of :func:`pack_columns`."""
-    return packed.transpose(1, 2).reshape(-1, packed.shape[1])[:out]
 
 
 def unpack_q8_0(packed: Tensor, out: int, n_in: int) -> tuple[Tensor, Tensor]:

@@ -42,8 +42,6 @@ INT8_MAX_ROWS = 4
 SLOW_INT8_FACTOR = 4.0  # torch's int8 product this many times slower than its fp32 one: w8a8 warns at load
 PROBE_MAX_ROWS = 16  # a format that needs more rows than this for invariance is treated as variant
 PROBE_CHECK_ROWS = 32  # row counts checked up to this
-COLUMN_MAX_IN = 128  # compiled float products with at most this many inputs (and whole column blocks of outputs)
-# take the column-block kernel
 
 
 class DenseLinear:
@@ -159,12 +157,7 @@ class KernelLinear:
     def gemm(self, x: Tensor) -> Tensor:
         """The same product through torch's GEMM (MKL/oneDNN): faster for many rows, but its bits depend on the
         row count, so only for steps that promise no bit-exactness (see ``Rwkv4Model._run``)."""
-        w = self.dense_weight()
-        return F.linear(x.to(w.dtype), w).float()
-
-    def dense_weight(self) -> Tensor:
-        """The ``[out, in]`` matrix the kernel computes with, in its stored dtype."""
-        return self.weight
+        return F.linear(x.to(self.weight.dtype), self.weight).float()
 
     def _kernel(self, lib: ctypes.CDLL, x: Tensor) -> Tensor:
         x = x.to(torch.float32).contiguous()
@@ -192,38 +185,6 @@ class KernelLinear:
     @property
     def kernel_key(self) -> Hashable:
         return (self.fmt, tuple(self.weight.shape), self.weight.dtype, cpu_kernels.load() is not None)
-
-
-class ColumnKernelLinear(KernelLinear):
-    """:class:`KernelLinear` for short rows (at most :data:`COLUMN_MAX_IN` inputs: RWKV-7's low-rank products
-    back up to the model width): weights in column blocks (:func:`rwkv_stream.cpu_kernels.pack_columns`), 16
-    outputs at a time sharing each input, each output's sum taken input by input (still the same instructions
-    whatever the row count: invariant from one row). A row at a time, the kernel spent its time on each output's
-    call, horizontal sum and store rather than on the few dozen multiply-adds."""
-
-    fmt = "kernel-columns"
-
-    def __init__(self, weight: Tensor, dtype: torch.dtype) -> None:
-        _require_cpu(weight, "compiled-kernel")
-        self._shape = (weight.shape[0], weight.shape[1])
-        self.weight = cpu_kernels.pack_columns(weight.to(dtype))
-        self.scales = None
-        self._dense: Tensor | None = None
-        kind = cpu_kernels.KINDS[dtype] | cpu_kernels.KIND_COLUMNS
-        self.mat = cpu_kernels.RsMat(kind, *self._shape, self._shape[1], self.weight.data_ptr(), None)
-
-    def dense_weight(self) -> Tensor:
-        if self._dense is None:  # kept: the GEMM path reads it every call
-            self._dense = cpu_kernels.unpack_columns(self.weight, self._shape[0]).contiguous()
-        return self._dense
-
-    @property
-    def in_features(self) -> int:
-        return self._shape[1]
-
-    @property
-    def kernel_key(self) -> Hashable:
-        return (self.fmt, self._shape, self.weight.dtype, cpu_kernels.load() is not None)
 
 
 class Q8Linear(KernelLinear):
@@ -407,8 +368,6 @@ def make_linear(weight: Tensor, dtype: torch.dtype, fmt: str | None = None, *, k
     if fmt == "q8_0":
         return Q8Linear(weight)
     if kernels and fmt is None and weight.shape[1] % cpu_kernels.QBLOCK == 0:
-        if weight.shape[1] <= COLUMN_MAX_IN and weight.shape[0] % cpu_kernels.COLUMN_BLOCK == 0:
-            return ColumnKernelLinear(weight, dtype)  # whole blocks: nothing padded, no bytes read for nothing
         return KernelLinear(weight, dtype)
     if fmt == "int8":
         return Int8Linear(weight)

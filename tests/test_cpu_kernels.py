@@ -17,7 +17,7 @@ import torch
 from conftest import TINY
 
 from rwkv_stream import cpu_kernels, load
-from rwkv_stream.linear import COLUMN_MAX_IN, ColumnKernelLinear, KernelLinear, Q8Linear, make_linear, q8_0_reference
+from rwkv_stream.linear import KernelLinear, Q8Linear, q8_0_reference
 
 ROOT = Path(__file__).resolve().parents[1]
 TEXT = [5, 17, 3, 88, 42, 1, 0, 96, 33, 7, 64, 12, 9, 50, 21, 70]
@@ -35,12 +35,11 @@ def no_kernels(monkeypatch, tmp_path):
 
 
 @needs_kernels
-@pytest.mark.parametrize("cls", [KernelLinear, ColumnKernelLinear])
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-6), (torch.float16, 2e-3), (torch.bfloat16, 1e-2)])
-def test_float_kernels_match_torch(cls, dtype, tol):
+def test_float_kernels_match_torch(dtype, tol):
     gen = torch.Generator().manual_seed(0)
-    w, x = torch.randn(70, 96, generator=gen), torch.randn(9, 96, generator=gen)  # 70: a partial column block
-    lin = cls(w, dtype)
+    w, x = torch.randn(70, 96, generator=gen), torch.randn(9, 96, generator=gen)
+    lin = KernelLinear(w, dtype)
     ref = x @ w.to(dtype).float().t()
     y = lin(x)
     assert y.dtype == torch.float32 and y.shape == (9, 70)
@@ -67,26 +66,6 @@ def test_q8_0_kernel_matches_its_torch_emulation_and_fp32(out, n_in):
     assert torch.equal(uq, q) and torch.equal(us, scales)
 
 
-def test_column_packing_round_trips_and_short_rows_take_it():
-    gen = torch.Generator().manual_seed(6)
-    for out, n_in in [(1, 32), (16, 64), (70, 96)]:
-        w = torch.randn(out, n_in, generator=gen)
-        packed = cpu_kernels.pack_columns(w)
-        assert packed.shape == (-(-out // cpu_kernels.COLUMN_BLOCK), n_in, cpu_kernels.COLUMN_BLOCK)
-        assert torch.equal(packed[0, 1, : min(out, 16)], w[: min(out, 16), 1])  # block 0: outputs 0-15, input by input
-        assert torch.equal(cpu_kernels.unpack_columns(packed, out), w)
-    if cpu_kernels.load() is not None:
-        assert type(make_linear(torch.randn(768, COLUMN_MAX_IN), torch.float16, kernels=True)) is ColumnKernelLinear
-        assert type(make_linear(torch.randn(64, COLUMN_MAX_IN + 32), torch.float16, kernels=True)) is KernelLinear
-        assert type(make_linear(torch.randn(1000, 64), torch.float16, kernels=True)) is KernelLinear  # 1000 % 16
-        lin = ColumnKernelLinear(torch.randn(70, 64, generator=gen), torch.bfloat16)
-        assert lin.in_features == 64 and lin.dense_weight().shape == (70, 64)
-        assert torch.equal(lin.dense_weight(), lin.weight.transpose(1, 2).reshape(-1, 64)[:70])
-        lin = ColumnKernelLinear(torch.randn(70, 64, generator=gen), torch.float32)
-        x = torch.randn(3, 64, generator=gen)
-        assert torch.allclose(lin.gemm(x), lin(x), rtol=1e-5, atol=1e-5)  # the GEMM path reads the same matrix
-
-
 def test_q8_0_packing_round_trips_and_pads():
     gen = torch.Generator().manual_seed(4)
     for out, n_in in [(1, 32), (3, 288), (10, 512)]:
@@ -101,9 +80,8 @@ def test_q8_0_packing_round_trips_and_pads():
 @needs_kernels
 def test_q8_0_and_float_bits_are_the_same_on_avx2_and_scalar_builds(tmp_path):
     """The AVX-512 build (where the CPU has it), an AVX2 build and a build without vector code give q8_0
-    products the same bits (exact integer block sums, then the same fp32 operations per lane), and column-block
-    products too (one fused multiply-add per input, in order); the row-wise float kinds agree between AVX-512
-    and AVX2."""
+    products the same bits (exact integer block sums, then the same fp32 operations per lane); the float kinds
+    agree between AVX-512 and AVX2."""
     compiler = cpu_kernels.shutil.which("cc") or cpu_kernels.shutil.which("gcc")
     src = tmp_path / "k.c"
     src.write_text(cpu_kernels.SOURCE)
@@ -119,10 +97,8 @@ def test_q8_0_and_float_bits_are_the_same_on_avx2_and_scalar_builds(tmp_path):
                                   ctypes.c_int]
         libs[name] = lib
     gen = torch.Generator().manual_seed(5)
-    for make, builds in [(Q8Linear, ("avx2", "scalar")), (lambda w: KernelLinear(w, torch.float16), ("avx2",)),
-                         (lambda w: ColumnKernelLinear(w, torch.float16), ("avx2", "scalar")),
-                         (lambda w: ColumnKernelLinear(w, torch.bfloat16), ("avx2", "scalar"))]:
-        for out, n_in in [(9, 96), (6, 768), (40, 32)]:
+    for make, builds in [(Q8Linear, ("avx2", "scalar")), (lambda w: KernelLinear(w, torch.float16), ("avx2",))]:
+        for out, n_in in [(9, 96), (6, 768)]:
             lin = make(torch.randn(out, n_in, generator=gen))
             x = torch.randn(5, n_in, generator=gen)
             native = lin(x)
@@ -135,9 +111,7 @@ def test_q8_0_and_float_bits_are_the_same_on_avx2_and_scalar_builds(tmp_path):
 
 @needs_kernels
 @pytest.mark.parametrize("make", [lambda w: KernelLinear(w, torch.float16), lambda w: KernelLinear(w, torch.float32),
-                                  lambda w: KernelLinear(w, torch.bfloat16), Q8Linear,
-                                  lambda w: ColumnKernelLinear(w, torch.float16),
-                                  lambda w: ColumnKernelLinear(w, torch.float32)])
+                                  lambda w: KernelLinear(w, torch.bfloat16), Q8Linear])
 @pytest.mark.parametrize("n_in", [64, 256, 768, 1056])
 @pytest.mark.parametrize("out", [33, 34, 35])  # AVX2 16-bit products over 4+ rows: weight rows in threes, and the rest
 def test_each_row_is_bitwise_independent_of_the_others(make, n_in, out):
@@ -368,7 +342,7 @@ def test_huge_page_buffer_is_aligned_and_writable():
 
 @needs_kernels
 @pytest.mark.parametrize("make", [lambda w: KernelLinear(w, torch.float16), lambda w: KernelLinear(w, torch.bfloat16),
-                                  Q8Linear, lambda w: ColumnKernelLinear(w, torch.float16)])
+                                  Q8Linear])
 def test_weights_moved_into_an_arena_give_the_same_bits(make):
     from rwkv_stream.linear import ARENA_ALIGN, pack_in_arena
 

@@ -69,7 +69,7 @@ def dense_weight(lin) -> torch.Tensor:
         q, s = lin.unpacked()
         out, n_in = q.shape
         return (q.float().view(out, n_in // 32, 32) * s.unsqueeze(-1)).view(out, n_in).contiguous()
-    return lin.dense_weight().float().contiguous()
+    return lin.weight.float().contiguous()
 
 
 def same_weights_fp32(model: Rwkv7Model, tensors, cfg) -> Rwkv7Model:

@@ -9,6 +9,10 @@ load for the kernel that reads them:
 - ``float32`` / ``float16`` / ``bfloat16``: the weights as stored, products accumulated in fp32 (fp16 through
   F16C, bf16 widened by a shift; 512-bit vectors where the CPU has AVX-512, with the same sums in the same
   order as the 256-bit code);
+- short rows (few inputs, many outputs: RWKV-7's second low-rank matrices): the float weights stored transposed,
+  ``W^T`` ``[in, out]`` (:class:`rwkv_stream.linear.ColumnKernelLinear`), 64 outputs a unit with one
+  multiply-add per input and no per-output reduction, each output one ``fmaf`` chain in input order (the same
+  bits in every build);
 - ``q8_0``: int8 weights with one fp16 scale per block of 32 inputs, packed in row pairs with the scales inline
   (:func:`pack_q8_0`: one sequential stream per thread); activations quantized on the fly to int16 per block
   of 32; integer block sums are exact (``vpdpwssd`` / ``pmaddwd``), scaled and accumulated in fp32, so AVX-512,
@@ -82,8 +86,9 @@ SOURCE = r"""
 #define PG 544    /* bytes of a row pair's group: 16 fp16 scales (8 per row), then 16 steps x (16 + 16) bytes */
 enum { K_F32 = 0, K_F16 = 1, K_BF16 = 2, K_Q8 = 3 };
 
-/* inp: inputs padded to a multiple of GRP (q8) or in (float kinds); s unused */
-typedef struct { int kind, out, in, inp; const void* w; const float* s; } rs_mat;
+/* inp: inputs padded to a multiple of GRP (q8) or in (float kinds); s unused; cols: float weights stored in the
+   column layout (W^T [in, out], see col_unit) */
+typedef struct { int kind, out, in, inp; const void* w; const float* s; int cols; } rs_mat;
 /* activations: fp32 rows (float kinds) or int16 rows in the grouped order with one fp32 scale per block (q8) */
 typedef struct { const float* x; const int16_t* q; const float* qs; int in, inp; } rs_act;
 
@@ -215,6 +220,52 @@ static inline __m256i dpw256(__m256i d, __m256i w, __m256i a) {  /* exact: |w| <
 #endif
 #else
 #define PF(p) do { } while (0)
+#endif
+
+/* the widest float vector of the build, for element-wise code written once */
+#if defined(RS_AVX512)
+typedef __m512 vf;
+#define VW 16
+#define vload _mm512_loadu_ps
+#define vstore _mm512_storeu_ps
+#define vset1 _mm512_set1_ps
+#define vzero _mm512_setzero_ps
+#define vadd _mm512_add_ps
+#define vsub _mm512_sub_ps
+#define vmul _mm512_mul_ps
+#define vdiv _mm512_div_ps
+#define vmax _mm512_max_ps
+#define vmin _mm512_min_ps
+#define vfmadd _mm512_fmadd_ps
+#define vfnmadd _mm512_fnmadd_ps
+#define vround(v) _mm512_roundscale_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC)
+#define vsum _mm512_reduce_add_ps
+static inline vf vscale2(vf p, vf n) { return _mm512_scalef_ps(p, n); }  /* p * 2^n, one rounding */
+#elif defined(RS_AVX2)
+typedef __m256 vf;
+#define VW 8
+#define vload _mm256_loadu_ps
+#define vstore _mm256_storeu_ps
+#define vset1 _mm256_set1_ps
+#define vzero _mm256_setzero_ps
+#define vadd _mm256_add_ps
+#define vsub _mm256_sub_ps
+#define vmul _mm256_mul_ps
+#define vdiv _mm256_div_ps
+#define vmax _mm256_max_ps
+#define vmin _mm256_min_ps
+#define vfmadd _mm256_fmadd_ps
+#define vfnmadd _mm256_fnmadd_ps
+#define vround(v) _mm256_round_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC)
+#define vsum hsum8
+/* scalef(p, n) as p * 2^a * 2^b with a = n >> 1, b = n - a: both powers are normal for n in [-150, 128], the
+   first product is exact and the second rounds once, as scalef does (checked against ldexpf on 1e9 inputs) */
+static inline vf vscale2(vf p, vf n) {
+  __m256i ni = _mm256_cvtps_epi32(n), a = _mm256_srai_epi32(ni, 1), b = _mm256_sub_epi32(ni, a);
+  const __m256i bias = _mm256_set1_epi32(127);
+  p = _mm256_mul_ps(p, _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(a, bias), 23)));
+  return _mm256_mul_ps(p, _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(b, bias), 23)));
+}
 #endif
 
 #ifdef RS_AVX512
@@ -460,6 +511,79 @@ static inline void widen_row(const rs_mat* m, size_t wo, float* buf) {
 }
 #endif
 
+static float wget(int kind, const void* w, size_t i) {
+  if (kind == K_F32) return ((const float*)w)[i];
+  uint16_t h = ((const uint16_t*)w)[i];
+  if (kind == K_BF16) { uint32_t b = (uint32_t)h << 16; float f; memcpy(&f, &b, 4); return f; }
+  return half_to_float(h);
+}
+
+/* Column layout (rs_mat.cols), for short rows (few inputs, many outputs: RWKV-7's second low-rank matrices, in = 32
+   to 128): w holds W^T [in, out], input k's weights for every output contiguous. A unit is COLW consecutive
+   outputs for all n rows: per input k, COLW / VW weight vectors times a broadcast activation, fused multiply-adds
+   in input order, no horizontal sums (a row-major product over 64 inputs spends as long on each output's
+   reduction as on its weights). Each output is one fmaf chain over k = 0 .. in - 1 starting from 0, lane for
+   lane the same in vectors and in col_scalar: the same bits in AVX-512, AVX2 and plain C builds, for any n. */
+#define COLW 64
+static void col_scalar(const rs_mat* m, const rs_act* a, int n, float* y, int o0, int o1) {
+  for (int r = 0; r < n; r++)
+    for (int o = o0; o < o1; o++) {
+      float acc = 0.0f;
+      for (int k = 0; k < m->in; k++)
+        acc = fmaf(wget(m->kind, m->w, (size_t)k * m->out + o), a->x[(size_t)r * m->in + k], acc);
+      y[(size_t)r * m->out + o] = acc;
+    }
+}
+#ifdef RS_AVX2
+#ifdef RS_AVX512
+#define vloadw load16
+#else
+#define vloadw load8
+#endif
+/* outputs o0 .. o0 + WD - 1 of R rows from r0 (WD = 64: one row; 32: one or two rows, the weight vectors of an
+   input serving both); pf: prefetch the next unit's weights (the next unit of a thread's share) */
+static inline AI void col_rows(const rs_mat* m, const rs_act* a, int o0, int r0, const int R, const int WD,
+                               float* y, const int kind, const int pf) {
+  const int out = m->out, in = m->in, esz = kind == K_F32 ? 4 : 2;
+  vf acc[2][64 / VW];
+  for (int i = 0; i < R; i++) for (int j = 0; j < WD / VW; j++) acc[i][j] = vzero();
+  for (int k = 0; k < in; k++) {
+    const size_t wo = (size_t)k * out + o0;
+    if (pf && g_pf)
+      for (int l = 0; l < COLW * esz; l += 64) _mm_prefetch((const char*)m->w + (wo + COLW) * esz + l, _MM_HINT_T0);
+    for (int j = 0; j < WD / VW; j++) {
+      const vf wv = vloadw(kind, m->w, wo + VW * j);
+      for (int i = 0; i < R; i++) acc[i][j] = vfmadd(wv, vset1(a->x[(size_t)(r0 + i) * in + k]), acc[i][j]);
+    }
+  }
+  for (int i = 0; i < R; i++)
+    for (int j = 0; j < WD / VW; j++) vstore(y + (size_t)(r0 + i) * out + o0 + VW * j, acc[i][j]);
+}
+/* outputs o0 .. o1 - 1 (o1 - o0 <= COLW) of all n rows: 64-wide for one row, 32-wide for two, the last
+   (o1 - o0) % 32 outputs in col_scalar */
+static inline AI void col_block(const rs_mat* m, const rs_act* a, int n, float* y, int o0, int o1, const int kind) {
+  const int full = o1 - o0 == COLW, o32 = o0 + (o1 - o0) / 32 * 32;
+  int r = 0;
+  for (; r + 2 <= n; r += 2)
+    for (int o = o0; o < o32; o += 32) col_rows(m, a, o, r, 2, 32, y, kind, r == 0 && o == o0);
+  for (; r < n; r++) {
+    if (full) col_rows(m, a, o0, r, 1, 64, y, kind, r == 0);
+    else for (int o = o0; o < o32; o += 32) col_rows(m, a, o, r, 1, 32, y, kind, 0);
+  }
+  if (o32 < o1) col_scalar(m, a, n, y, o32, o1);
+}
+#endif
+static void col_unit(const rs_mat* m, const rs_act* a, int n, float* y, int u) {
+  const int o0 = COLW * u, o1 = o0 + COLW < m->out ? o0 + COLW : m->out;
+#ifdef RS_AVX2
+  if (m->kind == K_F16) col_block(m, a, n, y, o0, o1, K_F16);
+  else if (m->kind == K_BF16) col_block(m, a, n, y, o0, o1, K_BF16);
+  else col_block(m, a, n, y, o0, o1, K_F32);
+#else
+  col_scalar(m, a, n, y, o0, o1);
+#endif
+}
+
 /* whether a 16-bit product over n rows takes f16_row_triples: AVX2 builds and 4+ rows (on the Zen 1 host of
    BENCHMARKS.md, 16 rows: 30-40% faster than two weight rows at a time for in = 768, 24% faster than
    f16_rows_buffered for in = 3072, the widened rows then spilling from L1 to L2) */
@@ -544,6 +668,10 @@ static void f16_row_triples(const rs_mat* m, const rs_act* a, int n, float* y, i
 /* unit u of m: output row u (float kinds) or the row pair u (q8) for all n rows */
 static void out_unit(const rs_mat* m, const rs_act* a, int n, float* y, int u) {
   int r = 0;
+  if (m->cols) {
+    col_unit(m, a, n, y, u);
+    return;
+  }
   if (m->kind == K_Q8) {
 #ifdef RS_AVX512
     for (; r + 4 <= n; r += 4) q8_pair(m, a, u, r, 4, y, 1);
@@ -578,13 +706,11 @@ static void out_unit(const rs_mat* m, const rs_act* a, int n, float* y, int u) {
   }
 }
 #else
-static float wget(int kind, const void* w, size_t i) {
-  if (kind == K_F32) return ((const float*)w)[i];
-  uint16_t h = ((const uint16_t*)w)[i];
-  if (kind == K_BF16) { uint32_t b = (uint32_t)h << 16; float f; memcpy(&f, &b, 4); return f; }
-  return half_to_float(h);
-}
 static void out_unit(const rs_mat* m, const rs_act* a, int n, float* y, int u) {
+  if (m->cols) {
+    col_unit(m, a, n, y, u);
+    return;
+  }
   if (m->kind == K_Q8) {
     const int G = m->inp / GRP, nb = m->inp / QB;
     for (int h = 0; h < 2 && 2 * u + h < m->out; h++) {
@@ -616,24 +742,27 @@ static void out_unit(const rs_mat* m, const rs_act* a, int n, float* y, int u) {
 }
 #endif
 
-/* work units of a product over n rows: row pairs for q8, row triples for 16-bit weights over 4+ rows on AVX2
-   (see f16_row_triples), else output rows */
+/* work units of a product over n rows: COLW outputs in the column layout, row pairs for q8, row triples for
+   16-bit weights over 4+ rows on AVX2 (see f16_row_triples), else output rows */
 static inline int units(const rs_mat* m, int n) {
+  if (m->cols) return (m->out + COLW - 1) / COLW;
   if (m->kind == K_Q8) return (m->out + 1) / 2;
   return row_triples16(m, n) ? (m->out + 2) / 3 : m->out;
 }
 
-/* how output rows are dealt to threads: 0 (default): static, one contiguous share per thread (one sequential
-   stream each, whose look-ahead prefetch never lands in another thread's rows); 1: dynamic chunks of about
-   g_chunk KiB of weights (whatever the row width); 2: guided. Every output is computed alike whichever thread
-   takes it: the bits do not change. q8 units are row pairs. Static was 8-9% faster per step than dynamic 64 KiB
-   on a quiet 2-vCPU host (169M shape, q8_0 and fp16, three alternating runs); with another process holding a
-   core, both are equally slow (the threads spin at each barrier: see BENCHMARKS.md). */
+/* how output rows are dealt to threads: 0 (default): static, one contiguous share per thread (in a layer's product
+   lists, of equal weight bytes: see multi_for; one sequential stream each, whose look-ahead prefetch never lands
+   in another thread's rows); 1: dynamic chunks of about g_chunk KiB of weights (whatever the row width); 2:
+   guided. Every output is computed alike whichever thread takes it: the bits do not change. q8 units are row
+   pairs. Static was 8-9% faster per step than dynamic 64 KiB on a quiet 2-vCPU host (169M shape, q8_0 and fp16,
+   three alternating runs); with another process holding a core, both are equally slow (the threads spin at each
+   barrier: see BENCHMARKS.md). */
 static int g_dynamic = 0, g_chunk = 64;
 void rs_set_schedule(int dynamic, int chunk_kib) { g_dynamic = dynamic; g_chunk = chunk_kib; }
 static void apply_schedule(const rs_mat* m) {  /* every thread of a region, before a schedule(runtime) loop */
 #ifdef _OPENMP
   size_t unit = m->kind == K_Q8 ? (size_t)(m->inp / GRP) * PG : (size_t)m->in * (m->kind == K_F32 ? 4 : 2);
+  if (m->cols) unit *= COLW;
   int ch = (int)(((size_t)g_chunk * 1024 + unit - 1) / unit);
   omp_set_schedule(g_dynamic == 2 ? omp_sched_guided : g_dynamic ? omp_sched_dynamic : omp_sched_static,
                    g_dynamic ? (ch > 0 ? ch : 1) : 0);
@@ -666,51 +795,6 @@ static void layer_norm(const float* x, float* y, int C, const float* w, const fl
 }
 
 static inline float sigmoidf(float x) { return 1.0f / (1.0f + expf(-x)); }
-/* the widest float vector of the build, for element-wise code written once */
-#if defined(RS_AVX512)
-typedef __m512 vf;
-#define VW 16
-#define vload _mm512_loadu_ps
-#define vstore _mm512_storeu_ps
-#define vset1 _mm512_set1_ps
-#define vzero _mm512_setzero_ps
-#define vadd _mm512_add_ps
-#define vsub _mm512_sub_ps
-#define vmul _mm512_mul_ps
-#define vdiv _mm512_div_ps
-#define vmax _mm512_max_ps
-#define vmin _mm512_min_ps
-#define vfmadd _mm512_fmadd_ps
-#define vfnmadd _mm512_fnmadd_ps
-#define vround(v) _mm512_roundscale_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC)
-#define vsum _mm512_reduce_add_ps
-static inline vf vscale2(vf p, vf n) { return _mm512_scalef_ps(p, n); }  /* p * 2^n, one rounding */
-#elif defined(RS_AVX2)
-typedef __m256 vf;
-#define VW 8
-#define vload _mm256_loadu_ps
-#define vstore _mm256_storeu_ps
-#define vset1 _mm256_set1_ps
-#define vzero _mm256_setzero_ps
-#define vadd _mm256_add_ps
-#define vsub _mm256_sub_ps
-#define vmul _mm256_mul_ps
-#define vdiv _mm256_div_ps
-#define vmax _mm256_max_ps
-#define vmin _mm256_min_ps
-#define vfmadd _mm256_fmadd_ps
-#define vfnmadd _mm256_fnmadd_ps
-#define vround(v) _mm256_round_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC)
-#define vsum hsum8
-/* scalef(p, n) as p * 2^a * 2^b with a = n >> 1, b = n - a: both powers are normal for n in [-150, 128], the
-   first product is exact and the second rounds once, as scalef does (checked against ldexpf on 1e9 inputs) */
-static inline vf vscale2(vf p, vf n) {
-  __m256i ni = _mm256_cvtps_epi32(n), a = _mm256_srai_epi32(ni, 1), b = _mm256_sub_epi32(ni, a);
-  const __m256i bias = _mm256_set1_epi32(127);
-  p = _mm256_mul_ps(p, _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(a, bias), 23)));
-  return _mm256_mul_ps(p, _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(b, bias), 23)));
-}
-#endif
 #ifdef RS_AVX2
 /* e^x in fp32 (Cephes expf: n = round(x / ln 2), degree-6 polynomial of the rest, 2^n by vscale2; ~1 ulp): the
    same bits at every vector width */
@@ -841,16 +925,48 @@ static void act_quantize_for(const rs_mat* m, const float* x, int n, const rs_ac
   for (int r = 0; r < n; r++)
     quantize_row16(x + (size_t)r * m->in, m->in, m->inp, (int16_t*)a->q + (size_t)r * m->inp, (float*)a->qs + r * nb);
 }
+/* weight bytes a unit of m reads (the last unit of a matrix may read fewer) */
+static size_t unit_bytes(const rs_mat* m, int n) {
+  const size_t esz = m->kind == K_F32 ? 4 : 2;
+  if (m->cols) return esz * (size_t)m->in * COLW;
+  if (m->kind == K_Q8) return (size_t)(m->inp / GRP) * PG;
+  return esz * (size_t)m->in * (row_triples16(m, n) ? 3 : 1);
+}
+/* the products of count matrices over n rows as one work list (barrier at the end). Static schedule (the
+   default): thread t of T takes the units whose first byte lies in the t-th T-th of the list's weight bytes, so
+   that threads read equal bytes when the matrices' units differ in size (RWKV-7: fp16 rows, q8 row pairs and
+   low-rank columns of 32 to 128 inputs in one list); each still reads one contiguous run. Which thread computes
+   a unit does not change its bits. */
 static void multi_for(const rs_mat* mats, const rs_act* acts, int count, int n, float* const* ys) {  /* barrier */
-  int total = 0;
-  for (int q = 0; q < count; q++) total += units(&mats[q], n);
-  apply_schedule(&mats[0]);
-  #pragma omp for schedule(runtime)
-  for (int u = 0; u < total; u++) {
-    int q = 0, uu = u;
-    while (uu >= units(&mats[q], n)) { uu -= units(&mats[q], n); q++; }
-    out_unit(&mats[q], &acts[q], n, ys[q], uu);
+  if (g_dynamic) {
+    int total = 0;
+    for (int q = 0; q < count; q++) total += units(&mats[q], n);
+    apply_schedule(&mats[0]);
+    #pragma omp for schedule(runtime)
+    for (int u = 0; u < total; u++) {
+      int q = 0, uu = u;
+      while (uu >= units(&mats[q], n)) { uu -= units(&mats[q], n); q++; }
+      out_unit(&mats[q], &acts[q], n, ys[q], uu);
+    }
+    return;
   }
+#ifdef _OPENMP
+  const size_t nt = (size_t)omp_get_num_threads(), t = (size_t)omp_get_thread_num();
+#else
+  const size_t nt = 1, t = 0;
+#endif
+  size_t total = 0;
+  for (int q = 0; q < count; q++) total += unit_bytes(&mats[q], n) * (size_t)units(&mats[q], n);
+  const size_t lo = total * t / nt, hi = total * (t + 1) / nt;
+  size_t pos = 0;
+  for (int q = 0; q < count; q++) {
+    const size_t b = unit_bytes(&mats[q], n), U = (size_t)units(&mats[q], n);
+    /* units u of q with pos + u * b in [lo, hi) */
+    const size_t u0 = lo > pos ? (lo - pos + b - 1) / b : 0, u1 = hi > pos ? (hi - pos + b - 1) / b : 0;
+    for (size_t u = u0; u < u1 && u < U; u++) out_unit(&mats[q], &acts[q], n, ys[q], (int)u);
+    pos += b * U;
+  }
+  #pragma omp barrier
 }
 
 /* a layer's weights: vectors fp32 [C] (amix [3, C]: k, v, r; fmix [2, C]: k, r; tw = -exp(time_decay), tu =
@@ -1027,7 +1143,7 @@ class RsMat(ctypes.Structure):
     """A packed matrix as the kernels read it: ``inp`` is ``in_`` padded to :data:`GROUP` for q8_0."""
 
     _fields_ = [("kind", ctypes.c_int), ("out", ctypes.c_int), ("in_", ctypes.c_int), ("inp", ctypes.c_int),
-                ("w", ctypes.c_void_p), ("s", ctypes.c_void_p)]
+                ("w", ctypes.c_void_p), ("s", ctypes.c_void_p), ("cols", ctypes.c_int)]
 
 
 _lib: ctypes.CDLL | None = None

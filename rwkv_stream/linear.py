@@ -187,6 +187,44 @@ class KernelLinear:
         return (self.fmt, tuple(self.weight.shape), self.weight.dtype, cpu_kernels.load() is not None)
 
 
+class ColumnKernelLinear(KernelLinear):
+    """:class:`KernelLinear` for short rows (:func:`short_rows`: RWKV-7's second low-rank matrices, 32-128 inputs
+    and thousands of outputs), stored transposed: ``columns`` is ``W^T`` ``[in, out]`` and ``weight`` its
+    ``[out, in]`` view (the same memory; values as stored, not contiguous). The kernel takes 32 outputs at a
+    time, one multiply-add per input over all of them and no per-output reduction, which made a row-major
+    product over 64 inputs as slow per byte as twice its size (see ``col_unit`` in
+    :mod:`rwkv_stream.cpu_kernels`). Rows are still bitwise independent of their batch mates."""
+
+    fmt = "kernel-columns"
+
+    def __init__(self, weight: Tensor, dtype: torch.dtype) -> None:
+        _require_cpu(weight, "compiled-kernel")
+        self.columns = weight.to(dtype).t().contiguous()
+        self.weight = self.columns.t()
+        self.scales = None
+        out, n_in = weight.shape
+        self.mat = cpu_kernels.RsMat(cpu_kernels.KINDS[dtype], out, n_in, n_in, self.columns.data_ptr(), None, 1)
+
+    def move_into(self, buf: Tensor) -> None:
+        flat = self.columns.reshape(-1).view(torch.uint8)
+        buf[: flat.numel()].copy_(flat)
+        self.columns = buf[: flat.numel()].view(self.columns.dtype).view(self.columns.shape)
+        self.weight = self.columns.t()
+        self.mat.w = self.columns.data_ptr()
+
+
+COLUMN_MAX_IN = 128  # short rows: at most this many inputs ...
+COLUMN_MIN_RATIO = 4  # ... and at least this many times as many outputs
+
+
+def short_rows(shape: Sequence[int]) -> bool:
+    """Whether a ``[out, in]`` matrix runs faster in the column layout (:class:`ColumnKernelLinear`): few inputs,
+    many more outputs (RWKV-7's second low-rank matrices: 768 x 32..128 at the 0.1B shape; on the Zen 1 host of
+    BENCHMARKS.md their products went from 48 to ~22 us a layer at one row)."""
+    out, n_in = shape
+    return n_in <= COLUMN_MAX_IN and out >= COLUMN_MIN_RATIO * n_in
+
+
 class Q8Linear(KernelLinear):
     """Format ``q8_0`` (CPU): int8 weights with one fp16 scale per block of 32 inputs, packed once for the kernel
     (:func:`rwkv_stream.cpu_kernels.pack_q8_0`: row pairs, scales inline, one sequential stream); activations
@@ -368,7 +406,7 @@ def make_linear(weight: Tensor, dtype: torch.dtype, fmt: str | None = None, *, k
     if fmt == "q8_0":
         return Q8Linear(weight)
     if kernels and fmt is None and weight.shape[1] % cpu_kernels.QBLOCK == 0:
-        return KernelLinear(weight, dtype)
+        return (ColumnKernelLinear if short_rows(weight.shape) else KernelLinear)(weight, dtype)
     if fmt == "int8":
         return Int8Linear(weight)
     if fmt == "w8a8":

@@ -17,7 +17,7 @@ import torch
 from conftest import TINY
 
 from rwkv_stream import cpu_kernels, load
-from rwkv_stream.linear import KernelLinear, Q8Linear, q8_0_reference
+from rwkv_stream.linear import ColumnKernelLinear, KernelLinear, Q8Linear, make_linear, q8_0_reference
 
 ROOT = Path(__file__).resolve().parents[1]
 TEXT = [5, 17, 3, 88, 42, 1, 0, 96, 33, 7, 64, 12, 9, 50, 21, 70]
@@ -45,6 +45,31 @@ def test_float_kernels_match_torch(dtype, tol):
     assert y.dtype == torch.float32 and y.shape == (9, 70)
     assert (y - ref).abs().max() / ref.abs().max() < (1e-6 if dtype != torch.float32 else tol)
     assert (y - x @ w.t()).abs().max() / ref.abs().max() < tol
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("out,n_in", [(768, 64), (770, 32), (100, 128), (33, 96), (7, 32)])  # 64-wide units, tails
+def test_column_layout_products_match_torch_and_keep_the_weight_view(dtype, out, n_in):
+    gen = torch.Generator().manual_seed(6)
+    w, x = torch.randn(out, n_in, generator=gen), torch.randn(5, n_in, generator=gen)
+    lin = ColumnKernelLinear(w, dtype)
+    assert lin.weight.shape == (out, n_in) and torch.equal(lin.weight, w.to(dtype))  # a view of the W^T storage
+    assert lin.columns.is_contiguous() and lin.weight.data_ptr() == lin.columns.data_ptr() == lin.mat.w
+    assert lin.nbytes == out * n_in * lin.weight.element_size()
+    ref = (x.double() @ w.to(dtype).double().t())
+    y = lin(x)
+    assert y.shape == (5, out) and (y.double() - ref).abs().max() / ref.abs().max() < 1e-6
+    assert (lin.gemm(x).double() - ref).abs().max() / ref.abs().max() < 1e-2  # torch's GEMM on the same view
+
+
+def test_short_rows_take_the_column_layout():
+    gen = torch.Generator().manual_seed(7)
+    assert isinstance(make_linear(torch.randn(768, 64, generator=gen), torch.float16, kernels=True),
+                      ColumnKernelLinear)
+    for shape in [(64, 768), (768, 768), (200, 64), (768, 160)]:  # long rows, or not 4x as many outputs
+        lin = make_linear(torch.randn(*shape, generator=gen), torch.float16, kernels=True)
+        assert type(lin) is KernelLinear, shape
 
 
 @needs_kernels
@@ -80,8 +105,9 @@ def test_q8_0_packing_round_trips_and_pads():
 @needs_kernels
 def test_q8_0_and_float_bits_are_the_same_on_avx2_and_scalar_builds(tmp_path):
     """The AVX-512 build (where the CPU has it), an AVX2 build and a build without vector code give q8_0
-    products the same bits (exact integer block sums, then the same fp32 operations per lane); the float kinds
-    agree between AVX-512 and AVX2."""
+    products the same bits (exact integer block sums, then the same fp32 operations per lane), and so do
+    column-layout products (one fmaf chain per output); the row-major float kinds agree between AVX-512 and
+    AVX2."""
     compiler = cpu_kernels.shutil.which("cc") or cpu_kernels.shutil.which("gcc")
     src = tmp_path / "k.c"
     src.write_text(cpu_kernels.SOURCE)
@@ -97,8 +123,11 @@ def test_q8_0_and_float_bits_are_the_same_on_avx2_and_scalar_builds(tmp_path):
                                   ctypes.c_int]
         libs[name] = lib
     gen = torch.Generator().manual_seed(5)
-    for make, builds in [(Q8Linear, ("avx2", "scalar")), (lambda w: KernelLinear(w, torch.float16), ("avx2",))]:
-        for out, n_in in [(9, 96), (6, 768)]:
+    columns = lambda w: ColumnKernelLinear(w, torch.float16)  # noqa: E731
+    for make, builds, shapes in [(Q8Linear, ("avx2", "scalar"), [(9, 96), (6, 768)]),
+                                 (lambda w: KernelLinear(w, torch.float16), ("avx2",), [(9, 96), (6, 768)]),
+                                 (columns, ("avx2", "scalar"), [(200, 64), (97, 32)])]:
+        for out, n_in in shapes:
             lin = make(torch.randn(out, n_in, generator=gen))
             x = torch.randn(5, n_in, generator=gen)
             native = lin(x)
@@ -111,7 +140,9 @@ def test_q8_0_and_float_bits_are_the_same_on_avx2_and_scalar_builds(tmp_path):
 
 @needs_kernels
 @pytest.mark.parametrize("make", [lambda w: KernelLinear(w, torch.float16), lambda w: KernelLinear(w, torch.float32),
-                                  lambda w: KernelLinear(w, torch.bfloat16), Q8Linear])
+                                  lambda w: KernelLinear(w, torch.bfloat16), Q8Linear,
+                                  lambda w: ColumnKernelLinear(w, torch.float16),
+                                  lambda w: ColumnKernelLinear(w, torch.bfloat16)])
 @pytest.mark.parametrize("n_in", [64, 256, 768, 1056])
 @pytest.mark.parametrize("out", [33, 34, 35])  # AVX2 16-bit products over 4+ rows: weight rows in threes, and the rest
 def test_each_row_is_bitwise_independent_of_the_others(make, n_in, out):
@@ -342,7 +373,7 @@ def test_huge_page_buffer_is_aligned_and_writable():
 
 @needs_kernels
 @pytest.mark.parametrize("make", [lambda w: KernelLinear(w, torch.float16), lambda w: KernelLinear(w, torch.bfloat16),
-                                  Q8Linear])
+                                  Q8Linear, lambda w: ColumnKernelLinear(w, torch.float16)])
 def test_weights_moved_into_an_arena_give_the_same_bits(make):
     from rwkv_stream.linear import ARENA_ALIGN, pack_in_arena
 

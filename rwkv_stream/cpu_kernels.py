@@ -841,16 +841,19 @@ static void relu_square_for(float* v, size_t count) {
 
 /* token shift over a ragged batch, nm mixes: out_q = prev + mix_q * (cur - prev) (RWKV-4), or with weigh_prev
    out_q = cur + mix_q * (prev - cur) (RWKV-7: the coefficient weighs the previous token, as in its references).
-   Stream b's states are at st0 + slots[b] * sstride (slots NULL: b); their row `row` keeps the stream's last row */
-static void shift_mix(const float* xn, int n, int C, float* st0, long sstride, int row, const int* starts,
-                      const int* lens, int B, const int* slots, const float* mix, int nm, int weigh_prev,
-                      float* out) {
+   Stream b's states are at st0 + slots[b] * sstride (slots NULL: b); their row `row` keeps the stream's last row.
+   in0: the states to read, laid out as st0's (NULL: st0 itself; else st0's rows are written, not read) */
+static void shift_mix(const float* xn, int n, int C, float* st0, const float* in0, long sstride, int row,
+                      const int* starts, const int* lens, int B, const int* slots, const float* mix, int nm,
+                      int weigh_prev, float* out) {
   #pragma omp for schedule(static)
   for (int b = 0; b < B; b++) {
-    float* keep = st0 + (size_t)(slots ? slots[b] : b) * sstride + (size_t)row * C;
+    const size_t at = (size_t)(slots ? slots[b] : b) * sstride + (size_t)row * C;
+    float* keep = st0 + at;
+    const float* keep_in = in0 ? in0 + at : keep;
     for (int t = 0; t < lens[b]; t++) {
       int j = starts[b] + t;
-      const float* prev = t == 0 ? keep : xn + (size_t)(j - 1) * C;
+      const float* prev = t == 0 ? keep_in : xn + (size_t)(j - 1) * C;
       const float* cur = xn + (size_t)j * C;
       for (int q = 0; q < nm; q++) {
         float* o = out + ((size_t)q * n + j) * C;
@@ -862,6 +865,7 @@ static void shift_mix(const float* xn, int n, int C, float* st0, long sstride, i
       }
     }
     if (lens[b] > 0) memcpy(keep, xn + (size_t)(starts[b] + lens[b] - 1) * C, sizeof(float) * C);
+    else if (keep_in != keep) memcpy(keep, keep_in, sizeof(float) * C);
   }
 }
 
@@ -871,11 +875,11 @@ static void shift_mix(const float* xn, int n, int C, float* st0, long sstride, i
 /* layer norm of the n rows of x into xn, then shift_mix over them: worksharing loops (rows, then streams), shared
    by the threads of a region when called inside one, run by the calling thread alone outside */
 static void norm_shift_mix(const float* x, float* xn, int n, int C, const float* lnw, const float* lnb, float* st0,
-                           long sstride, int row, const int* starts, const int* lens, int B, const int* slots,
-                           const float* mix, int nm, int weigh_prev, float* out) {
+                           const float* in0, long sstride, int row, const int* starts, const int* lens, int B,
+                           const int* slots, const float* mix, int nm, int weigh_prev, float* out) {
   #pragma omp for schedule(static)
   for (int j = 0; j < n; j++) layer_norm(x + (size_t)j * C, xn + (size_t)j * C, C, lnw, lnb);
-  shift_mix(xn, n, C, st0, sstride, row, starts, lens, B, slots, mix, nm, weigh_prev, out);
+  shift_mix(xn, n, C, st0, in0, sstride, row, starts, lens, B, slots, mix, nm, weigh_prev, out);
 }
 
 /* the channel mix's output: x = (x + sigmoid(r) * v) * post_scale over count values (worksharing, no barrier);
@@ -1049,7 +1053,7 @@ static void layer4(float* x, int n, int C, int F, float* st0, long sstride, cons
   float* ys_ffn[2] = {big, kvr};
   float* ys_val[1] = {kvr + nc};
 
-  norm_shift_mix(x, xn, n, C, L->ln1w, L->ln1b, st0, sstride, 0, starts, lens, B, 0, L->amix, 3, 0, mixed);
+  norm_shift_mix(x, xn, n, C, L->ln1w, L->ln1b, st0, 0, sstride, 0, starts, lens, B, 0, L->amix, 3, 0, mixed);
   for (int q = 0; q < 3; q++) act_quantize_for(&mats[q], ins[q], n, &acts[q]);
   #pragma omp barrier
   multi_for(mats, acts, 3, n, ys_att);
@@ -1060,7 +1064,7 @@ static void layer4(float* x, int n, int C, int F, float* st0, long sstride, cons
   add_for(x, kvr, nc);
   #pragma omp barrier
 
-  norm_shift_mix(x, xn, n, C, L->ln2w, L->ln2b, st0, sstride, 4, starts, lens, B, 0, L->fmix, 2, 0, mixed);
+  norm_shift_mix(x, xn, n, C, L->ln2w, L->ln2b, st0, 0, sstride, 4, starts, lens, B, 0, L->fmix, 2, 0, mixed);
   act_quantize_for(&mats[4], ins[4], n, &acts[4]);
   act_quantize_for(&mats[5], ins[5], n, &acts[5]);
   #pragma omp barrier

@@ -54,7 +54,7 @@ typedef struct {
 static inline float r7_sig(float x) { return 1.0f / (1.0f + expf(-x)); }
 
 /* one token of head (c0 .. c0 + N - 1): element-wise prep, matrix-state update, GroupNorm, bonus, gate */
-static void r7_head_scalar(int N, float* S, const r7_tok* t, float* out) {
+static void r7_head_scalar(int N, const float* Sin, float* S, const r7_tok* t, float* out) {
   const int c0 = t->c0;
   const float *w0 = t->vec[V7_W0] + c0, *a0 = t->vec[V7_A0] + c0, *v0 = t->vec[V7_V0] + c0;
   const float *k_k = t->vec[V7_KK] + c0, *k_a = t->vec[V7_KA] + c0, *r_k = t->vec[V7_RK] + c0;
@@ -76,10 +76,11 @@ static void r7_head_scalar(int N, float* S, const r7_tok* t, float* out) {
     else v[c] = v[c] + (vf[c] - v[c]) * r7_sig(v0[c] + zv[c]);
   }
   for (int i = 0; i < N; i++) {
+    const float* si = Sin + (size_t)i * N;
     float* s = S + (size_t)i * N;
     float sa = 0.0f, yi = 0.0f, vi = v[i];
-    for (int j = 0; j < N; j++) sa += s[j] * al[j];
-    for (int j = 0; j < N; j++) { float e = s[j] * dec[j] + sa * be[j] + vi * k[j]; s[j] = e; yi += e * r[j]; }
+    for (int j = 0; j < N; j++) sa += si[j] * al[j];
+    for (int j = 0; j < N; j++) { float e = si[j] * dec[j] + sa * be[j] + vi * k[j]; s[j] = e; yi += e * r[j]; }
     y[i] = yi;
   }
   float mean = 0.0f, var = 0.0f, bonus = 0.0f;
@@ -94,7 +95,7 @@ static void r7_head_scalar(int N, float* S, const r7_tok* t, float* out) {
 #ifdef RS_AVX2
 /* the same for N a multiple of VW (VW channels a vector, the widest of the build; sums as vector partials, then
    one fixed reduction) */
-static void r7_head_vec(int N, float* S, const r7_tok* t, float* out) {
+static void r7_head_vec(int N, const float* Sin, float* S, const r7_tok* t, float* out) {
   const int c0 = t->c0, nv = N / VW;
   const float *w0 = t->vec[V7_W0] + c0, *a0 = t->vec[V7_A0] + c0, *v0 = t->vec[V7_V0] + c0;
   const float *k_k = t->vec[V7_KK] + c0, *k_a = t->vec[V7_KA] + c0, *r_k = t->vec[V7_RK] + c0;
@@ -130,15 +131,16 @@ static void r7_head_vec(int N, float* S, const r7_tok* t, float* out) {
     }
   }
   for (int i = 0; i < N; i++) {
+    const float* si = Sin + (size_t)i * N;
     float* s = S + (size_t)i * N;
     vf sav = vzero();
-    for (int q = 0; q < nv; q++) sav = vfmadd(vload(s + VW * q), vload(al + VW * q), sav);
+    for (int q = 0; q < nv; q++) sav = vfmadd(vload(si + VW * q), vload(al + VW * q), sav);
     const vf sa = vset1(vsum(sav)), vi = vset1(v[i]);
     vf yv = vzero();
     for (int q = 0; q < nv; q++) {
       const int o = VW * q;
       vf add = vfmadd(sa, vload(be + o), vmul(vi, vload(k + o)));
-      vf e = vfmadd(vload(s + o), vload(dec + o), add);
+      vf e = vfmadd(vload(si + o), vload(dec + o), add);
       vstore(s + o, e);
       yv = vfmadd(e, vload(r + o), yv);
     }
@@ -169,7 +171,7 @@ static void r7_head_vec(int N, float* S, const r7_tok* t, float* out) {
 
 /* one RWKV-7 layer over n rows of B streams (stream b owns rows starts[b] .. + lens[b] - 1): x [n, C] and the
    states (stream b's [att shift C | ffn shift C | S: H x N(value) x N(key)] at st0 + slots[b] * sstride;
-   slots NULL: b) in place.
+   slots NULL: b) in place, or read from in0 (the same layout; NULL: st0) and written to st0.
    vf [n, C]: the value of layer 0 (written there, read by the later layers). mats: see M7_*; has_v = 0 for
    layer 0 (no value-residual path: mats M7_V1 / M7_V2 are not read). Ranks padded (rw, ra, rg, rv). */
 static inline size_t r7_al(size_t b) { return (b + 63) & ~(size_t)63; }
@@ -191,8 +193,9 @@ typedef struct { const float* const* vec; const rs_mat* mats; int has_v; } rs_la
 
 /* one layer; every thread of a parallel region calls it (worksharing and barriers only); scratch: at least
    r7_sizes bytes, 64-byte aligned pieces */
-static void layer7(float* x, int n, int C, int F, int H, int N, float* st0, long sstride, const int* starts,
-                 const int* lens, int B, const int* slots, const rs_layer7* L, float* vf, char* scratch, float eps) {
+static void layer7(float* x, int n, int C, int F, int H, int N, float* st0, const float* in0, long sstride,
+                   const int* starts, const int* lens, int B, const int* slots, const rs_layer7* L, float* vf,
+                   char* scratch, float eps) {
   const float* const* vec = L->vec;
   const rs_mat* mats = L->mats;
   const int has_v = L->has_v;
@@ -221,8 +224,8 @@ static void layer7(float* x, int n, int C, int F, int H, int N, float* st0, long
   for (int q = 0; q < M7_COUNT; q++) act_init(&mats[q], ins[q], n, &acts[q], abuf + off[q]);
   const int n1 = has_v ? 7 : 6, n2 = has_v ? 4 : 3;
 
-  norm_shift_mix(x, xn, n, C, vec[V7_LN1W], vec[V7_LN1B], st0, sstride, 0, starts, lens, B, slots, vec[V7_MIX], 6, 1,
-                 mixed);
+  norm_shift_mix(x, xn, n, C, vec[V7_LN1W], vec[V7_LN1B], st0, in0, sstride, 0, starts, lens, B, slots, vec[V7_MIX], 6,
+                 1, mixed);
   for (int q = 0; q < n1; q++) act_quantize_for(&mats[q], ins[q], n, &acts[q]);
   #pragma omp barrier
   multi_for(mats, acts, n1, n, ys);
@@ -237,15 +240,18 @@ static void layer7(float* x, int n, int C, int F, int H, int N, float* st0, long
   #pragma omp for schedule(static)
   for (int u = 0; u < B * H; u++) {
     const int b = u / H, h = u % H;
-    float* S = st0 + (size_t)(slots ? slots[b] : b) * sstride + 2 * (size_t)C + (size_t)h * N * N;
+    const size_t at = (size_t)(slots ? slots[b] : b) * sstride + 2 * (size_t)C + (size_t)h * N * N;
+    float* S = st0 + at;
+    const float* Sin = in0 ? in0 + at : S;  /* read at the stream's first token, then S */
+    if (!lens[b] && Sin != S) memcpy(S, Sin, sizeof(float) * N * N);
     for (int t = 0; t < lens[b]; t++) {
       const size_t row = (size_t)(starts[b] + t) * C;
       r7_tok tk = {r + row, zw + row, za + row, zg + row, zv + row, k + row, v + row, vf + row, vec, h * N,
                    !has_v, eps};
 #ifdef RS_AVX2
-      if (N % VW == 0) { r7_head_vec(N, S, &tk, yo + row); continue; }
+      if (N % VW == 0) { r7_head_vec(N, t ? S : Sin, S, &tk, yo + row); continue; }
 #endif
-      r7_head_scalar(N, S, &tk, yo + row);
+      r7_head_scalar(N, t ? S : Sin, S, &tk, yo + row);
     }
   }
   act_quantize_for(&mats[M7_O], yo, n, &acts[M7_O]);
@@ -253,8 +259,8 @@ static void layer7(float* x, int n, int C, int F, int H, int N, float* st0, long
   multi_for(mats + M7_O, acts + M7_O, 1, n, ys + M7_O);
   add_for(x, mixed, nc);
   #pragma omp barrier
-  norm_shift_mix(x, xn, n, C, vec[V7_LN2W], vec[V7_LN2B], st0, sstride, 1, starts, lens, B, slots, vec[V7_FXK], 1, 1,
-                 mixed);
+  norm_shift_mix(x, xn, n, C, vec[V7_LN2W], vec[V7_LN2B], st0, in0, sstride, 1, starts, lens, B, slots, vec[V7_FXK], 1,
+                 1, mixed);
   act_quantize_for(&mats[M7_FK], mixed, n, &acts[M7_FK]);
   #pragma omp barrier
   multi_for(mats + M7_FK, acts + M7_FK, 1, n, ys + M7_FK);
@@ -267,9 +273,11 @@ static void layer7(float* x, int n, int C, int F, int H, int N, float* st0, long
 }
 
 /* the count layers in one call and one parallel region: layer l's states at st + l * lstride (stream b's at +
-   slots[b] * sstride, slots NULL: b); vf [n, C] the value of layer 0. One scratch buffer, the largest any layer
-   needs, serves every layer. */
-void rs_rwkv7_layers(float* x, int n, int C, int F, int H, int N, float* st, long lstride, long sstride,
+   slots[b] * sstride, slots NULL: b), updated in place, or with st_in (the same layout) read from there and
+   written to st (st's old values are not read: a functional step without first copying the states); vf [n, C]
+   the value of layer 0. One scratch buffer, the largest any layer needs, serves every layer. */
+void rs_rwkv7_layers(float* x, int n, int C, int F, int H, int N, float* st, const float* st_in, long lstride,
+                     long sstride,
                      const int* starts, const int* lens, int B, const int* slots, const rs_layer7* layers, int count,
                      float* vf, float eps, int nt) {
   size_t need = 0;
@@ -280,7 +288,8 @@ void rs_rwkv7_layers(float* x, int n, int C, int F, int H, int N, float* st, lon
   char* scratch = (char*)malloc(need + 64);
   #pragma omp parallel num_threads(nt)
   for (int l = 0; l < count; l++)
-    layer7(x, n, C, F, H, N, st + (size_t)l * lstride, sstride, starts, lens, B, slots, &layers[l], vf, scratch, eps);
+    layer7(x, n, C, F, H, N, st + (size_t)l * lstride, st_in ? st_in + (size_t)l * lstride : 0, sstride, starts, lens,
+           B, slots, &layers[l], vf, scratch, eps);
   free(scratch);
 }
 """
@@ -309,8 +318,9 @@ def load() -> ctypes.CDLL | None:
         lib.rs_rwkv7_layers.restype = None
         lib.rs_rwkv7_layers.argtypes = [
             ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int,
-            ctypes.c_void_p, ctypes.c_long, ctypes.c_long, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int,
-            ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_float, ctypes.c_int]
+            ctypes.c_void_p, ctypes.c_void_p, ctypes.c_long, ctypes.c_long, ctypes.c_void_p, ctypes.c_void_p,
+            ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_float,
+            ctypes.c_int]
     _lib = lib
     return lib
 
@@ -359,10 +369,14 @@ class LayerTable:
 
 
 def run_layers(lib: ctypes.CDLL, x: Tensor, states: Tensor, lengths: list[int], layers: LayerTable,
-               n_head: int, head_size: int, ffn_dim: int, eps: float, slots: Tensor | None = None) -> None:
+               n_head: int, head_size: int, ffn_dim: int, eps: float, slots: Tensor | None = None,
+               source: Tensor | None = None) -> None:
     """All layers in place in one ``rs_rwkv7_layers`` call: ``x`` ``[n, C]`` fp32 contiguous (stream ``b`` owns
     ``lengths[b]`` consecutive rows), ``states`` ``[B, L, 2C + H*N*N]`` fp32 contiguous, or with ``slots`` (int32
-    contiguous) a slot arena ``[capacity, L, 2C + H*N*N]`` with stream ``b`` in row ``slots[b]``."""
+    contiguous) a slot arena ``[capacity, L, 2C + H*N*N]`` with stream ``b`` in row ``slots[b]``. ``source``: the
+    states to start from, laid out as ``states`` and apart from it; ``states`` is then only written (the same
+    bits as copying ``source`` into ``states`` first, without that copy's traffic: 2.4 MB a step at the 0.1B
+    shape)."""
     n, C = x.shape
     B = len(lengths)
     per_layer = states.shape[2]
@@ -370,12 +384,15 @@ def run_layers(lib: ctypes.CDLL, x: Tensor, states: Tensor, lengths: list[int], 
     assert states.dtype == torch.float32 and states.is_contiguous() and len(layers) == states.shape[1]
     assert slots is None or (slots.dtype == torch.int32 and slots.is_contiguous() and len(slots) == B)
     assert slots is not None or states.shape[0] >= B
+    assert source is None or (source.shape == states.shape and source.dtype == torch.float32
+                              and source.is_contiguous() and source.data_ptr() != states.data_ptr())
     starts, pos = [], 0
     for m in lengths:
         starts.append(pos)
         pos += m
     c_starts, c_lens = (ctypes.c_int * B)(*starts), (ctypes.c_int * B)(*lengths)
     v_first = torch.empty_like(x)  # layer 0's value, read by the later layers
-    lib.rs_rwkv7_layers(x.data_ptr(), n, C, ffn_dim, n_head, head_size, states.data_ptr(), per_layer,
+    lib.rs_rwkv7_layers(x.data_ptr(), n, C, ffn_dim, n_head, head_size, states.data_ptr(),
+                        None if source is None else source.data_ptr(), per_layer,
                         states.shape[1] * per_layer, c_starts, c_lens, B, None if slots is None else slots.data_ptr(),
                         layers.rows, len(layers), v_first.data_ptr(), eps, torch.get_num_threads())

@@ -332,3 +332,33 @@ def test_builds_without_avx512_or_any_vector_code_agree_with_the_native_one(monk
             assert torch.equal(solo[0], shared[1])
     finally:
         cpu_kernels_rwkv7.reset()
+
+
+@needs_kernels
+@pytest.mark.parametrize("fmt", ["float16", "q8_0"])
+def test_reading_one_state_buffer_and_writing_another_equals_updating_in_place(random_models, fmt):
+    """``run_layers(..., source=...)`` (what ``forward`` runs: no copy of the states first) gives the bits of the
+    in-place update of a copy, leaves ``source`` as it was, and carries over a stream with no tokens."""
+    model, _, cfg = random_models("C128N32", fmt)
+    lengths = [2, 0, 3]
+    pool = model.new_pool(4)
+    slots = [pool.alloc() for _ in lengths]
+    model.step(pool, slots, [tokens(4, cfg.vocab_size, seed=20 + i) for i in range(3)])  # non-trivial states
+    source = pool.data[: len(lengths)].clone()
+    before = source.clone()
+    ids = torch.tensor(tokens(sum(lengths), cfg.vocab_size, seed=30))
+    x_in = model.emb[ids].float().contiguous()
+    in_place, x_a = source.clone(), x_in.clone()
+    args = (lengths, model._fused_layers, model.n_head, model.head_size, cfg.ffn_dim, model.gn_eps)
+    cpu_kernels_rwkv7.run_layers(model._lib, x_a, in_place, *args)
+    out, x_b = torch.full_like(source, float("nan")), x_in.clone()
+    cpu_kernels_rwkv7.run_layers(model._lib, x_b, out, *args, source=source)
+    assert torch.equal(source, before)
+    assert torch.equal(out, in_place) and torch.equal(x_b, x_a)
+    assert torch.equal(out[1], before[1])  # the stream without tokens: its state copied over
+
+    state = model.new_state()
+    _, state = model.forward(tokens(5, cfg.vocab_size, seed=31), state)
+    kept = state.tensor.clone()
+    model.forward(tokens(3, cfg.vocab_size, seed=32), state)
+    assert torch.equal(state.tensor, kept)  # forward leaves its input state alone

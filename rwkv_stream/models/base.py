@@ -146,6 +146,13 @@ class RecurrentModel:
         tokens are grouped into calls); otherwise a family may use a faster parallel form."""
         raise NotImplementedError
 
+    def _run_from(self, ids: Tensor, source: Tensor, rag: Ragged) -> tuple[Tensor, Tensor]:
+        """:meth:`_run` starting from ``source`` ``[B, *state_shape]``, which is left as it is: the hidden vectors
+        and the advanced states (here :meth:`_run` on a copy; a family whose kernels read one buffer and write
+        another overrides it)."""
+        work = source.clone()
+        return self._run(ids, work, rag), work
+
     def _steps_arena_in_place(self, pool: StatePool) -> bool:
         """Whether :meth:`step` runs :meth:`_run_arena` on ``pool.data`` directly (a family with kernels that
         address the arena by slot, on the pool's device) instead of gathering the streams' states into a copy
@@ -181,10 +188,10 @@ class RecurrentModel:
         state = self.new_state() if state is None else state
         self.check_state(state)
         ids = self._token_tensor(tokens)
-        work = state.tensor.to(self.device).unsqueeze(0).clone()
         if len(ids) == 0:
             return torch.empty(0, self.config.n_embd), state.copy()
-        hidden = self._run(ids, work, Ragged.from_lengths([len(ids)], self.device))
+        source = state.tensor.to(self.device).unsqueeze(0)
+        hidden, work = self._run_from(ids, source, Ragged.from_lengths([len(ids)], self.device))
         return hidden, State(work[0], state.n_tokens + len(ids), self.fingerprint, dict(state.meta), self.family)
 
     def head(self, hidden: Tensor) -> Tensor:

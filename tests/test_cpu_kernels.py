@@ -195,6 +195,33 @@ def test_fused_path_on_a_real_width(tmp_path, fmt):
 
 
 @needs_kernels
+@pytest.mark.parametrize("march", [["-march=x86-64-v3", "-mf16c"], ["-march=x86-64"]], ids=["avx2", "plain-c"])
+def test_fused_layers_built_without_avx512_or_vector_code_agree_with_the_native_build(monkeypatch, tmp_path,
+                                                                                      tiny_pth, march):
+    """The AVX2 and plain-C builds of the fused RWKV-4 layers (q8_0 inputs padded to a group; the tiny model's
+    channel-mix key is in the column layout) against the native build: the same numbers up to WKV's exp (vector
+    vs libm), and batch mates still change no bits."""
+    native = {fmt: load(tiny_pth, dtype=fmt).forward(TEXT)[0] for fmt in ("float16", "q8_0")}
+    flags = [f for f in cpu_kernels.CFLAGS if f != "-march=native"] + march
+    monkeypatch.setattr(cpu_kernels, "CFLAGS", flags)
+    monkeypatch.setenv("RWKV_STREAM_CACHE", str(tmp_path))
+    cpu_kernels.reset()
+    try:
+        for fmt, want in native.items():
+            model = load(tiny_pth, dtype=fmt)
+            assert model._lib is not None and str(tmp_path) in model._lib._name
+            got, _ = model.forward(TEXT)
+            assert (got - want).abs().max() / want.abs().max() < 2e-4, fmt
+            pool = model.new_pool(4)
+            alone, mates = pool.alloc(), [pool.alloc(), pool.alloc()]
+            solo = model.step(pool, [alone], [TEXT[:4]]).logits
+            shared = model.step(pool, mates, [TEXT[5:], TEXT[:4]]).logits
+            assert torch.equal(solo[0], shared[1])  # type: ignore[index]
+    finally:
+        cpu_kernels.reset()
+
+
+@needs_kernels
 @pytest.mark.parametrize("fmt", ["float16", "bfloat16", "q8_0"])
 def test_fused_steps_do_not_depend_on_batch_mates_even_without_padding(tiny_pth, fmt):
     model = load(tiny_pth, dtype=fmt)

@@ -520,10 +520,11 @@ static float wget(int kind, const void* w, size_t i) {
 
 /* Column layout (rs_mat.cols), for short rows (few inputs, many outputs: RWKV-7's second low-rank matrices, in = 32
    to 128): w holds W^T [in, out], input k's weights for every output contiguous. A unit is COLW consecutive
-   outputs for all n rows: per input k, COLW / VW weight vectors times a broadcast activation, fused multiply-adds
-   in input order, no horizontal sums (a row-major product over 64 inputs spends as long on each output's
-   reduction as on its weights). Each output is one fmaf chain over k = 0 .. in - 1 starting from 0, lane for
-   lane the same in vectors and in col_scalar: the same bits in AVX-512, AVX2 and plain C builds, for any n. */
+   outputs for all n rows: per input k, the weight vectors of 64 outputs (32 for two rows at a time) times a
+   broadcast activation, fused multiply-adds in input order, no horizontal sums (a row-major product over 64
+   inputs spends as long on each output's reduction as on its weights). Each output is one fmaf chain over
+   k = 0 .. in - 1 starting from 0, lane for lane the same in vectors and in col_scalar: the same bits in AVX-512,
+   AVX2 and plain C builds, for any n. */
 #define COLW 64
 static void col_scalar(const rs_mat* m, const rs_act* a, int n, float* y, int o0, int o1) {
   for (int r = 0; r < n; r++)

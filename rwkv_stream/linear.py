@@ -190,10 +190,11 @@ class KernelLinear:
 class ColumnKernelLinear(KernelLinear):
     """:class:`KernelLinear` for short rows (:func:`short_rows`: RWKV-7's second low-rank matrices, 32-128 inputs
     and thousands of outputs), stored transposed: ``columns`` is ``W^T`` ``[in, out]`` and ``weight`` its
-    ``[out, in]`` view (the same memory; values as stored, not contiguous). The kernel takes 32 outputs at a
-    time, one multiply-add per input over all of them and no per-output reduction, which made a row-major
-    product over 64 inputs as slow per byte as twice its size (see ``col_unit`` in
-    :mod:`rwkv_stream.cpu_kernels`). Rows are still bitwise independent of their batch mates."""
+    ``[out, in]`` view (the same memory; values as stored, not contiguous). The kernel takes 64 outputs at a
+    time, one multiply-add per input over all of them and no per-output reduction (row by row, each output pays
+    a horizontal sum for 32-128 multiply-adds: 5 GB/s a thread with the weights in L2 on the Zen 1 host of
+    BENCHMARKS.md, 12 GB/s in columns; see ``col_unit`` in :mod:`rwkv_stream.cpu_kernels`). Rows are still
+    bitwise independent of their batch mates."""
 
     fmt = "kernel-columns"
 
@@ -220,7 +221,7 @@ COLUMN_MIN_RATIO = 4  # ... and at least this many times as many outputs
 def short_rows(shape: Sequence[int]) -> bool:
     """Whether a ``[out, in]`` matrix runs faster in the column layout (:class:`ColumnKernelLinear`): few inputs,
     many more outputs (RWKV-7's second low-rank matrices: 768 x 32..128 at the 0.1B shape; on the Zen 1 host of
-    BENCHMARKS.md their products went from 48 to ~22 us a layer at one row)."""
+    BENCHMARKS.md their products went from 45-50 to 33-35 us a layer at one row, two threads)."""
     out, n_in = shape
     return n_in <= COLUMN_MAX_IN and out >= COLUMN_MIN_RATIO * n_in
 

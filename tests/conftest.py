@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -11,10 +13,29 @@ import torch
 os.environ.setdefault("RWKV_JIT_ON", "0")  # the `rwkv` peer package reads these at import
 os.environ.setdefault("RWKV_CUDA_ON", "0")
 
-from rwkv_stream import ModelConfig  # noqa: E402
+from rwkv_stream import ModelConfig, cpu_kernels  # noqa: E402
 from rwkv_stream.random_checkpoint import random_tensors, save_hf, save_pth  # noqa: E402
 
 pytest_plugins = ["kafka_broker"]  # the real-broker fixtures (tests/kafka_broker.py)
+
+# builds of the compiled CPU kernels for CPUs without AVX-512 (the AVX2 code) or without AVX2 (plain C)
+NON_NATIVE_BUILDS = pytest.mark.parametrize("march", [["-march=x86-64-v3", "-mf16c"], ["-march=x86-64"]],
+                                            ids=["avx2", "plain-c"])
+
+
+@contextlib.contextmanager
+def kernels_built_for(monkeypatch: pytest.MonkeyPatch, cache: Path, march: list[str],
+                      reset: Callable[[], None]) -> Iterator[None]:
+    """Inside: the compiled CPU kernels built with ``march`` instead of ``-march=native``, into ``cache``;
+    ``reset`` forgets the loaded library on entry and on exit."""
+    flags = [f for f in cpu_kernels.CFLAGS if f != "-march=native"] + march
+    monkeypatch.setattr(cpu_kernels, "CFLAGS", flags)
+    monkeypatch.setenv("RWKV_STREAM_CACHE", str(cache))
+    reset()
+    try:
+        yield
+    finally:
+        reset()
 
 TINY = ModelConfig(n_layer=3, n_embd=32, vocab_size=97, ffn_dim=128)
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import TINY
+from conftest import NON_NATIVE_BUILDS, TINY, kernels_built_for
 
 from rwkv_stream import cpu_kernels, load
 from rwkv_stream.linear import ColumnKernelLinear, KernelLinear, Q8Linear, make_linear, q8_0_reference
@@ -195,18 +195,14 @@ def test_fused_path_on_a_real_width(tmp_path, fmt):
 
 
 @needs_kernels
-@pytest.mark.parametrize("march", [["-march=x86-64-v3", "-mf16c"], ["-march=x86-64"]], ids=["avx2", "plain-c"])
+@NON_NATIVE_BUILDS
 def test_fused_layers_built_without_avx512_or_vector_code_agree_with_the_native_build(monkeypatch, tmp_path,
                                                                                       tiny_pth, march):
     """The AVX2 and plain-C builds of the fused RWKV-4 layers (q8_0 inputs padded to a group; the tiny model's
     channel-mix key is in the column layout) against the native build: the same numbers up to WKV's exp (vector
     vs libm), and batch mates still change no bits."""
     native = {fmt: load(tiny_pth, dtype=fmt).forward(TEXT)[0] for fmt in ("float16", "q8_0")}
-    flags = [f for f in cpu_kernels.CFLAGS if f != "-march=native"] + march
-    monkeypatch.setattr(cpu_kernels, "CFLAGS", flags)
-    monkeypatch.setenv("RWKV_STREAM_CACHE", str(tmp_path))
-    cpu_kernels.reset()
-    try:
+    with kernels_built_for(monkeypatch, tmp_path, march, cpu_kernels.reset):
         for fmt, want in native.items():
             model = load(tiny_pth, dtype=fmt)
             assert model._lib is not None and str(tmp_path) in model._lib._name
@@ -217,8 +213,6 @@ def test_fused_layers_built_without_avx512_or_vector_code_agree_with_the_native_
             solo = model.step(pool, [alone], [TEXT[:4]]).logits
             shared = model.step(pool, mates, [TEXT[5:], TEXT[:4]]).logits
             assert torch.equal(solo[0], shared[1])  # type: ignore[index]
-    finally:
-        cpu_kernels.reset()
 
 
 @needs_kernels

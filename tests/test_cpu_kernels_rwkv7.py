@@ -24,6 +24,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import NON_NATIVE_BUILDS, kernels_built_for
 
 from rwkv_stream import cpu_kernels, cpu_kernels_rwkv7, load
 from rwkv_stream.linear import KernelLinear, Q8Linear
@@ -305,7 +306,7 @@ def test_the_switch_and_the_env_var_give_the_torch_path(monkeypatch):
 
 
 @needs_kernels
-@pytest.mark.parametrize("march", [["-march=x86-64-v3", "-mf16c"], ["-march=x86-64"]], ids=["avx2", "plain-c"])
+@NON_NATIVE_BUILDS
 @pytest.mark.parametrize("shape", ["C64N64", "C96N24"])
 def test_builds_without_avx512_or_any_vector_code_agree_with_the_native_one(monkeypatch, tmp_path, march, shape):
     """CPUs without AVX-512 (the AVX2 code) or without AVX2 (plain C: products, per-head work and exp all
@@ -315,11 +316,7 @@ def test_builds_without_avx512_or_any_vector_code_agree_with_the_native_one(monk
     tensors = random_tensors(cfg, seed=11)
     ids = tokens(9, cfg.vocab_size, seed=4)
     native = {fmt: Rwkv7Model(tensors, cfg, "cpu", fmt).forward(ids)[0] for fmt in ("float16", "q8_0")}
-    flags = [f for f in cpu_kernels.CFLAGS if f != "-march=native"] + march
-    monkeypatch.setattr(cpu_kernels, "CFLAGS", flags)
-    monkeypatch.setenv("RWKV_STREAM_CACHE", str(tmp_path))
-    cpu_kernels_rwkv7.reset()
-    try:
+    with kernels_built_for(monkeypatch, tmp_path, march, cpu_kernels_rwkv7.reset):
         for fmt, want in native.items():
             model = Rwkv7Model(tensors, cfg, "cpu", fmt)
             assert model._lib is not None and str(tmp_path) in model._lib._name
@@ -330,8 +327,6 @@ def test_builds_without_avx512_or_any_vector_code_agree_with_the_native_one(monk
             solo = model.step(pool, [alone], [ids[:4]]).logits
             shared = model.step(pool, [mates[0], mates[1]], [ids[5:], ids[:4]]).logits
             assert torch.equal(solo[0], shared[1])
-    finally:
-        cpu_kernels_rwkv7.reset()
 
 
 @needs_kernels

@@ -5,7 +5,9 @@ Prints one JSON object. Per format: its error against fp32 (max |logit error| / 
 sequence, against the engine's plain torch fp32 path), batch-1 ms per token (one token with state, full
 logits), tokens/s of 16 live streams stepping one token each (full logits), prefill tokens/s of one stream's
 long fragment, the weight bytes read per token and the fraction of the bandwidth floor (those bytes / the read
-bandwidth measured in the same run, over the step's time). All cases of all engines, and the bandwidth probe,
+bandwidth measured in the same run, over the step's time: ``floor_fraction_best`` best read against best step,
+``floor_fraction_p50`` median against median, ``floor_fraction_paired_p50`` the median over rounds of each
+batch-1 step against a read made just before it). All cases of all engines, and the bandwidth probe,
 run interleaved: each round times one step of every case in turn, so load from elsewhere on a shared host hits
 all of them alike. The host's CPU and load averages (before and after) are in the JSON.
 
@@ -241,9 +243,13 @@ def bandwidth_case(nbytes: int) -> tuple[Step, int, Callable[[float], float]]:
 
 
 def measure(impls: dict[str, dict], rounds: int, bw_bytes: int, warmup: int = 2) -> tuple[dict, dict]:
+    """Every case of every engine once a round, after one read of the probe; each batch-1 step right after a
+    read of its own (its paired probe, for ``floor_fraction_paired``: on a host whose neighbours come and go,
+    a step and the read next to it meet the same load, where the run's best read and best step may not)."""
     cases = [(impl, name, case) for impl, info in impls.items() for name, case in info.get("cases", {}).items()]
     read, nbytes, _ = bandwidth_case(bw_bytes)
     times: dict[tuple[str, str], list[float]] = {(impl, name): [] for impl, name, _ in cases}
+    paired: dict[str, list[float]] = {impl: [] for impl, name, _ in cases if name == "batch1"}
     bw_times: list[float] = []
     for r in range(-warmup, rounds):
         t0 = time.perf_counter()
@@ -251,6 +257,11 @@ def measure(impls: dict[str, dict], rounds: int, bw_bytes: int, warmup: int = 2)
         if r >= 0:
             bw_times.append(time.perf_counter() - t0)
         for impl, name, (step, _) in cases:
+            if name == "batch1":
+                t0 = time.perf_counter()
+                read(r)
+                if r >= 0:
+                    paired[impl].append(time.perf_counter() - t0)
             t0 = time.perf_counter()
             step(r + warmup)
             if r >= 0:
@@ -271,6 +282,12 @@ def measure(impls: dict[str, dict], rounds: int, bw_bytes: int, warmup: int = 2)
             info["floor_ms_at_best_bw"] = round(floor_best, 3)
             info["floor_fraction_best"] = round(floor_best / info["batch1"]["ms_per_step_min"], 3)
             info["floor_fraction_p50"] = round(floor_p50 / info["batch1"]["ms_per_step_p50"], 3)
+    for impl, reads in paired.items():
+        info = results[impl]
+        if "bytes_per_token" in info:  # per round: (bytes / the paired read's rate) / the step's time
+            ratios = [info["bytes_per_token"] * t_read / (nbytes * t_step)
+                      for t_read, t_step in zip(reads, times[impl, "batch1"], strict=True)]
+            info["floor_fraction_paired_p50"] = round(statistics.median(ratios), 3)
     return results, bw
 
 

@@ -105,6 +105,7 @@ def test_rwkv7_without_a_peer_reports_every_case_and_counts_its_bytes(bench, tmp
     for name, row in rows.items():
         assert row["error"] < 0.5, name
         assert row["batch1"]["ms_per_step_p50"] > 0 and row["floor_fraction_best"] > 0
+        assert row["floor_fraction_paired_p50"] > 0
         assert row["streams2"]["tokens_per_s_p50"] > 0 and row["prefill4"]["tokens_per_s_p50"] > 0
 
 

@@ -322,6 +322,7 @@ def test_bench_runs_on_a_tiny_shape_and_prints_json(monkeypatch):
     assert "loadavg_before" in data["machine"] and data["read_bandwidth"]["gb_s_best"] > 0
     row = data["results"]["rwkv-stream q8_0"]
     assert row["error"] < 0.05 and row["batch1"]["ms_per_step_p50"] > 0 and row["floor_fraction_best"] > 0
+    assert row["floor_fraction_paired_p50"] > 0
     assert data["results"]["rwkv-stream torch:float32"]["path"] == "torch"
 
 

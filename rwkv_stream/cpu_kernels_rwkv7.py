@@ -395,10 +395,10 @@ def run_layers(lib: ctypes.CDLL, x: Tensor, states: Tensor, lengths: list[int], 
                source: Tensor | None = None) -> None:
     """All layers in place in one ``rs_rwkv7_layers`` call: ``x`` ``[n, C]`` fp32 contiguous (stream ``b`` owns
     ``lengths[b]`` consecutive rows), ``states`` ``[B, L, 2C + H*N*N]`` fp32 contiguous, or with ``slots`` (int32
-    contiguous) a slot arena ``[capacity, L, 2C + H*N*N]`` with stream ``b`` in row ``slots[b]``. ``source``: the
-    states to start from, laid out as ``states`` and apart from it; ``states`` is then only written (the same
-    bits as copying ``source`` into ``states`` first, without that copy's traffic: 2.4 MB a step at the 0.1B
-    shape)."""
+    contiguous) a slot arena ``[capacity, L, 2C + H*N*N]`` with stream ``b`` in row ``slots[b]``. ``source`` (no
+    slots, one row a stream): the states to start from, laid out as ``states`` and apart from it; ``states`` is
+    then only written (the same bits as copying ``source`` into ``states`` first, without that copy's traffic:
+    2.4 MB a step at the 0.1B shape)."""
     n, C = x.shape
     B = len(lengths)
     per_layer = states.shape[2]
@@ -406,8 +406,9 @@ def run_layers(lib: ctypes.CDLL, x: Tensor, states: Tensor, lengths: list[int], 
     assert states.dtype == torch.float32 and states.is_contiguous() and len(layers) == states.shape[1]
     assert slots is None or (slots.dtype == torch.int32 and slots.is_contiguous() and len(slots) == B)
     assert slots is not None or states.shape[0] >= B
-    assert source is None or (source.shape == states.shape and source.dtype == torch.float32
-                              and source.is_contiguous() and source.data_ptr() != states.data_ptr())
+    assert source is None or (slots is None and states.shape[0] == B and source.shape == states.shape
+                              and source.dtype == torch.float32 and source.is_contiguous()
+                              and source.data_ptr() != states.data_ptr())  # every row of states gets written
     starts, pos = [], 0
     for m in lengths:
         starts.append(pos)

@@ -141,13 +141,25 @@ class KernelLinear:
     instructions whatever the row count: bitwise independent of its batch mates (invariant from one row)."""
 
     fmt = "kernel"
+    column_layout = False  # W^T stored, ``weight`` its view (ColumnKernelLinear)
+
+    stored: Tensor  # the contiguous tensor the kernel reads (``weight``, or ``W^T`` in the column layout)
+    weight: Tensor
 
     def __init__(self, weight: Tensor, dtype: torch.dtype) -> None:
         _require_cpu(weight, "compiled-kernel")
-        self.weight = weight.to(dtype).contiguous()
+        out, n_in = weight.shape
         self.scales: Tensor | None = None
-        self.mat = cpu_kernels.RsMat(cpu_kernels.KINDS[dtype], weight.shape[0], weight.shape[1], weight.shape[1],
-                                     self.weight.data_ptr(), None)
+        self.mat = cpu_kernels.RsMat(cpu_kernels.KINDS[dtype], out, n_in, n_in, None, None, int(self.column_layout))
+        w = weight.to(dtype)
+        self._keep((w.t() if self.column_layout else w).contiguous())
+
+    def _keep(self, stored: Tensor) -> None:
+        """Compute from ``stored`` from now on: ``weight`` (``[out, in]``) is it or, in the column layout, its
+        transposed view; the kernel is pointed at it."""
+        self.stored = stored
+        self.weight = stored.t() if self.column_layout else stored
+        self.mat.w = stored.data_ptr()
 
     def __call__(self, x: Tensor) -> Tensor:
         lib = cpu_kernels.load()
@@ -168,10 +180,9 @@ class KernelLinear:
     def move_into(self, buf: Tensor) -> None:
         """Keep the packed weights in ``buf`` (uint8, at least :attr:`nbytes` long) from now on: copied there,
         the kernel pointed at them; the old storage is released (see :func:`pack_in_arena`)."""
-        flat = self.weight.reshape(-1).view(torch.uint8)
+        flat = self.stored.reshape(-1).view(torch.uint8)
         buf[: flat.numel()].copy_(flat)
-        self.weight = buf[: flat.numel()].view(self.weight.dtype).view(self.weight.shape)
-        self.mat.w = self.weight.data_ptr()
+        self._keep(buf[: flat.numel()].view(self.stored.dtype).view(self.stored.shape))
 
     @property
     def nbytes(self) -> int:
@@ -189,7 +200,7 @@ class KernelLinear:
 
 class ColumnKernelLinear(KernelLinear):
     """:class:`KernelLinear` for short rows (:func:`short_rows`: RWKV-7's second low-rank matrices, 32-128 inputs
-    and thousands of outputs), stored transposed: ``columns`` is ``W^T`` ``[in, out]`` and ``weight`` its
+    and thousands of outputs), stored transposed: ``stored`` is ``W^T`` ``[in, out]`` and ``weight`` its
     ``[out, in]`` view (the same memory; values as stored, not contiguous). The kernel takes 64 outputs at a
     time, one multiply-add per input over all of them and no per-output reduction (row by row, each output pays
     a horizontal sum for 32-128 multiply-adds: 5 GB/s a thread with the weights in L2 on the Zen 1 host of
@@ -197,21 +208,7 @@ class ColumnKernelLinear(KernelLinear):
     bitwise independent of their batch mates."""
 
     fmt = "kernel-columns"
-
-    def __init__(self, weight: Tensor, dtype: torch.dtype) -> None:
-        _require_cpu(weight, "compiled-kernel")
-        self.columns = weight.to(dtype).t().contiguous()
-        self.weight = self.columns.t()
-        self.scales = None
-        out, n_in = weight.shape
-        self.mat = cpu_kernels.RsMat(cpu_kernels.KINDS[dtype], out, n_in, n_in, self.columns.data_ptr(), None, 1)
-
-    def move_into(self, buf: Tensor) -> None:
-        flat = self.columns.reshape(-1).view(torch.uint8)
-        buf[: flat.numel()].copy_(flat)
-        self.columns = buf[: flat.numel()].view(self.columns.dtype).view(self.columns.shape)
-        self.weight = self.columns.t()
-        self.mat.w = self.columns.data_ptr()
+    column_layout = True
 
 
 COLUMN_MAX_IN = 128  # short rows: at most this many inputs ...
@@ -241,12 +238,12 @@ class Q8Linear(KernelLinear):
             raise ValueError(f"q8_0 needs inputs in blocks of {cpu_kernels.QBLOCK}, not {weight.shape[1]}")
         out, n_in = weight.shape
         q, scales = cpu_kernels.quantize_q8_0(weight)
-        self.weight = cpu_kernels.pack_q8_0(q, scales)  # scales inline: nothing else is read
+        packed = cpu_kernels.pack_q8_0(q, scales)  # scales inline: nothing else is read
         self.scales = None
         self._shape = (out, n_in)
         self._unpacked: tuple[Tensor, Tensor] | None = None
-        padded = self.weight.shape[1] * cpu_kernels.GROUP
-        self.mat = cpu_kernels.RsMat(cpu_kernels.KIND_Q8, out, n_in, padded, self.weight.data_ptr(), None)
+        self.mat = cpu_kernels.RsMat(cpu_kernels.KIND_Q8, out, n_in, packed.shape[1] * cpu_kernels.GROUP, None, None)
+        self._keep(packed)  # ``weight`` is the packed tensor
 
     def __call__(self, x: Tensor) -> Tensor:
         lib = cpu_kernels.load()

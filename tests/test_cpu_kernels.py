@@ -55,7 +55,7 @@ def test_column_layout_products_match_torch_and_keep_the_weight_view(dtype, out,
     w, x = torch.randn(out, n_in, generator=gen), torch.randn(5, n_in, generator=gen)
     lin = ColumnKernelLinear(w, dtype)
     assert lin.weight.shape == (out, n_in) and torch.equal(lin.weight, w.to(dtype))  # a view of the W^T storage
-    assert lin.columns.is_contiguous() and lin.weight.data_ptr() == lin.columns.data_ptr() == lin.mat.w
+    assert lin.stored.is_contiguous() and lin.weight.data_ptr() == lin.stored.data_ptr() == lin.mat.w
     assert lin.nbytes == out * n_in * lin.weight.element_size()
     ref = (x.double() @ w.to(dtype).double().t())
     y = lin(x)

@@ -228,6 +228,7 @@ typedef __m512 vf;
 #define VW 16
 #define vload _mm512_loadu_ps
 #define vstore _mm512_storeu_ps
+#define vstream _mm512_stream_ps /* non-temporal store: 64-byte aligned, ordered by _mm_sfence */
 #define vset1 _mm512_set1_ps
 #define vzero _mm512_setzero_ps
 #define vadd _mm512_add_ps
@@ -246,6 +247,7 @@ typedef __m256 vf;
 #define VW 8
 #define vload _mm256_loadu_ps
 #define vstore _mm256_storeu_ps
+#define vstream _mm256_stream_ps /* non-temporal store: 32-byte aligned, ordered by _mm_sfence */
 #define vset1 _mm256_set1_ps
 #define vzero _mm256_setzero_ps
 #define vadd _mm256_add_ps
@@ -786,13 +788,25 @@ void rs_matmul(const rs_mat* m, const float* x, int n, float* y, int nt) {
   free(buf);
 }
 
+/* layer norm of one row, its sums in double over 8 lanes (lane l: the elements l, l + 8, ..; then one fixed tree):
+   eight independent additions a step rather than one chain of C (a serial part of every layer at batch 1), the
+   same order in vector and plain-C builds */
+static inline double sum_lanes8(const double* a) {
+  return ((a[0] + a[4]) + (a[2] + a[6])) + ((a[1] + a[5]) + (a[3] + a[7]));
+}
 static void layer_norm(const float* x, float* y, int C, const float* w, const float* b) {
-  double s = 0.0, v = 0.0;
-  for (int i = 0; i < C; i++) s += x[i];
-  float mean = (float)(s / C);
-  for (int i = 0; i < C; i++) { double d = x[i] - mean; v += d * d; }
+  double s8[8] = {0}, v8[8] = {0};
+  int i = 0;
+  for (; i + 8 <= C; i += 8)
+    for (int l = 0; l < 8; l++) s8[l] += x[i + l];
+  for (int l = 0; i + l < C; l++) s8[l] += x[i + l];
+  float mean = (float)(sum_lanes8(s8) / C);
+  for (i = 0; i + 8 <= C; i += 8)
+    for (int l = 0; l < 8; l++) { double d = x[i + l] - mean; v8[l] += d * d; }
+  for (int l = 0; i + l < C; l++) { double d = x[i + l] - mean; v8[l] += d * d; }
+  double v = sum_lanes8(v8);
   float rstd = 1.0f / sqrtf((float)(v / C) + 1e-5f);
-  for (int i = 0; i < C; i++) y[i] = (x[i] - mean) * rstd * w[i] + b[i];
+  for (i = 0; i < C; i++) y[i] = (x[i] - mean) * rstd * w[i] + b[i];
 }
 
 static inline float sigmoidf(float x) { return 1.0f / (1.0f + expf(-x)); }

@@ -97,10 +97,11 @@ static void r7_head_scalar(int N, const float* Sin, float* S, const r7_tok* t, f
    one fixed reduction) */
 /* rows i0 .. i0 + R - 1 (R = 1 or 4) of a head's state: sa = S_i . al, S_i = S_i * dec + sa * be + v_i * k, y_i =
    S_i . r; R rows share each load of the per-head vectors (4 rows: 25% less time a head on the Zen 1 host,
-   which the loads bound); each row's arithmetic is the same whatever R */
+   which the loads bound); each row's arithmetic is the same whatever R. NT: the new rows go out with
+   non-temporal stores (S aligned to the vector, see r7_stream_out) */
 static inline AI void r7_state_rows(int N, const int R, const float* Sin, float* S, int i0, const float* al,
                                     const float* be, const float* k, const float* dec, const float* r, const float* v,
-                                    float* y) {
+                                    float* y, const int NT) {
   const int nv = N / VW;
   const float* si[4];
   float* so[4];
@@ -124,13 +125,14 @@ static inline AI void r7_state_rows(int N, const int R, const float* Sin, float*
     const vf bq = vload(be + o), kq = vload(k + o), dq = vload(dec + o), rq = vload(r + o);
     for (int u = 0; u < R; u++) {
       const vf e = vfmadd(vload(si[u] + o), dq, vfmadd(sa[u], bq, vmul(vi[u], kq)));
-      vstore(so[u] + o, e);
+      if (NT) vstream(so[u] + o, e);
+      else vstore(so[u] + o, e);
       yv[u] = vfmadd(e, rq, yv[u]);
     }
   }
   for (int u = 0; u < R; u++) y[i0 + u] = vsum(yv[u]);
 }
-static void r7_head_vec(int N, const float* Sin, float* S, const r7_tok* t, float* out) {
+static void r7_head_vec(int N, const float* Sin, float* S, const r7_tok* t, float* out, int stream_out) {
   const int c0 = t->c0, nv = N / VW;
   const float *w0 = t->vec[V7_W0] + c0, *a0 = t->vec[V7_A0] + c0, *v0 = t->vec[V7_V0] + c0;
   const float *k_k = t->vec[V7_KK] + c0, *k_a = t->vec[V7_KA] + c0, *r_k = t->vec[V7_RK] + c0;
@@ -166,8 +168,10 @@ static void r7_head_vec(int N, const float* Sin, float* S, const r7_tok* t, floa
     }
   }
   int i = 0;
-  for (; i + 4 <= N; i += 4) r7_state_rows(N, 4, Sin, S, i, al, be, k, dec, r, v, y);
-  for (; i < N; i++) r7_state_rows(N, 1, Sin, S, i, al, be, k, dec, r, v, y);
+  if (stream_out)
+    for (; i + 4 <= N; i += 4) r7_state_rows(N, 4, Sin, S, i, al, be, k, dec, r, v, y, 1);
+  for (; i + 4 <= N; i += 4) r7_state_rows(N, 4, Sin, S, i, al, be, k, dec, r, v, y, 0);
+  for (; i < N; i++) r7_state_rows(N, 1, Sin, S, i, al, be, k, dec, r, v, y, 0);
   vf mv = vzero(), bv = vzero();
   for (int q = 0; q < nv; q++) {
     mv = vadd(mv, vload(y + VW * q));
@@ -190,6 +194,19 @@ static void r7_head_vec(int N, const float* Sin, float* S, const r7_tok* t, floa
   }
 }
 #endif
+
+/* whether a head's new state goes out with non-temporal stores: a fresh output (read from in0, so S was not just
+   read into the cache) written once in this call (one token), vector-aligned. Its old contents are then not
+   read from memory before being overwritten (a third of the state walk's traffic at batch 1); the next read of
+   the state is the next call's, after the rest of the network has streamed through the caches anyway */
+static inline int r7_stream_out(const float* in0, int len, const float* S) {
+#ifdef RS_AVX2
+  return in0 != 0 && len == 1 && ((uintptr_t)S & (sizeof(vf) - 1)) == 0;
+#else
+  (void)in0; (void)len; (void)S;
+  return 0;
+#endif
+}
 
 /* one RWKV-7 layer over n rows of B streams (stream b owns rows starts[b] .. + lens[b] - 1): x [n, C] and the
    states (stream b's [att shift C | ffn shift C | S: H x N(value) x N(key)] at st0 + slots[b] * sstride;
@@ -259,7 +276,7 @@ static void layer7(float* x, int n, int C, int F, int H, int N, float* st0, cons
   for (int q = 0; q < n2; q++) act_quantize_for(&mats[M7_W2 + q], ins[M7_W2 + q], n, &acts[M7_W2 + q]);
   #pragma omp barrier
   multi_for(mats + M7_W2, acts + M7_W2, n2, n, ys + M7_W2);
-  #pragma omp for schedule(static)
+  #pragma omp for schedule(static) nowait
   for (int u = 0; u < B * H; u++) {
     const int b = u / H, h = u % H;
     const size_t at = (size_t)(slots ? slots[b] : b) * sstride + 2 * (size_t)C + (size_t)h * N * N;
@@ -271,11 +288,15 @@ static void layer7(float* x, int n, int C, int F, int H, int N, float* st0, cons
       r7_tok tk = {r + row, zw + row, za + row, zg + row, zv + row, k + row, v + row, vf + row, vec, h * N,
                    !has_v, eps};
 #ifdef RS_AVX2
-      if (N % VW == 0) { r7_head_vec(N, t ? S : Sin, S, &tk, yo + row); continue; }
+      if (N % VW == 0) { r7_head_vec(N, t ? S : Sin, S, &tk, yo + row, r7_stream_out(in0, lens[b], S)); continue; }
 #endif
       r7_head_scalar(N, t ? S : Sin, S, &tk, yo + row);
     }
   }
+#ifdef RS_AVX2
+  _mm_sfence();  /* the non-temporal stores of r7_stream_out, before the barrier */
+#endif
+  #pragma omp barrier
   act_quantize_for(&mats[M7_O], yo, n, &acts[M7_O]);
   #pragma omp barrier
   multi_for(mats + M7_O, acts + M7_O, 1, n, ys + M7_O);

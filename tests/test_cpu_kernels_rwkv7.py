@@ -327,18 +327,25 @@ def test_builds_without_avx512_or_any_vector_code_agree_with_the_native_one(monk
             solo = model.step(pool, [alone], [ids[:4]]).logits
             shared = model.step(pool, [mates[0], mates[1]], [ids[5:], ids[:4]]).logits
             assert torch.equal(solo[0], shared[1])
+            # one token from a state into a fresh one (forward; the vector builds store it non-temporally) is the
+            # in-place step's token
+            _, state = model.forward(ids[:4], model.new_state())
+            one, state = model.forward(ids[4:5], state)
+            assert torch.equal(one[0], model.step(pool, [alone], [ids[4:5]]).logits[0].reshape(one[0].shape))
+            assert torch.equal(state.tensor.reshape(pool.data[alone].shape), pool.data[alone])
 
 
 @needs_kernels
 @pytest.mark.parametrize("fmt", ["float16", "q8_0"])
 def test_reading_one_state_buffer_and_writing_another_equals_updating_in_place(random_models, fmt):
     """``run_layers(..., source=...)`` (what ``forward`` runs: no copy of the states first) gives the bits of the
-    in-place update of a copy, leaves ``source`` as it was, and carries over a stream with no tokens."""
+    in-place update of a copy, leaves ``source`` as it was, and carries over a stream with no tokens. A stream of
+    one token takes the non-temporal stores of its new state (vector builds, aligned states)."""
     model, _, cfg = random_models("C128N32", fmt)
-    lengths = [2, 0, 3]
+    lengths = [2, 0, 3, 1]
     pool = model.new_pool(4)
     slots = [pool.alloc() for _ in lengths]
-    model.step(pool, slots, [tokens(4, cfg.vocab_size, seed=20 + i) for i in range(3)])  # non-trivial states
+    model.step(pool, slots, [tokens(4, cfg.vocab_size, seed=20 + i) for i in range(len(lengths))])  # non-trivial
     source = pool.data[: len(lengths)].clone()
     before = source.clone()
     ids = torch.tensor(tokens(sum(lengths), cfg.vocab_size, seed=30))

@@ -423,3 +423,35 @@ def test_a_fused_model_keeps_its_weights_in_one_arena_in_step_order(tiny_pth, fm
     assert ptrs[0] == model._arena.data_ptr()
     span = ptrs[-1] + lins[-1].nbytes - ptrs[0]
     assert span <= model._arena.numel()
+
+
+@needs_kernels
+@pytest.mark.parametrize("rows,width", [(1, 768), (37, 200), (20, 13)])
+def test_layer_norm_rows_in_place_matches_torch_row_by_row(rows, width):
+    """The compiled paths' output norm (``layer_norm_rows_``, in place): torch's layer norm within fp32 rounding,
+    each row on its own (a row alone gives the bits it gets among others, also past the threaded row count),
+    widths that are not a multiple of its eight lanes; a weight of the wrong width is refused by name."""
+    gen = torch.Generator().manual_seed(rows)
+    x = torch.randn(rows, width, generator=gen) * 3 + 1
+    w, b = torch.randn(width, generator=gen), torch.randn(width, generator=gen)
+    want = torch.nn.functional.layer_norm(x, (width,), w, b, 1e-5)
+    work = x.clone()
+    got = cpu_kernels.layer_norm_rows_(work, w, b)
+    assert got.data_ptr() == work.data_ptr()
+    assert (got - want).abs().max() < 2e-5
+    for j in (0, rows - 1):
+        assert torch.equal(cpu_kernels.layer_norm_rows_(x[j:j + 1].clone(), w, b)[0], got[j])
+    with pytest.raises(ValueError, match=f"{width} columns given a weight of 5"):
+        cpu_kernels.layer_norm_rows_(x.clone(), w[:5], b)
+
+
+@needs_kernels
+@NON_NATIVE_BUILDS
+def test_layer_norm_rows_gives_the_same_bits_in_every_build(monkeypatch, tmp_path, march):
+    """The eight-lane sums run in the same order in vector and plain-C builds."""
+    gen = torch.Generator().manual_seed(3)
+    x, w, b = torch.randn(5, 771, generator=gen), torch.randn(771, generator=gen), torch.randn(771, generator=gen)
+    native = cpu_kernels.layer_norm_rows_(x.clone(), w, b)
+    with kernels_built_for(monkeypatch, tmp_path, march, cpu_kernels.reset):
+        assert str(tmp_path) in cpu_kernels.load()._name
+        assert torch.equal(cpu_kernels.layer_norm_rows_(x.clone(), w, b), native)

@@ -100,8 +100,17 @@ def test_step_rejects_a_slot_twice_and_dead_slots(model):
 
 
 def test_bad_token_ids_name_the_value(model):
-    with pytest.raises(ValueError, match="token id 97 out of range"):
-        model.forward([1, 97])
+    """Lists and tuples of ints are checked in Python, anything else (tensors, nested lists) by torch: the
+    same message, the same ids."""
+    for bad in ([1, 97], (1, 97), torch.tensor([1, 97]), [[1], [97]]):
+        with pytest.raises(ValueError, match="token id 97 out of range"):
+            model.forward(bad)
+    with pytest.raises(ValueError, match="token id -1 out of range"):
+        model.forward([3, -1, 97])
+    ids = [1, 5, 2]
+    want = model.forward(torch.tensor(ids))[0]
+    for same in (ids, tuple(ids), [torch.tensor(1), 5, 2]):
+        assert torch.equal(model.forward(same)[0], want)
 
 
 def test_state_of_another_model_is_refused(model, tmp_path):

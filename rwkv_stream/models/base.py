@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .. import cpu_kernels
 from ..config import QUANTIZED_FORMATS, AnyConfig, parse_dtype, resolve_device
 from ..linear import Linear, invariant_call, invariant_rows
 from ..pool import StatePool
@@ -201,6 +202,12 @@ class RecurrentModel:
     def _norm_out(self, x: Tensor) -> Tensor:
         return F.layer_norm(x, x.shape[-1:], *self.ln_out, LN_EPS)
 
+    def _norm_out_compiled_(self, x: Tensor) -> Tensor:
+        """The output norm on the compiled CPU path, in place on the layers' output rows (fp32, contiguous):
+        one C call (:func:`rwkv_stream.cpu_kernels.layer_norm_rows_`, the kernels' layer norm, whose sums differ
+        from torch's in the last bits)."""
+        return cpu_kernels.layer_norm_rows_(x, *self.ln_out)
+
     @cached_property
     def invariant_rows(self) -> int | None:
         """Rows a step's matrix products need so that each stream's results are bit-identical whatever other
@@ -300,10 +307,17 @@ class RecurrentModel:
             raise StateError(f"state has shape {list(state.tensor.shape)}, expected {list(expected)}")
 
     def _token_tensor(self, tokens: Sequence[int] | Tensor) -> Tensor:
+        vocab = self.config.vocab_size
+        if isinstance(tokens, (list, tuple)) and all(isinstance(t, int) for t in tokens):
+            # checked in Python: the tensor path's two reductions cost ~150 us of a batch-1 step, cold
+            outside = [t for t in tokens if t < 0 or t >= vocab]
+            if outside:
+                raise ValueError(f"token id {int(outside[0])} out of range for vocabulary of {vocab}")
+            return torch.tensor(tokens, dtype=torch.long, device=self.device)
         ids = torch.as_tensor(tokens, dtype=torch.long).reshape(-1)
-        if len(ids) and (int(ids.min()) < 0 or int(ids.max()) >= self.config.vocab_size):
-            bad = ids[(ids < 0) | (ids >= self.config.vocab_size)][0]
-            raise ValueError(f"token id {int(bad)} out of range for vocabulary of {self.config.vocab_size}")
+        if len(ids) and (int(ids.min()) < 0 or int(ids.max()) >= vocab):
+            bad = ids[(ids < 0) | (ids >= vocab)][0]
+            raise ValueError(f"token id {int(bad)} out of range for vocabulary of {vocab}")
         return ids.to(self.device)
 
 

@@ -185,7 +185,7 @@ class Rwkv4Model(RecurrentModel):
         cpu_kernels.rwkv4_layers(self._lib, x, work, c_starts, c_lens, self._fused_layers, self.config.ffn_dim)
         if work is not states:
             states.copy_(work)
-        return self._norm_out(x)
+        return self._norm_out_compiled_(x)
 
     def _time_mix(self, layer: _Layer, xa: Tensor, st: Tensor, rag: Ragged) -> Tensor:
         sx = token_shift(xa, st[:, 0], rag)

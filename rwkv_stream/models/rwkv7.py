@@ -261,7 +261,7 @@ class Rwkv7Model(RecurrentModel):
                                      self.config.ffn_dim, self.gn_eps, slots, source)
         if work is not states:
             states.copy_(work)
-        return self._norm_out(x)
+        return self._norm_out_compiled_(x)
 
     def _time_mix(
         self, layer: _Layer, xs: Tensor, v_first: Tensor | None, wkv: Callable[..., Tensor],

@@ -520,6 +520,25 @@ static float wget(int kind, const void* w, size_t i) {
   return half_to_float(h);
 }
 
+/* rows ids[0 .. n-1] of a [V, C] table (fp32, fp16 or bf16: kind) into x [n, C] fp32, exactly widened (the
+   embedding lookup of the compiled paths); returns the index of the first id outside [0, V), else -1 */
+int rs_gather_rows(const void* table, int kind, long V, const int64_t* ids, int n, int C, float* x) {
+  for (int j = 0; j < n; j++)
+    if (ids[j] < 0 || ids[j] >= V) return j;
+  for (int j = 0; j < n; j++) {
+    const size_t off = (size_t)ids[j] * C;
+    float* xr = x + (size_t)j * C;
+    int c = 0;
+#ifdef RS_AVX2
+    if (kind == K_F16)
+      for (; c + 8 <= C; c += 8)
+        _mm256_storeu_ps(xr + c, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)((const uint16_t*)table + off + c))));
+#endif
+    for (; c < C; c++) xr[c] = wget(kind, table, off + c);
+  }
+  return -1;
+}
+
 /* Column layout (rs_mat.cols), for short rows (few inputs, many outputs: RWKV-7's second low-rank matrices, in = 32
    to 128): w holds W^T [in, out], input k's weights for every output contiguous. A unit is COLW consecutive
    outputs for all n rows: per input k, the weight vectors of 64 outputs (32 for two rows at a time) times a
@@ -1278,6 +1297,9 @@ def load() -> ctypes.CDLL | None:
         lib.rs_layer_norm_rows.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_int,
                                             ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int]
         lib.rs_layer_norm_rows.restype = None
+        lib.rs_gather_rows.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_long, ctypes.c_void_p, ctypes.c_int,
+                                       ctypes.c_int, ctypes.c_void_p]
+        lib.rs_gather_rows.restype = ctypes.c_int
     except Exception as exc:  # any failure: the torch path is correct, only slower
         log.warning("rwkv-stream: CPU kernels unavailable (%s): torch path", str(exc).replace("\n", " ")[:300])
         return None
@@ -1323,6 +1345,21 @@ def features() -> dict[str, bool]:
     f = lib.rs_features() if lib is not None else 0
     return {"compiled": lib is not None, "avx2": bool(f & 1), "vnni": bool(f & 2), "openmp": bool(f & 4),
             "avx512": bool(f & 8)}
+
+
+def gather_rows(table: Tensor, ids: Tensor) -> Tensor:
+    """``table[ids]`` as fp32 ``[n, C]`` (``table`` fp32, fp16 or bf16 ``[V, C]`` contiguous, ``ids`` int64): the
+    compiled paths' embedding lookup in one C call (indexing, casting and ``contiguous`` were three torch
+    dispatches of a batch-1 step). An id outside the table raises ``IndexError`` naming it. Needs the kernels."""
+    lib = load()
+    assert lib is not None and table.is_contiguous() and table.dim() == 2 and table.dtype in KINDS
+    ids = ids if ids.dtype == torch.int64 and ids.is_contiguous() else ids.to(torch.int64).contiguous()
+    n, (vocab, c) = ids.numel(), table.shape
+    x = torch.empty(n, c, dtype=torch.float32)
+    bad = lib.rs_gather_rows(table.data_ptr(), KINDS[table.dtype], vocab, ids.data_ptr(), n, c, x.data_ptr())
+    if bad >= 0:
+        raise IndexError(f"token id {int(ids.reshape(-1)[bad])} out of range for a table of {vocab} rows")
+    return x
 
 
 def layer_norm_rows_(x: Tensor, weight: Tensor, bias: Tensor) -> Tensor:

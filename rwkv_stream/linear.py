@@ -172,7 +172,8 @@ class KernelLinear:
         return F.linear(x.to(self.weight.dtype), self.weight).float()
 
     def _kernel(self, lib: ctypes.CDLL, x: Tensor) -> Tensor:
-        x = x.to(torch.float32).contiguous()
+        if x.dtype != torch.float32 or not x.is_contiguous():
+            x = x.to(torch.float32).contiguous()
         y = torch.empty(x.shape[0], self.mat.out, dtype=torch.float32)
         lib.rs_matmul(ctypes.byref(self.mat), x.data_ptr(), x.shape[0], y.data_ptr(), torch.get_num_threads())
         return y

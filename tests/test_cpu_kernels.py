@@ -455,3 +455,32 @@ def test_layer_norm_rows_gives_the_same_bits_in_every_build(monkeypatch, tmp_pat
     with kernels_built_for(monkeypatch, tmp_path, march, cpu_kernels.reset):
         assert str(tmp_path) in cpu_kernels.load()._name
         assert torch.equal(cpu_kernels.layer_norm_rows_(x.clone(), w, b), native)
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("width", [768, 13])
+def test_gather_rows_is_the_exact_embedding_lookup(dtype, width):
+    """The compiled paths' embedding lookup: ``table[ids]`` widened to fp32 exactly, for any id order and
+    repeats, int32 or strided ids; an id outside the table is an IndexError naming it, not a stray read."""
+    gen = torch.Generator().manual_seed(width)
+    table = (torch.randn(50, width, generator=gen) * 4).to(dtype)
+    ids = torch.tensor([7, 0, 49, 7, 3])
+    want = table[ids].float()
+    assert torch.equal(cpu_kernels.gather_rows(table, ids), want)
+    assert torch.equal(cpu_kernels.gather_rows(table, ids.to(torch.int32)), want)
+    assert torch.equal(cpu_kernels.gather_rows(table, torch.stack([ids, ids])[:, 0]), table[[7, 7]].float())
+    assert cpu_kernels.gather_rows(table, ids[:0]).shape == (0, width)
+    for bad in (50, -1):
+        with pytest.raises(IndexError, match=f"token id {bad} out of range for a table of 50 rows"):
+            cpu_kernels.gather_rows(table, torch.tensor([1, bad, 2]))
+
+
+@needs_kernels
+@NON_NATIVE_BUILDS
+def test_gather_rows_is_exact_in_every_build(monkeypatch, tmp_path, march):
+    table = (torch.randn(20, 771) * 3).half()
+    ids = torch.tensor([4, 19, 0])
+    with kernels_built_for(monkeypatch, tmp_path, march, cpu_kernels.reset):
+        assert str(tmp_path) in cpu_kernels.load()._name
+        assert torch.equal(cpu_kernels.gather_rows(table, ids), table[ids].float())

@@ -191,13 +191,16 @@ class RecurrentModel:
         ids = self._token_tensor(tokens)
         if len(ids) == 0:
             return torch.empty(0, self.config.n_embd), state.copy()
-        source = state.tensor.to(self.device).unsqueeze(0)
+        tensor = state.tensor if state.tensor.device == self.device else state.tensor.to(self.device)
+        source = tensor.unsqueeze(0)
         hidden, work = self._run_from(ids, source, Ragged.from_lengths([len(ids)], self.device))
         return hidden, State(work[0], state.n_tokens + len(ids), self.fingerprint, dict(state.meta), self.family)
 
     def head(self, hidden: Tensor) -> Tensor:
         """LM logits (fp32) for hidden vectors from :meth:`forward_hidden` or :meth:`step`."""
-        return self.head_linear(hidden.to(self.device, torch.float32))
+        if hidden.dtype != torch.float32 or hidden.device != self.device:
+            hidden = hidden.to(self.device, torch.float32)
+        return self.head_linear(hidden)
 
     def _norm_out(self, x: Tensor) -> Tensor:
         return F.layer_norm(x, x.shape[-1:], *self.ln_out, LN_EPS)

@@ -174,7 +174,7 @@ class Rwkv4Model(RecurrentModel):
         own except the WKV recurrence, token by token within each stream, so a stream's bits depend neither on
         its batch mates nor on how its tokens are split into steps."""
         assert self._lib is not None and self._fused_layers is not None
-        x = self.emb[ids].to(torch.float32).contiguous()
+        x = cpu_kernels.gather_rows(self.emb, ids)
         work = states if states.is_contiguous() and states.dtype == torch.float32 else states.float().contiguous()
         starts, pos = [], 0
         for n in rag.lengths:

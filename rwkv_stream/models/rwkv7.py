@@ -51,7 +51,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .. import cpu_kernels_rwkv7
+from .. import cpu_kernels, cpu_kernels_rwkv7
 from ..config import Rwkv7Config
 from ..linear import KernelLinear, Linear, make_linear, pack_in_arena, project
 from ..pool import StatePool
@@ -252,7 +252,7 @@ class Rwkv7Model(RecurrentModel):
         is the pool's arena, stream ``b`` in row ``slots[b]`` (updated in place, nothing gathered). ``source``:
         start from these states (fp32, contiguous, laid out as ``states``) and write ``states`` only."""
         assert self._lib is not None and self._fused_layers is not None
-        x = self.emb[ids].to(torch.float32).contiguous()
+        x = cpu_kernels.gather_rows(self.emb, ids)
         if slots is not None:
             slots = slots.to(torch.int32).contiguous()
         work = states if states.is_contiguous() and states.dtype == torch.float32 else states.float().contiguous()

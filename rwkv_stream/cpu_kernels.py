@@ -1352,7 +1352,10 @@ def gather_rows(table: Tensor, ids: Tensor) -> Tensor:
     compiled paths' embedding lookup in one C call (indexing, casting and ``contiguous`` were three torch
     dispatches of a batch-1 step). An id outside the table raises ``IndexError`` naming it. Needs the kernels."""
     lib = load()
-    assert lib is not None and table.is_contiguous() and table.dim() == 2 and table.dtype in KINDS
+    assert lib is not None and table.dim() == 2
+    if table.dtype not in KINDS or table.device.type != "cpu":  # no C reader for it: torch's lookup
+        return table[ids].to(torch.float32).contiguous()
+    table = table if table.is_contiguous() else table.contiguous()
     ids = ids if ids.dtype == torch.int64 and ids.is_contiguous() else ids.to(torch.int64).contiguous()
     n, (vocab, c) = ids.numel(), table.shape
     x = torch.empty(n, c, dtype=torch.float32)

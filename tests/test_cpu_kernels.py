@@ -471,6 +471,8 @@ def test_gather_rows_is_the_exact_embedding_lookup(dtype, width):
     assert torch.equal(cpu_kernels.gather_rows(table, ids.to(torch.int32)), want)
     assert torch.equal(cpu_kernels.gather_rows(table, torch.stack([ids, ids])[:, 0]), table[[7, 7]].float())
     assert cpu_kernels.gather_rows(table, ids[:0]).shape == (0, width)
+    assert torch.equal(cpu_kernels.gather_rows(table.t().contiguous().t(), ids), want)  # a strided table
+    assert torch.equal(cpu_kernels.gather_rows(table.double(), ids), table.double()[ids].float())  # torch's lookup
     for bad in (50, -1):
         with pytest.raises(IndexError, match=f"token id {bad} out of range for a table of 50 rows"):
             cpu_kernels.gather_rows(table, torch.tensor([1, bad, 2]))

@@ -168,9 +168,10 @@ static void r7_head_vec(int N, const float* Sin, float* S, const r7_tok* t, floa
     }
   }
   int i = 0;
-  if (stream_out)
+  if (stream_out)  /* N % VW == 0 and VW % 4 == 0 here: no single rows left */
     for (; i + 4 <= N; i += 4) r7_state_rows(N, 4, Sin, S, i, al, be, k, dec, r, v, y, 1);
-  for (; i + 4 <= N; i += 4) r7_state_rows(N, 4, Sin, S, i, al, be, k, dec, r, v, y, 0);
+  else
+    for (; i + 4 <= N; i += 4) r7_state_rows(N, 4, Sin, S, i, al, be, k, dec, r, v, y, 0);
   for (; i < N; i++) r7_state_rows(N, 1, Sin, S, i, al, be, k, dec, r, v, y, 0);
   vf mv = vzero(), bv = vzero();
   for (int q = 0; q < nv; q++) {

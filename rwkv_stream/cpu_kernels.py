@@ -525,17 +525,8 @@ static float wget(int kind, const void* w, size_t i) {
 int rs_gather_rows(const void* table, int kind, long V, const int64_t* ids, int n, int C, float* x) {
   for (int j = 0; j < n; j++)
     if (ids[j] < 0 || ids[j] >= V) return j;
-  for (int j = 0; j < n; j++) {
-    const size_t off = (size_t)ids[j] * C;
-    float* xr = x + (size_t)j * C;
-    int c = 0;
-#ifdef RS_AVX2
-    if (kind == K_F16)
-      for (; c + 8 <= C; c += 8)
-        _mm256_storeu_ps(xr + c, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)((const uint16_t*)table + off + c))));
-#endif
-    for (; c < C; c++) xr[c] = wget(kind, table, off + c);
-  }
+  for (int j = 0; j < n; j++)
+    for (int c = 0; c < C; c++) x[(size_t)j * C + c] = wget(kind, table, (size_t)ids[j] * C + c);
   return -1;
 }
 
